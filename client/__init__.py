@@ -1,0 +1,1 @@
+"""The hospital side: the Flower ClientApp that trains on a site's private images."""

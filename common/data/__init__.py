@@ -1,0 +1,1 @@
+"""Dermoscopy data: official dataset layouts, image checks, splits, partitions, cache, synthetic data."""

@@ -1,0 +1,300 @@
+"""Loaders for the official dermoscopy data layouts, one function per `data.format`.
+
+Each reads the metadata as published, finds every image by its id anywhere below `data.root`
+(downloads split image folders differently), and returns a Catalog with site, lesion group
+and canonical label. Nothing is decoded here: image checks happen once, in `cache.scan`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import pandas as pd
+
+from common.config import DataConfig
+from common.data.catalog import Catalog, DataError, make_catalog
+from common.data.images import IMAGE_SUFFIXES, index_image_files
+from common.data.labels import (
+    HAM10000_DX,
+    ISIC2019_COLUMNS,
+    ISIC2020_TARGET,
+    canonical_column_name,
+    ordered_classes,
+)
+
+HAM10000_CSV = "HAM10000_metadata.csv"
+SYNTHETIC_CSV = "synthetic_metadata.csv"
+ISIC2019_GT_CSV = "ISIC_2019_Training_GroundTruth.csv"
+ISIC2019_META_CSV = "ISIC_2019_Training_Metadata.csv"
+ISIC2020_CSV = "train.csv"
+
+# FLamby's Fed-ISIC2019 centres: the lesion_id prefix names the source archive, and the HAM
+# archive is split further by HAM10000's own `dataset` column.
+FLAMBY_ISIC2019_CENTRES = (
+    "BCN",
+    "HAM_vidir_molemax",
+    "HAM_vidir_modern",
+    "HAM_rosendahl",
+    "MSK",
+    "HAM_vienna_dias",
+)
+
+HOW_TO_GET = {
+    "ham10000": f"the HAM10000 download: {HAM10000_CSV} and the HAM10000_images* folders",
+    "synthetic": f"the output of `dermfed data synth --out DIR` ({SYNTHETIC_CSV} and images/)",
+    "isic2019": f"the ISIC 2019 training download: {ISIC2019_GT_CSV}, {ISIC2019_META_CSV} and "
+    "ISIC_2019_Training_Input/",
+    "isic-gt": "an ISIC ground-truth CSV (column `image` plus one-hot class columns) and its image folder",
+    "isic2020": f"the ISIC 2020 training download: {ISIC2020_CSV} and its jpeg/train/ images",
+    "folder": "a folder of dermoscopy images (sub-folders become sites)",
+}
+
+
+def _require_root(cfg: DataConfig) -> Path:
+    if not cfg.root:
+        raise DataError(
+            f"data.root is not set; for data.format={cfg.format} set data.root=DIR, the folder with "
+            f"{HOW_TO_GET[cfg.format]}"
+        )
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data.root={cfg.root} is not a folder (expected {HOW_TO_GET[cfg.format]})")
+    return root
+
+
+def _find_csv(root: Path, explicit: Optional[str], default_name: str, fmt: str) -> Path:
+    if explicit:
+        path = Path(explicit).expanduser()
+        path = path if path.is_absolute() else root / path
+    else:
+        matches = sorted(root.rglob(default_name))
+        path = matches[0] if matches else root / default_name
+    if not path.is_file():
+        raise DataError(
+            f"{fmt}: {path} not found; data.root must hold {HOW_TO_GET[fmt]} "
+            "(or set data.metadata_csv=PATH)"
+        )
+    return path
+
+
+def _read_csv(path: Path, required: list[str], fmt: str) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise DataError(f"{fmt}: cannot read {path}: {exc}") from None
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise DataError(f"{fmt}: {path} lacks column(s) {missing}; it has {list(frame.columns)}")
+    return frame
+
+
+def _paths(image_ids: pd.Series, index: dict[str, Path]) -> pd.Series:
+    return image_ids.map(lambda image_id: index.get(str(image_id)))
+
+
+def _group_or_image(groups: pd.Series, image_ids: pd.Series) -> pd.Series:
+    """Lesion/patient id where known; an image without one is its own group."""
+    return groups.where(groups.notna() & (groups.astype(str).str.len() > 0), image_ids).astype(str)
+
+
+def _one_hot_labels(frame: pd.DataFrame, columns: list[str], fmt: str, path: Path) -> pd.Series:
+    values = frame[columns].to_numpy(dtype=float)
+    hot = (values > 0.5).sum(axis=1)
+    if (hot != 1).any():
+        bad = frame.loc[hot != 1, "image"].head(5).tolist()
+        raise DataError(f"{fmt}: {path}: {int((hot != 1).sum())} rows are not one-hot, e.g. {bad}")
+    return pd.Series([columns[i] for i in values.argmax(axis=1)], index=frame.index)
+
+
+def load_ham_layout(cfg: DataConfig, csv_name: str, fmt: str) -> Catalog:
+    """HAM10000 metadata layout: lesion_id,image_id,dx,...,dataset (the site)."""
+    root = _require_root(cfg)
+    csv_path = _find_csv(root, cfg.metadata_csv, csv_name, fmt)
+    meta = _read_csv(csv_path, ["lesion_id", "image_id", "dx", "dataset"], fmt)
+    unknown = sorted(set(meta["dx"]) - set(HAM10000_DX))
+    if unknown:
+        raise DataError(f"{fmt}: {csv_path}: unknown dx codes {unknown}; known: {sorted(HAM10000_DX)}")
+    index = index_image_files(root)
+    rows = pd.DataFrame(
+        {
+            "image_id": meta["image_id"].astype(str),
+            "path": _paths(meta["image_id"], index),
+            "site": meta["dataset"].astype(str),
+            "group": _group_or_image(meta["lesion_id"], meta["image_id"]),
+            "label": meta["dx"].map(HAM10000_DX),
+        }
+    )
+    for extra in ("split", "shortcut_artifact", "artifacts"):
+        if extra in meta.columns:
+            rows[extra] = meta[extra].to_numpy()
+    return make_catalog(rows, ordered_classes(rows["label"]), fmt, root)
+
+
+def load_ham10000(cfg: DataConfig) -> Catalog:
+    return load_ham_layout(cfg, HAM10000_CSV, "ham10000")
+
+
+def load_synthetic(cfg: DataConfig) -> Catalog:
+    """The embedded synthetic data: HAM10000's layout plus predefined splits and artefact flags."""
+    return load_ham_layout(cfg, SYNTHETIC_CSV, "synthetic")
+
+
+def _isic2019_centres(meta: pd.DataFrame, ham_meta: Optional[pd.DataFrame]) -> pd.Series:
+    has_lesion = meta["lesion_id"].notna().to_numpy()
+    prefix = meta["lesion_id"].fillna("").astype(str).str.split("_").str[0]
+    centre = pd.Series(None, index=meta.index, dtype=object)
+    centre[prefix == "BCN"] = "BCN"
+    centre[prefix.str.startswith("MSK")] = "MSK"
+    is_ham = prefix == "HAM"
+    if ham_meta is not None:
+        ham_site = meta["image"].map(ham_meta.set_index("image_id")["dataset"])
+        centre[is_ham] = "HAM_" + ham_site[is_ham].astype(str)
+        centre[is_ham & ham_site.isna()] = None
+    else:
+        centre[is_ham] = "HAM"
+    centre[~has_lesion] = None
+    return centre
+
+
+def load_isic2019(cfg: DataConfig) -> Catalog:
+    """ISIC 2019 training set with FLamby's six-centre split (rows without a centre are skipped)."""
+    root = _require_root(cfg)
+    gt_path = _find_csv(root, cfg.metadata_csv, ISIC2019_GT_CSV, "isic2019")
+    gt = _read_csv(gt_path, ["image", *ISIC2019_COLUMNS], "isic2019")
+    meta_path = _find_csv(root, None, ISIC2019_META_CSV, "isic2019")
+    meta = _read_csv(meta_path, ["image", "lesion_id"], "isic2019")
+    ham_meta = None
+    ham_path = Path(cfg.ham_metadata_csv).expanduser() if cfg.ham_metadata_csv else root / HAM10000_CSV
+    if ham_path.is_file():
+        ham_meta = _read_csv(ham_path, ["image_id", "dataset"], "isic2019")
+    elif cfg.ham_metadata_csv:
+        raise DataError(f"isic2019: data.ham_metadata_csv={cfg.ham_metadata_csv} not found")
+    merged = gt.merge(meta[["image", "lesion_id"]], on="image", how="left", validate="one_to_one")
+    labels = _one_hot_labels(merged, list(ISIC2019_COLUMNS), "isic2019", gt_path).map(canonical_column_name)
+    centre = _isic2019_centres(merged, ham_meta)
+    index = index_image_files(root)
+    rows = pd.DataFrame(
+        {
+            "image_id": merged["image"].astype(str),
+            "path": _paths(merged["image"], index),
+            "site": centre,
+            "group": _group_or_image(merged["lesion_id"], merged["image"]),
+            "label": labels,
+        }
+    )
+    no_centre = rows["site"].isna()
+    skipped = rows[no_centre].assign(reason="no centre (FLamby split: lesion_id missing)")
+    skipped = skipped[["image_id", "path", "site", "label"]].assign(reason=skipped["reason"])
+    rows = rows[~no_centre]
+    classes = [c for c in ordered_classes(ISIC2019_COLUMNS.values()) if c in set(rows["label"])]
+    return make_catalog(rows, classes, "isic2019", root, skipped.to_dict("records"))
+
+
+def _lesion_groups(root: Path, csv_path: Path) -> Optional[pd.Series]:
+    """ISIC challenges publish lesion groupings in a separate CSV (image, lesion_id)."""
+    for candidate in sorted(root.rglob("*.csv")):
+        if candidate == csv_path:
+            continue
+        try:
+            head = pd.read_csv(candidate, nrows=0)
+        except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError):
+            continue
+        if {"image", "lesion_id"} <= set(head.columns):
+            groups = pd.read_csv(candidate, usecols=["image", "lesion_id"])
+            return groups.drop_duplicates("image").set_index("image")["lesion_id"]
+    return None
+
+
+def load_isic_gt(cfg: DataConfig) -> Catalog:
+    """Any ISIC ground-truth CSV: `image` column plus one-hot class columns (e.g. 2018 Task 3)."""
+    root = _require_root(cfg)
+    if cfg.metadata_csv:
+        csv_path = _find_csv(root, cfg.metadata_csv, "", "isic-gt")
+    else:
+        candidates = sorted(root.rglob("*GroundTruth*.csv"))
+        if len(candidates) != 1:
+            raise DataError(
+                f"isic-gt: expected one *GroundTruth*.csv under {root}, found {len(candidates)}; "
+                "set data.metadata_csv=PATH"
+            )
+        csv_path = candidates[0]
+    gt = _read_csv(csv_path, ["image"], "isic-gt")
+    class_columns = [c for c in gt.columns if c not in {"image", "score_weight", "validation_weight"}]
+    if not class_columns:
+        raise DataError(f"isic-gt: {csv_path} has no class columns besides `image`")
+    labels = _one_hot_labels(gt, class_columns, "isic-gt", csv_path).map(canonical_column_name)
+    groups = _lesion_groups(root, csv_path)
+    lesion = gt["image"].map(groups) if groups is not None else pd.Series(None, index=gt.index)
+    index = index_image_files(root)
+    rows = pd.DataFrame(
+        {
+            "image_id": gt["image"].astype(str),
+            "path": _paths(gt["image"], index),
+            "site": root.name,
+            "group": _group_or_image(lesion, gt["image"]),
+            "label": labels,
+        }
+    )
+    classes = ordered_classes(canonical_column_name(c) for c in class_columns)
+    return make_catalog(rows, classes, "isic-gt", root)
+
+
+def load_isic2020(cfg: DataConfig) -> Catalog:
+    """ISIC 2020 train.csv: binary `target` (1 = melanoma), grouped by patient."""
+    root = _require_root(cfg)
+    csv_path = _find_csv(root, cfg.metadata_csv, ISIC2020_CSV, "isic2020")
+    meta = _read_csv(csv_path, ["image_name", "patient_id", "target"], "isic2020")
+    bad = sorted(set(meta["target"].unique()) - set(ISIC2020_TARGET))
+    if bad:
+        raise DataError(f"isic2020: {csv_path}: target must be 0 or 1, found {bad}")
+    index = index_image_files(root)
+    rows = pd.DataFrame(
+        {
+            "image_id": meta["image_name"].astype(str),
+            "path": _paths(meta["image_name"], index),
+            "site": "ISIC2020",
+            "group": _group_or_image(meta["patient_id"], meta["image_name"]),
+            "label": meta["target"].map(ISIC2020_TARGET),
+        }
+    )
+    return make_catalog(rows, ordered_classes(ISIC2020_TARGET.values()), "isic2020", root)
+
+
+def load_folder(cfg: DataConfig) -> Catalog:
+    """A hospital's plain, unlabelled image folder; first-level sub-folders become sites."""
+    root = _require_root(cfg)
+    rows, skipped = [], []
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(root).parts):
+            continue
+        relative = path.relative_to(root)
+        site = relative.parts[0] if len(relative.parts) > 1 else root.name
+        image_id = str(relative.with_suffix(""))
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            skipped.append({"image_id": image_id, "path": str(path), "site": site, "label": None, "reason": "not an image"})
+            continue
+        rows.append({"image_id": image_id, "path": path, "site": site, "group": image_id, "label": None})
+    frame = pd.DataFrame(rows, columns=["image_id", "path", "site", "group", "label"])
+    return make_catalog(frame, [], "folder", root, skipped)
+
+
+LOADERS: dict[str, Callable[[DataConfig], Catalog]] = {
+    "ham10000": load_ham10000,
+    "isic2019": load_isic2019,
+    "isic-gt": load_isic_gt,
+    "isic2020": load_isic2020,
+    "folder": load_folder,
+    "synthetic": load_synthetic,
+}
+
+
+def load_catalog(cfg: DataConfig) -> Catalog:
+    """The catalog for `data.format` at `data.root`, restricted to `data.site` when set."""
+    catalog = LOADERS[cfg.format](cfg)
+    if len(catalog) == 0:
+        raise DataError(
+            f"{cfg.format}: no image of the metadata was found under {catalog.root} "
+            f"({len(catalog.skipped)} rows skipped); expected {HOW_TO_GET[cfg.format]}"
+        )
+    return catalog.only_site(cfg.site)

@@ -1,0 +1,1 @@
+"""The coordinating side: CLI, Flower ServerApp, aggregation, evaluation and reports."""

@@ -1,0 +1,151 @@
+"""`dermfed`: the one command line of the project.
+
+    dermfed <subcommand> --config PRESET [key=value ...]
+
+PRESET is a file in configs/ (by name, e.g. `demo`) or a path; every config key can be
+overridden as key=value, dotted for nested keys (data.root=/data/ham10000). `dermfed config`
+prints every key with its resolved value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from common.config import ConfigError, DermFedConfig, config_to_yaml, flatten_config, load_config, write_config
+from common.data.catalog import DataError, format_summary, summary_table
+
+log = logging.getLogger("dermfed")
+
+OVERRIDES_HELP = "config overrides, key=value (dotted for nested keys, e.g. data.root=/data/ham10000)"
+
+
+def _add_common(parser: argparse.ArgumentParser, default_preset: str = "demo") -> None:
+    parser.add_argument("--config", default=default_preset, metavar="PRESET",
+                        help="YAML preset: a name in configs/ (paper, demo, smoke) or a path")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+
+
+def run_folder(config: DermFedConfig, kind: str, explicit: Optional[str] = None) -> Path:
+    """Where a run writes its outputs (and its resolved config.yaml)."""
+    if explicit:
+        return Path(explicit)
+    name = config.run_name or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(config.output_dir) / name
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+def cmd_data_synth(args: argparse.Namespace, config: DermFedConfig) -> int:
+    from common.data.synthetic import generate
+
+    out = Path(args.out or config.data.root or "data/synthetic")
+    started = time.perf_counter()
+    metadata = generate(config, out)
+    print(f"wrote {len(metadata)} synthetic images of {metadata['lesion_id'].nunique()} lesions in "
+          f"{metadata['dataset'].nunique()} sites to {out} ({time.perf_counter() - started:.1f} s)")
+    print(f"read it with: data.format=synthetic data.root={out}")
+    return 0
+
+
+def cmd_data_summary(args: argparse.Namespace, config: DermFedConfig) -> int:
+    from common.data.pipeline import prepare_data
+
+    prepared = prepare_data(config)
+    catalog = prepared.catalog
+    print(format_summary(catalog))
+    print("\nsplits (images):")
+    print(catalog.frame.groupby(["split"]).size().to_string())
+    folder = run_folder(config, "data-summary", args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    summary_table(catalog).to_csv(folder / "summary.csv")
+    catalog.skipped.to_csv(folder / "skipped.csv", index=False)
+    (folder / "summary.json").write_text(json.dumps({
+        "format": config.data.format, "root": str(catalog.root), "usable": len(catalog),
+        "skipped": len(catalog.skipped), "sites": {s: int(n) for s, n in catalog.frame["site"].value_counts().sort_index().items()},
+        "classes": catalog.classes,
+        "skip_reasons": {r: int(n) for r, n in catalog.skipped["reason"].value_counts().items()},
+    }, indent=2))
+    write_config(config, folder)
+    print(f"\nsummary written to {folder}")
+    return 0
+
+
+# -- config -------------------------------------------------------------------------------------
+
+
+def cmd_config(args: argparse.Namespace, config: DermFedConfig) -> int:
+    if args.flat:
+        for key, value in flatten_config(config).items():
+            print(f"{key}={json.dumps(value)}")
+    else:
+        print(config_to_yaml(config), end="")
+    return 0
+
+
+def _not_yet(name: str, issue: int) -> Callable[[argparse.Namespace, DermFedConfig], int]:
+    def run(args: argparse.Namespace, config: DermFedConfig) -> int:
+        print(f"dermfed {name}: not available in this version yet (tracked as issue #{issue})", file=sys.stderr)
+        return 2
+
+    return run
+
+
+# -- parser -------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="dermfed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+
+    data = sub.add_parser("data", help="generate, inspect and cache data sets", formatter_class=fmt)
+    data_sub = data.add_subparsers(dest="action", required=True, metavar="ACTION")
+    synth = data_sub.add_parser("synth", help="write the embedded synthetic dermoscopy data set", formatter_class=fmt)
+    synth.add_argument("--out", default=None, help="output folder (default: data.root, else data/synthetic)")
+    _add_common(synth)
+    synth.set_defaults(handler=cmd_data_synth)
+    summary = data_sub.add_parser("summary", help="per site and class: images found, skipped and why", formatter_class=fmt)
+    summary.add_argument("--out", default=None, help="folder for summary.csv/json (default: output_dir/run_name)")
+    _add_common(summary)
+    summary.set_defaults(handler=cmd_data_summary)
+
+    config = sub.add_parser("config", help="print the resolved configuration (every key)", formatter_class=fmt)
+    config.add_argument("--flat", action="store_true", help="one key=value line per key")
+    _add_common(config)
+    config.set_defaults(handler=cmd_config)
+
+    for name, helptext, issue in (
+        ("pretrain", "centralised or single-site VAE pretraining", 3),
+        ("simulate", "federated pretraining of N virtual hospitals (Flower simulation engine)", 4),
+        ("deploy", "certificates, keys and commands for a real federation", 4),
+        ("evaluate", "frozen encoders against ImageNet ConvNeXt-Tiny under identical heads", 5),
+        ("report", "write the HTML report of an evaluation run", 5),
+    ):
+        stub = sub.add_parser(name, help=helptext, formatter_class=fmt)
+        _add_common(stub)
+        stub.set_defaults(handler=_not_yet(name, issue))
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        config = load_config(args.config, args.overrides)
+        return args.handler(args, config)
+    except (ConfigError, DataError) as exc:
+        print(f"dermfed: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Running N virtual hospitals on one machine through Flower's simulation engine."""

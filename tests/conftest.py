@@ -1,0 +1,58 @@
+"""Shared fixtures: the real HAM10000 sample (when present), synthetic data, image writers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+HAM_SAMPLE = PROJECT_ROOT.parent / "shared" / "data" / "ham10000-sample"
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(scope="session")
+def ham_sample() -> Path:
+    if not (HAM_SAMPLE / "HAM10000_metadata.csv").is_file():
+        pytest.skip(f"real HAM10000 sample not found at {HAM_SAMPLE} (only present beside the project in CI "
+                    "and development machines; never committed: CC BY-NC 4.0)")
+    return HAM_SAMPLE
+
+
+def write_jpeg(path: Path, size: tuple[int, int] = (80, 60), seed: int = 0, quality: int = 90) -> Path:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, quality=quality)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smoke_config():
+    from common.config import load_config
+
+    return load_config("smoke")
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory, smoke_config) -> Path:
+    from common.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("synthetic")
+    generate(smoke_config, root, progress=False)
+    return root
+
+
+@pytest.fixture()
+def data_config(tmp_path):
+    """A DataConfig factory whose cache lives in the test's own folder."""
+    from common.config import load_config
+
+    def make(*overrides: str):
+        return load_config("smoke", [f"data.cache_dir={tmp_path / 'cache'}", *overrides])
+
+    return make

@@ -1,0 +1,51 @@
+"""The preprocessing cache: same pixels as decoding, no decoding on reuse, rebuilt on change."""
+
+import os
+
+import numpy as np
+
+import common.data.cache as cache_module
+from common.data.cache import scan
+from common.data.images import decode_image
+from common.data.sources import load_catalog
+from tests.conftest import write_jpeg
+
+
+def test_cached_pixels_equal_decoded_pixels_and_reuse_decodes_nothing(synthetic_root, data_config, monkeypatch):
+    config = data_config(f"data.root={synthetic_root}")
+    catalog, store = scan(load_catalog(config.data), config.data)
+    for i in (0, len(catalog) // 2, len(catalog) - 1):
+        expected = decode_image(catalog.frame["path"][i], config.data.image_size).array
+        assert np.array_equal(store.get(i), expected)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("decoded although the cache is valid")
+
+    monkeypatch.setattr(cache_module, "decode_image", fail)
+    again_catalog, again = scan(load_catalog(config.data), config.data)
+    assert isinstance(again, cache_module.MemmapStore)
+    assert np.array_equal(again.get(3), store.get(3))
+
+
+def test_cache_is_keyed_by_size_and_source_files(tmp_path, data_config):
+    root = tmp_path / "images"
+    for i in range(3):
+        write_jpeg(root / "site" / f"{i}.jpg", (70, 70), seed=i)
+    config = data_config("data.format=folder", f"data.root={root}")
+    scan(load_catalog(config.data), config.data)
+    bigger = data_config("data.format=folder", f"data.root={root}", "data.image_size=48")
+    _, store48 = scan(load_catalog(bigger.data), bigger.data)
+    assert store48.get(0).shape == (48, 48, 3)
+    write_jpeg(root / "site" / "0.jpg", (70, 70), seed=99)
+    os.utime(root / "site" / "0.jpg", ns=(1, 1))
+    _, fresh = scan(load_catalog(config.data), config.data)
+    assert np.array_equal(fresh.get(0), decode_image(root / "site" / "0.jpg", 32).array)
+    assert len(list((tmp_path / "cache").iterdir())) == 3
+
+
+def test_without_cache_pixels_are_decoded_each_time(synthetic_root, data_config):
+    config = data_config(f"data.root={synthetic_root}", "data.use_cache=false")
+    catalog, store = scan(load_catalog(config.data), config.data)
+    assert isinstance(store, cache_module.DecodingStore)
+    assert store.get(0).shape == (32, 32, 3)
+    assert not (config.data.cache_dir and os.path.exists(config.data.cache_dir))
