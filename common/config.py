@@ -57,6 +57,10 @@ class DataConfig(_Section):
     num_partitions: int = Field(4, ge=1, le=1000, description="hospitals for iid/dirichlet")
     dirichlet_alpha: float = Field(0.5, gt=0.0, description="label skew; small = more skewed")
     site: Optional[str] = Field(None, description="use only this site (local-only arm)")
+    pretrain_splits: list[Literal["train", "val", "test"]] = Field(
+        default_factory=lambda: ["train"],
+        description="splits whose images (without labels) pretraining may see; test images never by default",
+    )
 
 
 class SynthConfig(_Section):
@@ -77,6 +81,77 @@ class SynthConfig(_Section):
     val_fraction: float = Field(0.15, ge=0.0, lt=0.5, description="lesions in the validation split")
 
 
+class ModelConfig(_Section):
+    """The ConvNeXt VAE."""
+
+    encoder: str = Field("convnext_tiny", description="timm ConvNeXt name (convnext_atto ... convnext_tiny ...)")
+    latent_dim: int = Field(128, ge=2, le=4096)
+    decoder_width: int = Field(32, ge=4, le=256, description="channels of the last decoder stage (x2 per stage)")
+    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0, description="stochastic depth; must be 0 under DP")
+    beta: float = Field(1.0, ge=0.0, description="weight of the KL term")
+    kl_warmup_steps: int = Field(0, ge=0, description="beta ramps linearly from 0 over this many steps")
+
+    @model_validator(mode="after")
+    def _known_encoder(self) -> "ModelConfig":
+        if not self.encoder.startswith("convnext"):
+            raise ValueError(f"model.encoder={self.encoder!r}: the encoder must be a timm ConvNeXt (convnext_*)")
+        return self
+
+
+class AugmentConfig(_Section):
+    """Dermoscopy-appropriate augmentation: lesions have no canonical orientation."""
+
+    hflip: bool = True
+    vflip: bool = True
+    rot90: bool = True
+    brightness: float = Field(0.1, ge=0.0, le=1.0, description="mild colour jitter")
+    contrast: float = Field(0.1, ge=0.0, le=1.0)
+    saturation: float = Field(0.1, ge=0.0, le=1.0)
+    hue: float = Field(0.02, ge=0.0, le=0.5)
+
+
+class TrainConfig(_Section):
+    """Local training: one call trains `epochs` epochs, or `max_steps` steps when set."""
+
+    epochs: int = Field(1, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1, description="stop each training call after this many steps")
+    batch_size: int = Field(16, ge=1)
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd only")
+    scheduler: Literal["constant", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    total_steps: Optional[int] = Field(None, ge=1, description="schedule length; default: steps of this call")
+    grad_clip: Optional[float] = Field(1.0, gt=0.0, description="global norm clip without DP (DP clips per sample)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = Field(True, description="mixed precision (CUDA only)")
+    channels_last: bool = Field(True, description="channels-last memory format (CUDA only)")
+    num_workers: int = Field(0, ge=0)
+    progress: bool = Field(True, description="progress bar on a terminal")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+
+class DPConfig(_Section):
+    """DP-SGD with Opacus: per-sample clipping and Gaussian noise, accounted per site."""
+
+    enabled: bool = False
+    noise_multiplier: Optional[float] = Field(None, ge=0.0, description="fixed sigma; else calibrated to target_epsilon")
+    target_epsilon: Optional[float] = Field(None, gt=0.0, description="the site's whole budget over planned_steps")
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    max_grad_norm: float = Field(1.0, gt=0.0, description="per-sample clipping norm")
+    planned_steps: Optional[int] = Field(None, ge=1, description="local steps of the whole run; default: derived")
+    accountant: Literal["rdp", "prv"] = "rdp"
+    poisson_sampling: bool = True
+    secure_mode: bool = Field(False, description="cryptographically secure noise (needs torchcsprng)")
+
+    @model_validator(mode="after")
+    def _noise_or_budget(self) -> "DPConfig":
+        if self.enabled and self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError("dp.enabled needs dp.noise_multiplier or dp.target_epsilon")
+        return self
+
+
 class DermFedConfig(_Section):
     """Everything a DermFed run needs; one instance per run, written beside its outputs."""
 
@@ -85,9 +160,16 @@ class DermFedConfig(_Section):
     run_name: Optional[str] = Field(None, description="run folder name; default: subcommand+time")
     data: DataConfig = Field(default_factory=DataConfig)
     synth: SynthConfig = Field(default_factory=SynthConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    dp: DPConfig = Field(default_factory=DPConfig)
 
     @model_validator(mode="after")
-    def _check_shortcut_class(self) -> "DermFedConfig":
+    def _check_consistency(self) -> "DermFedConfig":
+        if self.data.image_size % 32:
+            raise ValueError(f"data.image_size={self.data.image_size} must be a multiple of 32 (ConvNeXt downsamples by 32)")
+        if self.dp.enabled and self.model.drop_path_rate > 0:
+            raise ValueError("model.drop_path_rate must be 0 when dp.enabled (per-sample gradients cannot replay its random masks)")
         if self.synth.shortcut and self.synth.shortcut_class not in self.synth.classes:
             raise ValueError(
                 f"synth.shortcut_class={self.synth.shortcut_class!r} is not one of "
@@ -167,7 +249,8 @@ def _describe_error(exc: ValidationError) -> str:
             allowed = ", ".join(_allowed_keys(section)) if section else "?"
             lines.append(f"unknown config key {key!r}; allowed: {allowed}")
         else:
-            lines.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+            got = f" (got {err.get('input')!r})" if err["loc"] else ""
+            lines.append(f"{key}: {err['msg']}{got}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 

@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence
 
 from common.config import ConfigError, DermFedConfig, config_to_yaml, flatten_config, load_config, write_config
 from common.data.catalog import DataError, format_summary, summary_table
+from common.privacy import PrivacyBudgetExhausted
 
 log = logging.getLogger("dermfed")
 
@@ -77,6 +78,22 @@ def cmd_data_summary(args: argparse.Namespace, config: DermFedConfig) -> int:
     return 0
 
 
+# -- pretrain -----------------------------------------------------------------------------------
+
+
+def cmd_pretrain(args: argparse.Namespace, config: DermFedConfig) -> int:
+    from common.pretraining import run_pretraining
+
+    arm = f"local-{config.data.site}" if config.data.site else "pooled"
+    folder = run_folder(config, f"pretrain-{arm}", args.out)
+    summary = run_pretraining(config, folder)
+    print(f"checkpoint: {folder / 'checkpoint.pt'}")
+    print(f"reconstructions: {summary['grid']}")
+    if "privacy" in summary:
+        print(f"privacy spent: epsilon={summary['privacy']['epsilon']:.3f}, delta={summary['privacy']['delta']}")
+    return 0
+
+
 # -- config -------------------------------------------------------------------------------------
 
 
@@ -117,13 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(summary)
     summary.set_defaults(handler=cmd_data_summary)
 
+    pretrain = sub.add_parser("pretrain", help="centralised (pooled) or single-site (data.site=NAME) VAE pretraining",
+                              formatter_class=fmt)
+    pretrain.add_argument("--out", default=None, help="run folder (default: output_dir/run_name)")
+    _add_common(pretrain)
+    pretrain.set_defaults(handler=cmd_pretrain)
+
     config = sub.add_parser("config", help="print the resolved configuration (every key)", formatter_class=fmt)
     config.add_argument("--flat", action="store_true", help="one key=value line per key")
     _add_common(config)
     config.set_defaults(handler=cmd_config)
 
     for name, helptext, issue in (
-        ("pretrain", "centralised or single-site VAE pretraining", 3),
         ("simulate", "federated pretraining of N virtual hospitals (Flower simulation engine)", 4),
         ("deploy", "certificates, keys and commands for a real federation", 4),
         ("evaluate", "frozen encoders against ImageNet ConvNeXt-Tiny under identical heads", 5),
@@ -142,7 +164,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         return args.handler(args, config)
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, PrivacyBudgetExhausted) as exc:
         print(f"dermfed: error: {exc}", file=sys.stderr)
         return 2
 

@@ -54,7 +54,7 @@ def test_config_errors_exit_2_with_a_message(capsys):
 
 
 def test_missing_data_root_is_a_clear_error(tmp_path, capsys):
-    assert main(["data", "summary", "--config", "smoke", f"data.root={tmp_path / 'absent'}"]) == 2
+    assert main(["data", "summary", "--config", "smoke", "data.format=ham10000", f"data.root={tmp_path / 'absent'}"]) == 2
     assert "is not a folder" in capsys.readouterr().err
 
 

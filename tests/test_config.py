@@ -15,9 +15,9 @@ def test_paper_preset_is_the_papers_setting():
 
 
 def test_dotted_override_sets_nested_key_with_yaml_types():
-    config = load_config("smoke", ["data.root=/x/y", "data.image_size=48", "synth.shortcut=false", "seed=7"])
+    config = load_config("smoke", ["data.root=/x/y", "data.image_size=64", "synth.shortcut=false", "seed=7"])
     assert config.data.root == "/x/y"
-    assert config.data.image_size == 48
+    assert config.data.image_size == 64
     assert config.synth.shortcut is False
     assert config.seed == 7
 
@@ -82,3 +82,12 @@ def test_every_key_is_overridable():
 
 def test_presets_directory_has_the_three_presets():
     assert {p.stem for p in PRESET_DIR.glob("*.yaml")} >= {"paper", "demo", "smoke"}
+
+
+def test_cross_key_rules_are_checked():
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        load_config("smoke", ["data.image_size=48"])
+    with pytest.raises(ConfigError, match="drop_path_rate"):
+        load_config("smoke", ["dp.enabled=true", "dp.noise_multiplier=1", "model.drop_path_rate=0.1"])
+    with pytest.raises(ConfigError, match="noise_multiplier or dp.target_epsilon"):
+        load_config("smoke", ["dp.enabled=true"])

@@ -18,7 +18,7 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
 def to_tensor(array: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(np.array(array, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255.0)
 
 
 class PretrainView(Dataset):

@@ -1,0 +1,81 @@
+"""Checkpoints: plain state dicts, the resolved config, the position (epoch or round), history.
+
+No Opacus (`_module.`), DDP (`module.`) or torch.compile (`_orig_mod.`) prefixes: the encoder
+entry loads with strict=True into `timm.create_model(<encoder>, num_classes=0)`. Files load
+with `torch.load(weights_only=True)`: tensors and plain Python values only.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import timm
+import torch
+
+from common.config import DermFedConfig, build_config
+from common.model import ConvNeXtVAE, encoder_state_dict, strip_wrapper_prefixes
+
+CHECKPOINT_FORMAT = "dermfed-checkpoint-v1"
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def save_checkpoint(path: str | Path, *, config: DermFedConfig, encoder_state: dict[str, torch.Tensor],
+                    vae_state: Optional[dict[str, torch.Tensor]] = None, position: dict[str, int],
+                    history: list[dict[str, Any]], extra: Optional[dict[str, Any]] = None) -> Path:
+    """Write atomically (temporary file, then rename): an interrupted save never leaves a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "encoder_name": config.model.encoder,
+        "encoder": {k: v.detach().cpu() for k, v in strip_wrapper_prefixes(encoder_state).items()},
+        "vae": {k: v.detach().cpu() for k, v in strip_wrapper_prefixes(vae_state).items()} if vae_state else None,
+        "config": config.model_dump(mode="json"),
+        "position": dict(position),
+        "history": history,
+        "extra": extra or {},
+    }
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=path.parent)
+    os.close(handle)
+    try:
+        torch.save(payload, temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return path
+
+
+def save_vae_checkpoint(path: str | Path, model: ConvNeXtVAE, config: DermFedConfig, position: dict[str, int],
+                        history: list[dict[str, Any]], extra: Optional[dict[str, Any]] = None) -> Path:
+    return save_checkpoint(path, config=config, encoder_state=encoder_state_dict(model),
+                           vae_state=strip_wrapper_prefixes(model.state_dict()), position=position,
+                           history=history, extra=extra)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint file, or `checkpoint.pt` inside a run folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no DermFed checkpoint at {path}")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} file")
+    return payload
+
+
+def checkpoint_config(payload: dict[str, Any]) -> DermFedConfig:
+    return build_config(payload["config"])
+
+
+def load_frozen_encoder(path: str | Path) -> torch.nn.Module:
+    """The checkpoint's encoder as a timm backbone (num_classes=0), strictly loaded, in eval mode."""
+    payload = load_checkpoint(path)
+    encoder = timm.create_model(payload["encoder_name"], pretrained=False, num_classes=0)
+    encoder.load_state_dict(payload["encoder"], strict=True)
+    return encoder.eval().requires_grad_(False)
