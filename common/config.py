@@ -152,6 +152,36 @@ class DPConfig(_Section):
         return self
 
 
+class FederationConfig(_Section):
+    """Federated pretraining with Flower: rounds, strategy, robustness, simulation resources."""
+
+    num_rounds: int = Field(3, ge=1)
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedmedian"] = "fedavg"
+    proximal_mu: float = Field(0.01, ge=0.0, description="fedprox: weight of (mu/2)||w - w_global||^2")
+    server_lr: float = Field(0.01, gt=0.0, description="fedadam: server learning rate (eta)")
+    server_beta_1: float = Field(0.9, ge=0.0, lt=1.0)
+    server_beta_2: float = Field(0.99, ge=0.0, lt=1.0)
+    server_tau: float = Field(1e-3, gt=0.0, description="fedadam: adaptivity (tau)")
+    share: Literal["encoder", "vae"] = Field("encoder", description="what leaves a site: encoder only, or the whole VAE")
+    fraction_train: float = Field(1.0, gt=0.0, le=1.0)
+    fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0, description="sites that report validation loss")
+    min_clients: int = Field(2, ge=1, description="fewest valid updates a round may aggregate")
+    round_timeout: float = Field(3600.0, gt=0.0, description="seconds to wait for a round's replies")
+    initial_checkpoint: Optional[str] = Field(None, description="start from this checkpoint's weights")
+    monitor: Literal["none", "reconstruction", "linear-probe"] = Field(
+        "none", description="per-round server-side check of the global model (reconstruction needs share=vae)")
+    client_cpus: int = Field(1, ge=1, description="simulation: CPUs per virtual hospital")
+    client_gpu_fraction: Optional[float] = Field(
+        None, ge=0.0, le=1.0, description="simulation: GPU share per virtual hospital; default: 1/N with a GPU, else 0")
+    superlink_port: int = Field(0, ge=0, le=65535, description="simulation: port of the local SuperLink (0: free port)")
+
+    @model_validator(mode="after")
+    def _monitor_needs_decoder(self) -> "FederationConfig":
+        if self.monitor == "reconstruction" and self.share != "vae":
+            raise ValueError("federation.monitor=reconstruction needs federation.share=vae (the decoder stays at the sites)")
+        return self
+
+
 class DermFedConfig(_Section):
     """Everything a DermFed run needs; one instance per run, written beside its outputs."""
 
@@ -163,6 +193,7 @@ class DermFedConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     dp: DPConfig = Field(default_factory=DPConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "DermFedConfig":
@@ -188,6 +219,8 @@ def resolve_preset_path(preset: str | Path) -> Path:
     candidate = Path(preset)
     if candidate.is_file():
         return candidate
+    if (PROJECT_ROOT / candidate).is_file():  # e.g. "configs/demo.yaml" from another working directory
+        return PROJECT_ROOT / candidate
     named = PRESET_DIR / f"{preset}.yaml"
     if named.is_file():
         return named
@@ -281,6 +314,15 @@ def load_config(preset: str | Path | None = None, overrides: list[str] | tuple[s
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a YAML mapping at its top level")
         tree = loaded
+    return _overridden(tree, overrides)
+
+
+def apply_overrides(config: DermFedConfig, overrides: list[str] | tuple[str, ...]) -> DermFedConfig:
+    """A copy of `config` with `key=value` overrides applied (validated like the command line)."""
+    return _overridden(config.model_dump(mode="json"), overrides)
+
+
+def _overridden(tree: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> DermFedConfig:
     for text in overrides:
         key_path, value = parse_override(text)
         _apply_override(tree, key_path, value)

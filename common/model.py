@@ -159,3 +159,35 @@ def build_vae(model_config, image_size: int) -> ConvNeXtVAE:
         decoder_width=model_config.decoder_width,
         drop_path_rate=model_config.drop_path_rate,
     )
+
+
+def shared_keys(model: ConvNeXtVAE, scope: str) -> list[str]:
+    """State-dict keys that leave a site: the encoder only (default) or the whole VAE."""
+    keys = list(strip_wrapper_prefixes(model.state_dict()))
+    if scope == "vae":
+        return keys
+    if scope == "encoder":
+        return [k for k in keys if k.startswith(ENCODER_PREFIX)]
+    raise ValueError(f"unknown share scope {scope!r}; allowed: encoder, vae")
+
+
+def shared_state(model: ConvNeXtVAE, scope: str) -> dict[str, torch.Tensor]:
+    state = strip_wrapper_prefixes(model.state_dict())
+    return {k: state[k].detach().clone() for k in shared_keys(model, scope)}
+
+
+def private_state(model: ConvNeXtVAE, scope: str) -> dict[str, torch.Tensor]:
+    """What stays at the site: the decoder and latent heads when only the encoder is shared."""
+    shared = set(shared_keys(model, scope))
+    return {k: v.detach().clone() for k, v in strip_wrapper_prefixes(model.state_dict()).items() if k not in shared}
+
+
+def load_partial_state(model: ConvNeXtVAE, state: Mapping[str, torch.Tensor]) -> None:
+    """Load some of the model's keys (shared or private); unknown keys or shapes are errors."""
+    own = model.state_dict()
+    for key, value in state.items():
+        if key not in own:
+            raise KeyError(f"{key!r} is not a parameter of this model")
+        if tuple(own[key].shape) != tuple(value.shape):
+            raise ValueError(f"{key!r}: shape {tuple(value.shape)} does not match the model's {tuple(own[key].shape)}")
+    model.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in state.items()}}, strict=True)

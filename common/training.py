@@ -156,8 +156,15 @@ class LocalTrainer:
                              steps=steps_of(state.accountant), target_epsilon=dp.target_epsilon)
 
     def train(self, state: Optional[SiteState] = None,
-              on_epoch_end: Optional[Callable[[EpochMetrics, SiteState], None]] = None) -> TrainResult:
-        """Train for one call's worth of steps, continuing `state`; returns the new state and metrics."""
+              on_epoch_end: Optional[Callable[[EpochMetrics, SiteState], None]] = None,
+              prox_mu: float = 0.0, prox_reference: Optional[dict[str, torch.Tensor]] = None) -> TrainResult:
+        """Train for one call's worth of steps, continuing `state`; returns the new state and metrics.
+
+        With `prox_mu` > 0 (FedProx), each step is followed by a decoupled proximal step
+        w <- w - lr * mu * (w - w_global) on the parameters in `prox_reference`: the gradient of
+        (mu/2)||w - w_global||^2, applied outside the loss so that it holds unchanged under
+        DP-SGD (it depends on no sample, so it costs no privacy).
+        """
         state = state or SiteState()
         cfg, dp = self.config, self.config.dp
         seed_everything(cfg.seed, self.site_index, state.step)
@@ -200,6 +207,8 @@ class LocalTrainer:
                         engine.accountant.step(noise_multiplier=state.noise_multiplier, sample_rate=self.sample_rate)
                     else:
                         terms = self._step(model, optimizer, scaler, batch, beta)
+                        if prox_mu and prox_reference:
+                            self._proximal_step(lr * prox_mu, prox_reference)
                         for key in sums:
                             sums[key] += float(terms[key].sum())
                         images += len(batch)
@@ -232,6 +241,14 @@ class LocalTrainer:
                 model.to_standard_module()  # drop Opacus hooks: self.model is a plain VAE again
         result.privacy = self.privacy_status(state)
         return result
+
+    @torch.no_grad()
+    def _proximal_step(self, rate: float, reference: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        for name, anchor in reference.items():
+            if name in params:
+                param = params[name]
+                param.sub_(rate * (param - anchor.to(param.device, param.dtype)))
 
     def _step(self, model, optimizer, scaler, batch: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
         batch = batch.to(self.device, non_blocking=True)

@@ -94,6 +94,28 @@ def cmd_pretrain(args: argparse.Namespace, config: DermFedConfig) -> int:
     return 0
 
 
+# -- simulate -----------------------------------------------------------------------------------
+
+
+def cmd_simulate(args: argparse.Namespace, config: DermFedConfig) -> int:
+    from simulations.runner import SimulationError, run_simulation
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        saved = run_dir / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"--resume {run_dir}: no config.yaml there (is it a dermfed simulate run folder?)")
+        config = load_config(saved, args.overrides)
+    else:
+        run_dir = run_folder(config, "federated", args.out)
+    try:
+        run_simulation(config, run_dir, resume=bool(args.resume), stop_after_round=args.stop_after_round)
+    except SimulationError as exc:
+        print(f"dermfed simulate: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 # -- config -------------------------------------------------------------------------------------
 
 
@@ -140,13 +162,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(pretrain)
     pretrain.set_defaults(handler=cmd_pretrain)
 
+    simulate = sub.add_parser("simulate", help="federated pretraining of N virtual hospitals (Flower simulation engine)",
+                              formatter_class=fmt)
+    simulate.add_argument("--out", default=None, help="run folder (default: output_dir/run_name)")
+    simulate.add_argument("--resume", default=None, metavar="RUN_DIR",
+                          help="continue RUN_DIR from its last completed round (its config.yaml, plus overrides)")
+    simulate.add_argument("--stop-after-round", type=int, default=None, metavar="R",
+                          help="stop after round R (resume later with --resume)")
+    _add_common(simulate)
+    simulate.set_defaults(handler=cmd_simulate)
+
     config = sub.add_parser("config", help="print the resolved configuration (every key)", formatter_class=fmt)
     config.add_argument("--flat", action="store_true", help="one key=value line per key")
     _add_common(config)
     config.set_defaults(handler=cmd_config)
 
     for name, helptext, issue in (
-        ("simulate", "federated pretraining of N virtual hospitals (Flower simulation engine)", 4),
         ("deploy", "certificates, keys and commands for a real federation", 4),
         ("evaluate", "frozen encoders against ImageNet ConvNeXt-Tiny under identical heads", 5),
         ("report", "write the HTML report of an evaluation run", 5),

@@ -1,0 +1,219 @@
+"""A hospital's side of a federated round, in plain PyTorch (Flower stays in client_app.py).
+
+Each round a site receives the global shared weights (the encoder, or the whole VAE), trains
+its VAE locally, optionally with DP-SGD, and returns the shared weights and scalar metrics.
+Nothing else leaves the site: no images, file names, per-sample values or private weights.
+
+What a site keeps between rounds (optimizer, step, private decoder) is a snapshot per round,
+held in the node's Flower context and written to the site's state folder, so a restarted
+daemon or a resumed run continues from the last completed round. The DP accountant is kept
+in an append-only privacy ledger beside it and never rewound: an update that left the site
+was a release, even if the server later crashed and the round is repeated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import torch
+
+from common.augment import build_augmentation
+from common.config import DermFedConfig
+from common.data.catalog import DataError
+from common.data.partition import partition_catalog
+from common.data.pipeline import PreparedData, prepare_data
+from common.data.torch_views import PretrainView
+from common.model import build_vae, load_partial_state, private_state, shared_keys, shared_state, vae_loss_per_sample
+from common.serialization import read_site_snapshot, site_snapshot
+from common.training import LocalTrainer, SiteState, seed_everything
+
+log = logging.getLogger("dermfed.client")
+
+SNAPSHOTS_KEPT = 3
+
+
+@dataclass
+class SiteData:
+    name: str
+    index: int
+    prepared: PreparedData
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+
+
+def _site_rows(config: DermFedConfig, prepared: PreparedData, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    split = prepared.catalog.frame["split"].to_numpy()
+    train = rows[np.isin(split[rows], config.data.pretrain_splits)]
+    val = rows[split[rows] == "val"]
+    return train, val
+
+
+def simulation_site_data(config: DermFedConfig, partition_id: int, num_partitions: int) -> SiteData:
+    """Virtual hospital `partition_id` of the pooled data set (`data.partition`)."""
+    prepared = prepare_data(config)
+    parts, names = partition_catalog(prepared.catalog, config.data.partition, config.data.num_partitions,
+                                     config.data.dirichlet_alpha, config.seed)
+    if len(parts) != num_partitions:
+        raise DataError(f"the data has {len(parts)} partitions ({names}) but the simulation runs {num_partitions} nodes")
+    train, val = _site_rows(config, prepared, parts[partition_id])
+    return SiteData(names[partition_id], partition_id, prepared, train, val)
+
+
+def deployment_site_data(config: DermFedConfig, node_config: Mapping[str, Any]) -> SiteData:
+    """A real hospital's own image folder, from the SuperNode's --node-config."""
+    if "data-root" not in node_config:
+        raise DataError('this SuperNode has no data: start it with --node-config "data-root=/path/to/images"')
+    data = config.data.model_copy(update={"root": str(node_config["data-root"]),
+                                          "format": str(node_config.get("data-format", "folder"))})
+    config = config.model_copy(update={"data": data})
+    prepared = prepare_data(config)
+    rows = np.arange(len(prepared.catalog))
+    train, val = _site_rows(config, prepared, rows)
+    name = str(node_config.get("site-name", Path(str(node_config["data-root"])).name))
+    return SiteData(name, int(node_config.get("site-index", 0)), prepared, train, val)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    with os.fdopen(handle, "wb") as stream:
+        stream.write(data)
+    os.replace(temporary, path)
+
+
+class PrivacyLedger:
+    """Append-only record of a site's DP accountant (and its calibrated noise)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def load(self) -> dict[str, Any]:
+        return json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def save(self, accountant: Optional[dict[str, Any]], noise_multiplier: Optional[float]) -> None:
+        if accountant is None:
+            return
+        record = {"accountant": {"history": [list(h) for h in accountant["history"]],
+                                 "mechanism": accountant["mechanism"]},
+                  "noise_multiplier": noise_multiplier}
+        _atomic_write(self.path, json.dumps(record, indent=1).encode())
+
+
+@dataclass
+class RoundOutput:
+    shared: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+    snapshot: bytes
+
+
+class SiteRunner:
+    """Trains one site's VAE round after round; owns the site's model and state."""
+
+    def __init__(self, config: DermFedConfig, data: SiteData, state_dir: Path):
+        if len(data.train_rows) == 0:
+            raise DataError(f"site {data.name}: no training images (splits {config.data.pretrain_splits})")
+        self.config, self.data, self.state_dir = config, data, Path(state_dir)
+        seed_everything(config.seed, 30_000, data.index)
+        self.model = build_vae(config.model, config.data.image_size)
+        self.scope = config.federation.share
+        augment = build_augmentation(config.train.augment)
+        self.dataset = PretrainView(data.prepared.store, data.train_rows, augment)
+        self.trainer = LocalTrainer(config, self.model, self.dataset, site=data.name, site_index=data.index)
+        # DP budget: the whole federated run, every round's local steps
+        self.trainer.planned_steps = config.dp.planned_steps or self.trainer.steps_per_call() * config.federation.num_rounds
+        self.ledger = PrivacyLedger(self.state_dir / "privacy_ledger.json")
+        self.state = SiteState()
+        self.round = 0
+
+    # -- state ------------------------------------------------------------------------------
+
+    def snapshot_path(self, round_number: int) -> Path:
+        return self.state_dir / f"round-{round_number:04d}.pt"
+
+    def _restore(self, round_number: int, snapshot: Optional[bytes]) -> None:
+        """Bring the site to the end of round `round_number - 1`."""
+        previous = round_number - 1
+        if self.round == previous and previous > 0:
+            return  # already there (the normal case within one run)
+        blob = snapshot
+        if blob is None and self.snapshot_path(previous).is_file():
+            blob = self.snapshot_path(previous).read_bytes()
+        if blob is not None and previous > 0:
+            stored_round, state, private = read_site_snapshot(blob)
+            if stored_round == previous:
+                load_partial_state(self.model, private)
+                self.state, self.round = state, previous
+                log.info("%s: restored site state of round %d", self.data.name, previous)
+                return
+        if previous > 0:
+            log.warning("%s: no state of round %d; the optimizer and private weights start fresh", self.data.name, previous)
+        self.state, self.round = SiteState(), previous
+
+    def _apply_ledger(self) -> None:
+        ledger = self.ledger.load()
+        if ledger:
+            self.state.accountant = ledger["accountant"]
+            self.state.noise_multiplier = ledger.get("noise_multiplier")
+
+    # -- rounds -----------------------------------------------------------------------------
+
+    def _check_shared(self, shared: Mapping[str, torch.Tensor]) -> None:
+        expected = set(shared_keys(self.model, self.scope))
+        if set(shared) != expected:
+            raise KeyError(f"{self.data.name}: received weights do not match federation.share={self.scope}")
+
+    def train_round(self, round_number: int, shared: Mapping[str, torch.Tensor], snapshot: Optional[bytes] = None,
+                    prox_mu: float = 0.0) -> RoundOutput:
+        self._check_shared(shared)
+        self._restore(round_number, snapshot)
+        self._apply_ledger()
+        load_partial_state(self.model, shared)
+        reference = {k: v.clone() for k, v in shared.items()} if prox_mu else None
+        result = self.trainer.train(self.state, prox_mu=prox_mu, prox_reference=reference)
+        self.state, self.round = result.state, round_number
+        self.ledger.save(self.state.accountant, self.state.noise_multiplier)
+        blob = site_snapshot(round_number, self.state, private_state(self.model, self.scope))
+        _atomic_write(self.snapshot_path(round_number), blob)
+        for old in sorted(self.state_dir.glob("round-*.pt"))[:-SNAPSHOTS_KEPT]:
+            old.unlink(missing_ok=True)
+        seconds = sum(e.seconds for e in result.epochs)
+        images = max(1, result.images)
+        metrics = {
+            "num-examples": float(len(self.dataset)),  # FedAvg weight: the site's training images
+            "images-seen": float(result.images),
+            "steps": float(result.steps),
+            "reconstruction": sum(e.reconstruction * e.images for e in result.epochs) / images,
+            "kl": sum(e.kl * e.images for e in result.epochs) / images,
+            "total": sum(e.total * e.images for e in result.epochs) / images,
+            "seconds": seconds,
+            "site-index": float(self.data.index),
+            "epsilon": result.privacy.epsilon if result.privacy else math.inf,
+            "delta": result.privacy.delta if result.privacy else 0.0,
+        }
+        return RoundOutput(shared_state(self.model, self.scope), metrics, blob)
+
+    @torch.no_grad()
+    def evaluate(self, shared: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Reconstruction loss of the global weights (with this site's private decoder) on its validation images."""
+        self._check_shared(shared)
+        load_partial_state(self.model, shared)
+        rows = self.data.val_rows if len(self.data.val_rows) else self.data.train_rows
+        view = PretrainView(self.data.prepared.store, rows)
+        self.model.eval()
+        totals = {"reconstruction": 0.0, "kl": 0.0, "total": 0.0}
+        device = next(self.model.parameters()).device
+        for start in range(0, len(view), 64):
+            images = torch.stack([view[i] for i in range(start, min(start + 64, len(view)))]).to(device)
+            terms = vae_loss_per_sample(images, self.model(images), self.config.model.beta)
+            for key in totals:
+                totals[key] += float(terms[key].sum())
+        return {"num-examples": float(len(view)), "site-index": float(self.data.index),
+                **{f"val-{k}": v / len(view) for k, v in totals.items()}}

@@ -1,0 +1,74 @@
+"""Planning a federated run: where it starts (seed, checkpoint or resume point) and with what.
+
+Plain Python: the ServerApp adapter turns this plan into Flower calls.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from common.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from common.config import DermFedConfig
+from common.model import ENCODER_PREFIX, build_vae, shared_state
+from common.training import seed_everything
+from server.rounds import load_resume_point
+
+log = logging.getLogger("dermfed.server")
+
+
+class ResumeError(RuntimeError):
+    """The run folder cannot be resumed as asked."""
+
+
+@dataclass
+class RunPlan:
+    config: DermFedConfig
+    run_dir: Path
+    round_offset: int  # rounds already completed
+    remaining: int
+    initial_shared: dict[str, torch.Tensor]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    strategy_state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in self.initial_shared.items()}
+
+
+def initial_shared_weights(config: DermFedConfig) -> dict[str, torch.Tensor]:
+    """Round-0 global weights: seeded random init, or `federation.initial_checkpoint`."""
+    seed_everything(config.seed, 40_000)
+    model = build_vae(config.model, config.data.image_size)
+    shared = shared_state(model, config.federation.share)
+    if config.federation.initial_checkpoint:
+        payload = load_checkpoint(config.federation.initial_checkpoint)
+        if payload["encoder_name"] != config.model.encoder:
+            raise ResumeError(f"federation.initial_checkpoint holds {payload['encoder_name']}, "
+                              f"but model.encoder={config.model.encoder}")
+        source = payload["vae"] or {ENCODER_PREFIX + k: v for k, v in payload["encoder"].items()}
+        missing = set(shared) - set(source)
+        if missing:
+            raise ResumeError(f"federation.initial_checkpoint lacks {len(missing)} shared weights "
+                              f"(e.g. {sorted(missing)[:2]}); share=vae needs a whole-VAE checkpoint")
+        shared = {k: source[k].clone() for k in shared}
+    return shared
+
+
+def plan_run(config: DermFedConfig, run_dir: Path, resume: bool) -> RunPlan:
+    total = config.federation.num_rounds
+    if not resume:
+        return RunPlan(config, run_dir, 0, total, initial_shared_weights(config))
+    if not (run_dir / CHECKPOINT_NAME).is_file():
+        raise ResumeError(f"cannot resume {run_dir}: no {CHECKPOINT_NAME} (no round completed yet?)")
+    point = load_resume_point(run_dir)
+    done = point["round"]
+    if done >= total:
+        raise ResumeError(f"{run_dir} already completed {done} of federation.num_rounds={total} rounds; "
+                          f"raise federation.num_rounds to continue")
+    log.info("resuming %s after round %d of %d", run_dir, done, total)
+    return RunPlan(config, run_dir, done, total - done, dict(point["shared"]), point["history"], point["strategy"])

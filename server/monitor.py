@@ -1,0 +1,72 @@
+"""Per-round server-side checks of the global model (`federation.monitor`).
+
+- `linear-probe`: freeze the global encoder, extract features of the labelled validation
+  images, fit a logistic regression on half of the lesions and report balanced accuracy on
+  the other half. Cheap, and it says whether the encoder is learning anything clinical.
+- `reconstruction`: the global VAE's reconstruction loss on the validation images (only when
+  the whole VAE is shared; otherwise the decoders stay at the sites).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score
+from sklearn.model_selection import GroupKFold
+
+from common.config import DermFedConfig
+from common.data.pipeline import PreparedData, prepare_data
+from common.data.splits import split_indices
+from common.data.torch_views import PretrainView
+from common.model import build_vae, load_partial_state, vae_loss_per_sample
+
+
+class Monitor:
+    def __init__(self, config: DermFedConfig, prepared: Optional[PreparedData] = None):
+        self.config = config
+        self.kind = config.federation.monitor
+        self._prepared = prepared
+        self._model = None
+
+    def _data(self) -> tuple[PreparedData, np.ndarray]:
+        if self._prepared is None:
+            self._prepared = prepare_data(self.config)
+        rows = split_indices(self._prepared.catalog, "val")
+        if len(rows) < 4:
+            rows = split_indices(self._prepared.catalog, "train")
+        return self._prepared, rows
+
+    def _images(self, prepared: PreparedData, rows: np.ndarray) -> torch.Tensor:
+        view = PretrainView(prepared.store, rows)
+        return torch.stack([view[i] for i in range(len(view))])
+
+    @torch.no_grad()
+    def __call__(self, shared: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        if self.kind == "none":
+            return {}
+        if self._model is None:
+            self._model = build_vae(self.config.model, self.config.data.image_size).eval()
+        load_partial_state(self._model, shared)
+        prepared, rows = self._data()
+        images = self._images(prepared, rows)
+        if self.kind == "reconstruction":
+            terms = vae_loss_per_sample(images, self._model(images), self.config.model.beta)
+            return {"val-reconstruction": float(terms["reconstruction"].mean()), "val-kl": float(terms["kl"].mean())}
+        return self._linear_probe(prepared, rows, images)
+
+    def _linear_probe(self, prepared: PreparedData, rows: np.ndarray, images: torch.Tensor) -> dict[str, float]:
+        if not prepared.catalog.labelled:
+            return {}
+        features = torch.cat([self._model.encoder((images[i:i + 64] - self._model.mean) / self._model.std)
+                              for i in range(0, len(images), 64)]).numpy()
+        labels = prepared.catalog.label_indices().to_numpy()[rows]
+        groups = prepared.catalog.frame["group"].to_numpy()[rows]
+        if len(np.unique(labels)) < 2 or len(np.unique(groups)) < 2:
+            return {}
+        fit, score = next(GroupKFold(n_splits=2).split(features, labels, groups))
+        probe = LogisticRegression(max_iter=2000, class_weight="balanced")
+        probe.fit(features[fit], labels[fit])
+        return {"probe-balanced-accuracy": float(balanced_accuracy_score(labels[score], probe.predict(features[score])))}

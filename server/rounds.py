@@ -1,0 +1,152 @@
+"""What the server does around each round, in plain Python (Flower stays in the app adapters).
+
+- `screen_update`: a client update with NaN/Inf, wrong keys or wrong shapes is never averaged.
+- `RunRecorder`: per-round history (aggregated and per-site metrics, who was left out and
+  why, monitor results) to history.json / history.csv and the console, and a checkpoint
+  after every completed round so an interrupted run resumes from its last completed round.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import torch
+
+from common.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from common.config import DermFedConfig, write_config
+from common.model import ENCODER_PREFIX
+
+log = logging.getLogger("dermfed.server")
+
+
+class RoundFailed(RuntimeError):
+    """Fewer valid updates than federation.min_clients: the round cannot be aggregated."""
+
+
+def screen_update(arrays: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]],
+                  metrics: Mapping[str, float]) -> Optional[str]:
+    """Why an update must not be aggregated, or None when it is sound."""
+    missing = sorted(set(expected) - set(arrays))
+    extra = sorted(set(arrays) - set(expected))
+    if missing or extra:
+        return f"wrong keys (missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]})"
+    for key, value in arrays.items():
+        if tuple(value.shape) != tuple(expected[key]):
+            return f"wrong shape for {key}: {tuple(value.shape)} instead of {tuple(expected[key])}"
+        if not np.isfinite(value).all():
+            return f"non-finite values (NaN/Inf) in {key}"
+    weight = metrics.get("num-examples")
+    if weight is None or not math.isfinite(float(weight)) or float(weight) <= 0:
+        return f"num-examples must be a positive number, got {weight!r}"
+    return None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    sites: list[dict[str, Any]] = field(default_factory=list)
+    excluded: list[dict[str, Any]] = field(default_factory=list)
+    train: dict[str, float] = field(default_factory=dict)
+    evaluate: dict[str, float] = field(default_factory=dict)
+    monitor: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class RunRecorder:
+    """History and checkpoints of one federated run, in its run folder."""
+
+    def __init__(self, run_dir: Path, config: DermFedConfig, history: Optional[list[dict[str, Any]]] = None):
+        self.run_dir, self.config = Path(run_dir), config
+        self.history: list[dict[str, Any]] = list(history or [])
+        self.current: Optional[RoundRecord] = None
+        self.started = time.perf_counter()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(config, self.run_dir)
+
+    def begin(self, round_number: int) -> RoundRecord:
+        self.current = RoundRecord(round_number)
+        self.started = time.perf_counter()
+        return self.current
+
+    def record(self, round_number: int) -> RoundRecord:
+        if self.current is None or self.current.round != round_number:
+            return self.begin(round_number)
+        return self.current
+
+    def finish(self, round_number: int, shared: Mapping[str, np.ndarray], strategy_state: dict[str, Any]) -> None:
+        """Close a completed round: history files, console line, checkpoint."""
+        record = self.record(round_number)
+        record.seconds = time.perf_counter() - self.started
+        entry = _jsonable(record.__dict__.copy())
+        self.history = [h for h in self.history if h["round"] != round_number] + [entry]
+        self._write_history()
+        self._save_checkpoint(round_number, shared, strategy_state)
+        self._print(record)
+        self.current = None
+
+    def _write_history(self) -> None:
+        (self.run_dir / "history.json").write_text(json.dumps(self.history, indent=2))
+        rows = []
+        for entry in self.history:
+            row = {"round": entry["round"], "seconds": entry["seconds"], "sites": len(entry["sites"]),
+                   "excluded": len(entry["excluded"])}
+            row.update({f"train_{k}": v for k, v in entry["train"].items()})
+            row.update({f"evaluate_{k}": v for k, v in entry["evaluate"].items()})
+            row.update({f"monitor_{k}": v for k, v in entry["monitor"].items()})
+            for site in entry["sites"]:
+                row[f"epsilon_{site['site']}"] = site.get("epsilon")
+            rows.append(row)
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        with open(self.run_dir / "history.csv", "w", newline="") as stream:
+            writer = csv.DictWriter(stream, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def _save_checkpoint(self, round_number: int, shared: Mapping[str, np.ndarray], strategy_state: dict[str, Any]) -> None:
+        tensors = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in shared.items()}
+        encoder = {k[len(ENCODER_PREFIX):]: v for k, v in tensors.items() if k.startswith(ENCODER_PREFIX)}
+        save_checkpoint(self.run_dir / CHECKPOINT_NAME, config=self.config, encoder_state=encoder,
+                        vae_state=tensors if self.config.federation.share == "vae" else None,
+                        position={"round": round_number}, history=self.history,
+                        extra={"shared": tensors, "arm": "federated",
+                               "strategy": {name: {k: torch.from_numpy(np.array(v, copy=True)) for k, v in moments.items()}
+                                            for name, moments in strategy_state.items()}})
+
+    @staticmethod
+    def _print(record: RoundRecord) -> None:
+        train = record.train
+        sites = ", ".join(
+            f"{s['site']}: rec {s.get('reconstruction', float('nan')):.1f}"
+            + (f" eps {s['epsilon']:.2f}" if s.get("epsilon") not in (None, math.inf) else "")
+            for s in record.sites)
+        left_out = f"; left out: {', '.join(e['site'] + ' (' + e['reason'] + ')' for e in record.excluded)}" if record.excluded else ""
+        monitor = f"; monitor {record.monitor}" if record.monitor else ""
+        print(f"[round {record.round}] {len(record.sites)} sites, reconstruction {train.get('reconstruction', float('nan')):.2f}, "
+              f"KL {train.get('kl', float('nan')):.2f} ({record.seconds:.1f} s) [{sites}]{left_out}{monitor}", flush=True)
+
+
+def load_resume_point(run_dir: Path) -> dict[str, Any]:
+    """The last completed round of a run folder: round, shared arrays, history, strategy state."""
+    payload = load_checkpoint(run_dir)
+    strategy = {name: {k: v.numpy() for k, v in moments.items()}
+                for name, moments in payload["extra"].get("strategy", {}).items()}
+    return {"round": int(payload["position"]["round"]), "shared": payload["extra"]["shared"],
+            "history": payload["history"], "strategy": strategy, "config": payload["config"]}

@@ -1,0 +1,66 @@
+"""The Flower ServerApp: a thin adapter from Flower's grid to DermFed's plan, strategy and records.
+
+Run config (pyproject `[tool.flwr.app.config]`, set by `dermfed simulate` or `flwr run --run-config`):
+`config-preset` (YAML path or preset name), `config-overrides` (space-separated key=value),
+`run-dir` (where checkpoints and history go; default output_dir/federated-<run id>),
+`resume` (continue run-dir from its last completed round), `site-names` (comma-separated,
+partition order, for readable histories), `stop-after-round` (0: run all rounds).
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import config_to_yaml, load_config
+from server.federation import plan_run
+from server.monitor import Monitor
+from server.rounds import RunRecorder
+from server.strategy import build_strategy
+
+log = logging.getLogger("dermfed.server")
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_config = context.run_config
+    config = load_config(str(run_config["config-preset"]), shlex.split(str(run_config.get("config-overrides", ""))))
+    run_dir = Path(str(run_config.get("run-dir", "")) or Path(config.output_dir) / f"federated-{context.run_id}")
+    plan = plan_run(config, run_dir, bool(run_config.get("resume", False)))
+    stop_after = int(run_config.get("stop-after-round", 0))  # an interruption on purpose (tests, staged runs)
+    rounds = min(plan.remaining, stop_after - plan.round_offset) if stop_after else plan.remaining
+    recorder = RunRecorder(run_dir, config, plan.history)
+    names = [n for n in str(run_config.get("site-names", "")).split(",") if n]
+    strategy = build_strategy(config)
+    strategy.attach(recorder, plan.expected_shapes, config.federation.min_clients, plan.round_offset, dict(enumerate(names)))
+    strategy.import_state(plan.strategy_state)
+    monitor = Monitor(config)
+
+    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Flower calls this before round 1 and after every round: monitor, then checkpoint."""
+        shared = arrays.to_torch_state_dict()
+        metrics = monitor(shared)
+        real_round = plan.round_offset + server_round
+        if server_round > 0:
+            recorder.record(real_round).monitor = metrics
+            recorder.finish(real_round, {k: v.numpy() for k, v in shared.items()}, strategy.export_state())
+        return MetricRecord(metrics) if metrics else None
+
+    dermfed_config = ConfigRecord({"dermfed-config": config_to_yaml(config)})
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(plan.initial_shared),
+        num_rounds=rounds,
+        timeout=config.federation.round_timeout,
+        train_config=dermfed_config,
+        evaluate_config=ConfigRecord({"dermfed-config": config_to_yaml(config)}),
+        evaluate_fn=after_round,
+    )
+    print(f"federated pretraining finished: checkpoint {run_dir / 'checkpoint.pt'}, history {run_dir / 'history.json'}",
+          flush=True)

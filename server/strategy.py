@@ -1,0 +1,138 @@
+"""Flower's strategies with a robust front door (the only server module that imports Flower's
+strategy API, besides the ServerApp adapter).
+
+`RobustAggregation` is mixed into FedAvg, FedProx, FedAdam or FedMedian: before Flower
+aggregates a round, it drops replies that are errors, missing (timed out), or unsound (NaN/Inf,
+wrong keys or shapes, no positive example count), records who was left out and why, and
+refuses the round when fewer than `federation.min_clients` remain. It also numbers rounds
+from the resume point, so a resumed run continues round numbers, schedules and FedAdam's
+bias correction where the interrupted run stopped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx
+
+from common.config import DermFedConfig
+from server.rounds import RoundFailed, RunRecorder, screen_update
+
+# Averaging these across sites means nothing: they are kept per site in the history.
+PER_SITE_ONLY = {"site-index", "epsilon", "delta"}
+
+STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedmedian": FedMedian}
+
+
+class RobustAggregation:
+    """Mixin for a Flower message-API strategy; call `attach` before `start`."""
+
+    recorder: RunRecorder
+    expected: dict[str, tuple[int, ...]]
+    min_clients: int
+    round_offset: int
+    site_names: dict[int, str]
+
+    def attach(self, recorder: RunRecorder, expected: dict[str, tuple[int, ...]], min_clients: int,
+               round_offset: int = 0, site_names: Optional[dict[int, str]] = None) -> None:
+        self.recorder, self.expected, self.min_clients = recorder, expected, min_clients
+        self.round_offset, self.site_names = round_offset, dict(site_names or {})
+        self._sent: list[int] = []
+
+    def site_label(self, index: Optional[float], node_id: int) -> str:
+        if index is not None and int(index) in self.site_names:
+            return self.site_names[int(index)]
+        return f"site-{int(index)}" if index is not None else f"node-{node_id}"
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        real_round = self.round_offset + server_round
+        self.recorder.begin(real_round)
+        messages = list(super().configure_train(real_round, arrays, config, grid))  # type: ignore[misc]
+        self._sent = [m.metadata.dst_node_id for m in messages]
+        return messages
+
+    def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """Keep the sound replies, sorted by site (aggregation order must not depend on arrival)."""
+        record = self.recorder.record(self.round_offset + server_round)
+        replies = list(replies)
+        good: list[tuple[float, int, Message]] = []
+        for message in replies:
+            node = message.metadata.src_node_id
+            if message.has_error():
+                record.excluded.append({"site": f"node-{node}", "node": node, "reason": f"client error: {message.error.reason}"})
+                continue
+            reason, metrics, index = self._check(message)
+            label = self.site_label(index, node)
+            if reason:
+                record.excluded.append({"site": label, "node": node, "reason": reason})
+                continue
+            record.sites.append({"site": label, "node": node, **metrics})
+            good.append((index if index is not None else float("inf"), node, message))
+        answered = {m.metadata.src_node_id for m in replies}
+        for node in self._sent:
+            if node not in answered:
+                record.excluded.append({"site": f"node-{node}", "node": node, "reason": "no reply within federation.round_timeout"})
+        if len(good) < self.min_clients:
+            raise RoundFailed(
+                f"round {record.round}: only {len(good)} valid update(s), federation.min_clients={self.min_clients}; "
+                f"left out: {record.excluded}. The last completed round's checkpoint is kept; fix the sites and resume.")
+        return [message for _, _, message in sorted(good, key=lambda item: (item[0], item[1]))]
+
+    def _check(self, message: Message) -> tuple[Optional[str], dict[str, Any], Optional[float]]:
+        content = message.content
+        if len(content.array_records) != 1 or len(content.metric_records) != 1:
+            return "reply must hold exactly one ArrayRecord and one MetricRecord", {}, None
+        metrics = {k: float(v) for k, v in next(iter(content.metric_records.values())).items()
+                   if isinstance(v, (int, float))}
+        arrays = {k: v.numpy() for k, v in next(iter(content.array_records.values())).items()}
+        return screen_update(arrays, self.expected, metrics), metrics, metrics.get("site-index")
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
+        good = self.screen(server_round, replies)
+        arrays, metrics = super().aggregate_train(self.round_offset + server_round, good)  # type: ignore[misc]
+        if metrics is not None:
+            self.recorder.record(self.round_offset + server_round).train = {
+                k: float(v) for k, v in metrics.items() if k not in PER_SITE_ONLY}
+        return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
+        sound = [m for m in replies if not m.has_error()]
+        metrics = super().aggregate_evaluate(self.round_offset + server_round, sound) if sound else None  # type: ignore[misc]
+        if metrics is not None:
+            self.recorder.record(self.round_offset + server_round).evaluate = {
+                k: float(v) for k, v in metrics.items() if k not in PER_SITE_ONLY}
+        return metrics
+
+    def export_state(self) -> dict[str, Any]:
+        """Server-optimizer moments (FedAdam), so a resumed run continues them."""
+        state: dict[str, Any] = {}
+        for name in ("m_t", "v_t"):
+            value = getattr(self, name, None)
+            if value:
+                state[name] = {k: np.asarray(v) for k, v in value.items()}
+        return state
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            setattr(self, name, {k: np.asarray(v) for k, v in value.items()})
+
+
+def build_strategy(config: DermFedConfig) -> RobustAggregation:
+    """The configured Flower strategy, with robust aggregation mixed in."""
+    fed = config.federation
+    base = STRATEGIES[fed.strategy]
+    kwargs: dict[str, Any] = dict(
+        fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
+        min_train_nodes=fed.min_clients, min_evaluate_nodes=fed.min_clients if fed.fraction_evaluate else 0,
+        min_available_nodes=fed.min_clients,
+    )
+    if fed.strategy == "fedprox":
+        kwargs["proximal_mu"] = fed.proximal_mu
+    if fed.strategy == "fedadam":
+        kwargs.update(eta=fed.server_lr, eta_l=config.train.lr, beta_1=fed.server_beta_1,
+                      beta_2=fed.server_beta_2, tau=fed.server_tau)
+    cls = type(f"Robust{base.__name__}", (RobustAggregation, base), {})
+    return cls(**kwargs)

@@ -1,0 +1,93 @@
+"""Server-side aggregation through Flower's real strategies, with DermFed's robust front door."""
+
+import numpy as np
+import pytest
+
+from common.config import load_config
+from server.rounds import RoundFailed, RunRecorder, screen_update
+from server.strategy import build_strategy
+from tests.flower_helpers import error_reply, reply
+
+EXPECTED = {"encoder.w": (2, 3), "encoder.b": (3,)}
+
+
+def _arrays(value, shape_w=(2, 3)):
+    return {"encoder.w": np.full(shape_w, value, dtype=np.float32), "encoder.b": np.arange(3, dtype=np.float32) * value}
+
+
+def _strategy(tmp_path, *overrides, min_clients=2):
+    config = load_config("smoke", [f"federation.min_clients={min_clients}", *overrides])
+    strategy = build_strategy(config)
+    strategy.attach(RunRecorder(tmp_path, config), EXPECTED, min_clients, site_names={0: "a", 1: "b", 2: "c", 3: "d"})
+    strategy._sent = [10, 11, 12, 13]
+    return strategy
+
+
+def _metrics(index, n):
+    return {"num-examples": float(n), "site-index": float(index), "reconstruction": 100.0 + index}
+
+
+def test_screen_update_names_what_is_wrong():
+    assert screen_update(_arrays(1.0), EXPECTED, {"num-examples": 3}) is None
+    assert "non-finite" in screen_update(_arrays(np.nan), EXPECTED, {"num-examples": 3})
+    assert "non-finite" in screen_update(_arrays(np.inf), EXPECTED, {"num-examples": 3})
+    assert "wrong shape" in screen_update(_arrays(1.0, (3, 2)), EXPECTED, {"num-examples": 3})
+    assert "wrong keys" in screen_update({"encoder.w": np.zeros((2, 3))}, EXPECTED, {"num-examples": 3})
+    assert "num-examples" in screen_update(_arrays(1.0), EXPECTED, {"num-examples": 0})
+
+
+def test_fedavg_equals_the_example_weighted_mean(tmp_path):
+    strategy = _strategy(tmp_path)
+    updates = [(0, 10, 1.0), (1, 30, 2.0), (2, 60, -1.0)]
+    replies = [reply(10 + i, _arrays(v), _metrics(i, n)) for i, n, v in updates]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    weights = np.array([10, 30, 60]) / 100
+    expected_w = sum(w * np.full((2, 3), v) for w, (_, _, v) in zip(weights, updates))
+    assert np.allclose(arrays["encoder.w"].numpy(), expected_w, atol=1e-6)
+    assert np.allclose(arrays["encoder.b"].numpy(), np.arange(3) * sum(w * v for w, (_, _, v) in zip(weights, updates)))
+    assert metrics["reconstruction"] == pytest.approx(sum(w * (100 + i) for w, (i, _, _) in zip(weights, updates)))
+
+
+def test_nan_wrong_shape_error_and_silent_clients_are_left_out_and_recorded(tmp_path):
+    strategy = _strategy(tmp_path)
+    replies = [
+        reply(10, _arrays(1.0), _metrics(0, 10)),
+        reply(11, _arrays(np.nan), _metrics(1, 10)),
+        reply(12, _arrays(3.0, (3, 2)), _metrics(2, 10)),
+        error_reply(13, "CUDA out of memory"),
+    ]
+    strategy._sent = [10, 11, 12, 13, 14]
+    with pytest.raises(RoundFailed, match="only 1 valid update"):
+        strategy.aggregate_train(1, replies)
+    record = strategy.recorder.current
+    reasons = {entry["site"]: entry["reason"] for entry in record.excluded}
+    assert "non-finite" in reasons["b"] and "wrong shape" in reasons["c"]
+    assert "CUDA out of memory" in reasons["node-13"] and "no reply" in reasons["node-14"]
+
+    strategy = _strategy(tmp_path, min_clients=1)
+    strategy._sent = [10, 11]
+    arrays, _ = strategy.aggregate_train(1, replies[:2])
+    assert np.allclose(arrays["encoder.w"].numpy(), 1.0)  # the NaN update was not averaged in
+    assert [s["site"] for s in strategy.recorder.current.sites] == ["a"]
+
+
+def test_aggregation_order_does_not_depend_on_arrival(tmp_path):
+    values = [(0, 7, 0.1), (1, 13, 0.7), (2, 29, -0.3)]
+    forward = [reply(10 + i, _arrays(v), _metrics(i, n)) for i, n, v in values]
+    a, _ = _strategy(tmp_path).aggregate_train(1, forward)
+    b, _ = _strategy(tmp_path).aggregate_train(1, list(reversed(forward)))
+    assert np.array_equal(a["encoder.w"].numpy(), b["encoder.w"].numpy())
+
+
+def test_fedmedian_and_fedadam_are_flowers(tmp_path):
+    def replies():
+        return [reply(10 + i, _arrays(v), _metrics(i, n)) for i, n, v in [(0, 1, 1.0), (1, 1, 2.0), (2, 100, 50.0)]]
+
+    median = _strategy(tmp_path, "federation.strategy=fedmedian")
+    arrays, _ = median.aggregate_train(1, replies())
+    assert np.allclose(arrays["encoder.w"].numpy(), 2.0)  # robust to the outlier, ignores weights
+    assert type(median).__mro__[2].__name__ == "FedMedian"
+    adam = _strategy(tmp_path, "federation.strategy=fedadam")
+    adam.current_arrays = _arrays(0.0)
+    adam.aggregate_train(1, replies())
+    assert set(adam.export_state()) == {"m_t", "v_t"}

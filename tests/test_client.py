@@ -1,0 +1,95 @@
+"""The hospital side: what a ClientApp reply holds, and state that survives rounds and restarts."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+
+from client.client_app import SNAPSHOT_KEY, _RUNNERS, evaluate, train
+from client.site import SiteRunner, deployment_site_data, simulation_site_data
+from common.config import apply_overrides, config_to_yaml, load_config
+from common.model import build_vae, shared_keys, shared_state
+from tests.conftest import write_jpeg
+from tests.flower_helpers import set_identity, train_message
+
+
+def _config(root, tmp_path, *overrides):
+    return load_config("smoke", [f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}", *overrides])
+
+
+def _global_weights(config):
+    torch.manual_seed(0)
+    return shared_state(build_vae(config.model, config.data.image_size), config.federation.share)
+
+
+def test_a_reply_holds_only_the_shared_tensors_and_scalar_metrics(synthetic_root, tmp_path):
+    config = _config(synthetic_root, tmp_path)
+    shared = _global_weights(config)
+    context = Context(run_id=7, node_id=3, node_config={"partition-id": 1, "num-partitions": 3},
+                      state=RecordDict(), run_config={"run-dir": str(tmp_path / "run")})
+    message = train_message(3, shared, {"server-round": 1, "dermfed-config": config_to_yaml(config)})
+    answer = train(message, context)
+    content = answer.content
+    assert set(content.keys()) == {"arrays", "metrics"}
+    arrays, metrics = content["arrays"], content["metrics"]
+    assert isinstance(arrays, ArrayRecord) and isinstance(metrics, MetricRecord)
+    assert set(arrays.keys()) == set(shared) and all(k.startswith("encoder.") for k in arrays.keys())
+    assert all(isinstance(v, float) for v in metrics.values())  # scalars only: no lists, no strings, no paths
+    assert metrics["num-examples"] > 0 and math.isinf(metrics["epsilon"])
+    assert not any(isinstance(v, (str, bytes)) for v in metrics.values())
+    # what the site keeps (decoder, optimizer) stays in its own context and state folder
+    assert SNAPSHOT_KEY in context.state and (tmp_path / "run" / "sites" / "hospital_2" / "round-0001.pt").is_file()
+    evaluation = evaluate(train_message(3, shared, {"dermfed-config": config_to_yaml(config)}), context).content
+    assert set(evaluation.keys()) == {"metrics"} and evaluation["metrics"]["val-reconstruction"] > 0
+    _RUNNERS.clear()
+
+
+def test_share_vae_sends_the_decoder_too(synthetic_root, tmp_path):
+    config = _config(synthetic_root, tmp_path, "federation.share=vae")
+    runner = SiteRunner(config, simulation_site_data(config, 0, 3), tmp_path / "state")
+    assert any(k.startswith("decoder.") for k in shared_keys(runner.model, "vae"))
+    output = runner.train_round(1, _global_weights(config))
+    assert any(k.startswith("decoder.") for k in output.shared)
+
+
+def test_a_restarted_site_continues_exactly_from_its_snapshot(synthetic_root, tmp_path):
+    config = _config(synthetic_root, tmp_path)
+    weights = _global_weights(config)
+    steady = SiteRunner(config, simulation_site_data(config, 0, 3), tmp_path / "steady")
+    steady.train_round(1, weights)
+    second = steady.train_round(2, weights).shared
+    restarted_dir = tmp_path / "restarted"
+    SiteRunner(config, simulation_site_data(config, 0, 3), restarted_dir).train_round(1, weights)
+    fresh = SiteRunner(config, simulation_site_data(config, 0, 3), restarted_dir)  # a new daemon process
+    again = fresh.train_round(2, weights).shared
+    assert all(torch.equal(second[k], again[k]) for k in second)
+
+
+def test_dp_ledger_is_never_rewound(synthetic_root, tmp_path):
+    config = _config(synthetic_root, tmp_path, "dp.enabled=true", "dp.noise_multiplier=1.0")
+    weights = _global_weights(config)
+    runner = SiteRunner(config, simulation_site_data(config, 0, 3), tmp_path / "state")
+    eps1 = runner.train_round(1, weights).metrics["epsilon"]
+    eps2 = runner.train_round(2, weights).metrics["epsilon"]
+    # the server crashed after round 2 was sent; the resumed run repeats round 2 from round 1's state
+    rerun = SiteRunner(config, simulation_site_data(config, 0, 3), tmp_path / "state")
+    eps2_again = rerun.train_round(2, weights).metrics["epsilon"]
+    assert 0 < eps1 < eps2 < eps2_again  # the repeated round is a new release and is counted
+
+
+def test_a_hospital_daemon_reads_its_own_folder(tmp_path):
+    for i in range(6):
+        write_jpeg(tmp_path / "images" / f"img{i}.jpg", (80, 80), seed=i)
+    config = load_config("smoke", [f"data.cache_dir={tmp_path / 'cache'}", "data.val_fraction=0", "data.test_fraction=0"])
+    data = deployment_site_data(config, {"data-root": str(tmp_path / "images"), "site-name": "clinic_a", "site-index": 4})
+    assert data.name == "clinic_a" and data.index == 4 and len(data.train_rows) == 6
+    with pytest.raises(Exception, match="data-root"):
+        deployment_site_data(config, {})
+
+
+def test_node_overrides_apply_on_top_of_the_server_config():
+    config = load_config("smoke")
+    local = apply_overrides(config, ["dp.enabled=true", "dp.target_epsilon=4"])
+    assert local.dp.target_epsilon == 4 and local.model == config.model
