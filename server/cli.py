@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 from common.config import ConfigError, DermFedConfig, config_to_yaml, flatten_config, load_config, write_config
 from common.data.catalog import DataError, format_summary, summary_table
 from common.privacy import PrivacyBudgetExhausted
+from server.deploy import DeployError
 
 log = logging.getLogger("dermfed")
 
@@ -116,6 +117,29 @@ def cmd_simulate(args: argparse.Namespace, config: DermFedConfig) -> int:
     return 0
 
 
+# -- deploy -------------------------------------------------------------------------------------
+
+
+def cmd_deploy_init(args: argparse.Namespace, config: DermFedConfig) -> int:
+    from server.deploy import init_federation
+
+    layout = init_federation(Path(args.out), args.hospital, args.host, args.port)
+    print(f"federation created in {layout.root}:")
+    print(f"  certificates/ca.crt, superlink.crt (SAN: 127.0.0.1, localhost{''.join(', ' + h for h in args.host)})")
+    for name in layout.hospitals():
+        print(f"  hospitals/{name}/auth_key (give to {name} only) and auth_key.pub (register at the SuperLink)")
+    print(f"the exact commands: {layout.root / 'COMMANDS.md'}")
+    return 0
+
+
+def cmd_deploy_register(args: argparse.Namespace, config: DermFedConfig) -> int:
+    from server.deploy import register_hospitals
+
+    for name in register_hospitals(Path(args.dir), args.hospital or None):
+        print(f"registered {name}")
+    return 0
+
+
 # -- config -------------------------------------------------------------------------------------
 
 
@@ -172,13 +196,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(simulate)
     simulate.set_defaults(handler=cmd_simulate)
 
+    deploy = sub.add_parser("deploy", help="certificates, keys and commands for a real federation", formatter_class=fmt)
+    deploy_sub = deploy.add_subparsers(dest="action", required=True, metavar="ACTION")
+    init = deploy_sub.add_parser("init", help="CA, SuperLink certificate, one key per hospital, COMMANDS.md",
+                                 formatter_class=fmt)
+    init.add_argument("--out", required=True, help="new folder for the federation's files")
+    init.add_argument("--hospital", action="append", default=[], metavar="NAME", help="a hospital (repeat)")
+    init.add_argument("--host", action="append", default=[], metavar="HOST",
+                      help="the SuperLink's public host name or IP, added to the certificate (repeat)")
+    init.add_argument("--port", type=int, default=9092, help="the SuperLink's port")
+    _add_common(init)
+    init.set_defaults(handler=cmd_deploy_init)
+    register = deploy_sub.add_parser("register", help="register hospitals' public keys with the running SuperLink",
+                                     formatter_class=fmt)
+    register.add_argument("--dir", required=True, help="the folder made by `dermfed deploy init`")
+    register.add_argument("--hospital", action="append", default=[], metavar="NAME", help="only these (default: all)")
+    _add_common(register)
+    register.set_defaults(handler=cmd_deploy_register)
+
     config = sub.add_parser("config", help="print the resolved configuration (every key)", formatter_class=fmt)
     config.add_argument("--flat", action="store_true", help="one key=value line per key")
     _add_common(config)
     config.set_defaults(handler=cmd_config)
 
     for name, helptext, issue in (
-        ("deploy", "certificates, keys and commands for a real federation", 4),
         ("evaluate", "frozen encoders against ImageNet ConvNeXt-Tiny under identical heads", 5),
         ("report", "write the HTML report of an evaluation run", 5),
     ):
@@ -195,7 +236,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         return args.handler(args, config)
-    except (ConfigError, DataError, PrivacyBudgetExhausted) as exc:
+    except (ConfigError, DataError, PrivacyBudgetExhausted, DeployError) as exc:
         print(f"dermfed: error: {exc}", file=sys.stderr)
         return 2
 
