@@ -20,9 +20,14 @@ $(BIN)/dermfed: pyproject.toml
 
 install: $(BIN)/dermfed
 
+DEMO_RUN ?= runs/demo
+
 demo: $(BIN)/dermfed
 	$(BIN)/dermfed data synth --config demo --out $(DEMO_DATA)
-	$(BIN)/dermfed data summary --config demo data.root=$(DEMO_DATA)
+	$(BIN)/dermfed data summary --config demo data.root=$(DEMO_DATA) --out $(DEMO_RUN)/data-summary
+	rm -rf $(DEMO_RUN)/federated
+	$(BIN)/dermfed simulate --config demo data.root=$(DEMO_DATA) --out $(DEMO_RUN)/federated
+	@echo "federated checkpoint: $(DEMO_RUN)/federated/checkpoint.pt; history: $(DEMO_RUN)/federated/history.csv"
 
 test: $(BIN)/dermfed
 	$(BIN)/python -m pytest

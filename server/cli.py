@@ -109,6 +109,9 @@ def cmd_simulate(args: argparse.Namespace, config: DermFedConfig) -> int:
         config = load_config(saved, args.overrides)
     else:
         run_dir = run_folder(config, "federated", args.out)
+        if (run_dir / "checkpoint.pt").exists() or (run_dir / "sites").exists():
+            raise ConfigError(f"{run_dir} already holds a federated run; continue it with --resume {run_dir} "
+                              "or choose another --out")
     try:
         run_simulation(config, run_dir, resume=bool(args.resume), stop_after_round=args.stop_after_round)
     except SimulationError as exc:
