@@ -27,7 +27,9 @@ demo: $(BIN)/dermfed
 	$(BIN)/dermfed data summary --config demo data.root=$(DEMO_DATA) --out $(DEMO_RUN)/data-summary
 	rm -rf $(DEMO_RUN)/federated
 	$(BIN)/dermfed simulate --config demo data.root=$(DEMO_DATA) --out $(DEMO_RUN)/federated
+	$(BIN)/dermfed evaluate --config demo data.root=$(DEMO_DATA) --checkpoint $(DEMO_RUN)/federated --out $(DEMO_RUN)/evaluation
 	@echo "federated checkpoint: $(DEMO_RUN)/federated/checkpoint.pt; history: $(DEMO_RUN)/federated/history.csv"
+	@echo "report (open in a browser): $(CURDIR)/$(DEMO_RUN)/evaluation/report.html"
 
 test: $(BIN)/dermfed
 	$(BIN)/python -m pytest

@@ -182,6 +182,28 @@ class FederationConfig(_Section):
         return self
 
 
+class EvaluationConfig(_Section):
+    """Central evaluation: frozen encoders under identical classifier heads."""
+
+    image_size: Optional[int] = Field(None, ge=32, le=512, description="default: the checkpoint's data.image_size")
+    head: Literal["linear", "mlp"] = "linear"
+    mlp_hidden: int = Field(256, ge=8)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="mlp head only")
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(5e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    imbalance: Literal["class-weights", "balanced-sampling", "none"] = "class-weights"
+    augment: bool = Field(False, description="augment training images (recomputes encoder features every epoch)")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="head seeds; mean and 95% CI")
+    select_by: Literal["val_loss", "val_balanced_accuracy"] = "val_loss"
+    arms: list[Literal["federated", "imagenet", "random", "pooled", "local"]] = Field(
+        default_factory=lambda: ["federated", "imagenet", "random", "pooled", "local"],
+        description="arms to run when their inputs exist")
+    feature_batch_size: int = Field(64, ge=1)
+    imagenet_model: str = Field("convnext_tiny.fb_in1k", description="timm model (with tag) of the ImageNet arm")
+
+
 class DermFedConfig(_Section):
     """Everything a DermFed run needs; one instance per run, written beside its outputs."""
 
@@ -194,6 +216,7 @@ class DermFedConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     dp: DPConfig = Field(default_factory=DPConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "DermFedConfig":

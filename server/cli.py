@@ -15,7 +15,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from common.config import ConfigError, DermFedConfig, config_to_yaml, flatten_config, load_config, write_config
 from common.data.catalog import DataError, format_summary, summary_table
@@ -143,6 +143,28 @@ def cmd_deploy_register(args: argparse.Namespace, config: DermFedConfig) -> int:
     return 0
 
 
+# -- evaluate / report ---------------------------------------------------------------------------
+
+
+def cmd_evaluate(args: argparse.Namespace, config: DermFedConfig) -> int:
+    from server.evaluation.report import write_report
+    from server.evaluation.run import run_evaluation
+
+    folder = run_folder(config, "evaluation", args.out)
+    metrics = run_evaluation(config, Path(args.checkpoint), folder, args.imagenet_weights, args.pooled, args.local)
+    report = write_report(folder, metrics)
+    print(f"metrics: {folder / 'metrics.json'}")
+    print(f"report: {report.resolve()}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, config: DermFedConfig) -> int:
+    from server.evaluation.report import write_report
+
+    print(f"report: {write_report(Path(args.run_dir)).resolve()}")
+    return 0
+
+
 # -- config -------------------------------------------------------------------------------------
 
 
@@ -153,14 +175,6 @@ def cmd_config(args: argparse.Namespace, config: DermFedConfig) -> int:
     else:
         print(config_to_yaml(config), end="")
     return 0
-
-
-def _not_yet(name: str, issue: int) -> Callable[[argparse.Namespace, DermFedConfig], int]:
-    def run(args: argparse.Namespace, config: DermFedConfig) -> int:
-        print(f"dermfed {name}: not available in this version yet (tracked as issue #{issue})", file=sys.stderr)
-        return 2
-
-    return run
 
 
 # -- parser -------------------------------------------------------------------------------------
@@ -222,13 +236,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(config)
     config.set_defaults(handler=cmd_config)
 
-    for name, helptext, issue in (
-        ("evaluate", "frozen encoders against ImageNet ConvNeXt-Tiny under identical heads", 5),
-        ("report", "write the HTML report of an evaluation run", 5),
-    ):
-        stub = sub.add_parser(name, help=helptext, formatter_class=fmt)
-        _add_common(stub)
-        stub.set_defaults(handler=_not_yet(name, issue))
+    evaluate = sub.add_parser("evaluate", help="frozen encoders against ImageNet ConvNeXt-Tiny under identical heads",
+                              formatter_class=fmt)
+    evaluate.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
+                          help="pretraining run folder or checkpoint.pt (arm A: the federated encoder)")
+    evaluate.add_argument("--imagenet-weights", default=None, metavar="FILE",
+                          help="arm B's ImageNet weights file (default: the Hugging Face cache, offline)")
+    evaluate.add_argument("--pooled", default=None, metavar="RUN_DIR", help="arm D: a pooled `dermfed pretrain` run")
+    evaluate.add_argument("--local", default=None, metavar="RUN_DIR", help="arm E: a local-only `dermfed pretrain` run")
+    evaluate.add_argument("--out", default=None, help="run folder (default: output_dir/run_name)")
+    _add_common(evaluate)
+    evaluate.set_defaults(handler=cmd_evaluate)
+    report = sub.add_parser("report", help="(re)write the HTML report of an evaluation run", formatter_class=fmt)
+    report.add_argument("run_dir", metavar="RUN_DIR", help="an evaluation run folder (with metrics.json)")
+    _add_common(report)
+    report.set_defaults(handler=cmd_report)
     return parser
 
 
@@ -239,7 +261,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         return args.handler(args, config)
-    except (ConfigError, DataError, PrivacyBudgetExhausted, DeployError) as exc:
+    except (ConfigError, DataError, PrivacyBudgetExhausted, DeployError, FileNotFoundError) as exc:
         print(f"dermfed: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,1 @@
+"""Central evaluation: frozen encoders compared under identical classifier heads, and the report."""

@@ -1,0 +1,234 @@
+"""The evaluation report: one self-contained HTML file (figures embedded), with PNGs and JSON beside it.
+
+Laid out for a clinician or reviewer: the answer first (final metrics with 95% intervals),
+then the training curves as in the paper's Figure 2 (loss on top, accuracy below, one column
+per arm), the overfitting gap, the shortcut test, per-site results, confusion matrices, the
+pretraining history (reconstruction loss per round, epsilon per site) and the exact config.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+REPORT_NAME = "report.html"
+COLOURS = {"train": "#1f77b4", "val": "#d62728"}
+
+
+def _fmt(ci: Optional[dict], digits: int = 3) -> str:
+    if not ci or ci.get("mean") is None:
+        return "n/a"
+    if ci["n"] < 2:
+        return f"{ci['mean']:.{digits}f}"
+    return f"{ci['mean']:.{digits}f} [{ci['low']:.{digits}f}, {ci['high']:.{digits}f}]"
+
+
+def _save(figure: plt.Figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def figure_curves(arms: list[dict], path: Path) -> Path:
+    """Figure 2 layout: loss (top) and accuracy (bottom), one column per arm, train vs validation."""
+    figure, axes = plt.subplots(2, len(arms), figsize=(4.2 * len(arms), 6.4), squeeze=False, sharex=True)
+    for column, arm in enumerate(arms):
+        curves = arm["curves"]
+        epochs = np.array(curves["epoch"])
+        for row, metric in enumerate(("loss", "accuracy")):
+            axis = axes[row][column]
+            for split in ("train", "val"):
+                mean = np.array(curves[f"{split}_{metric}"])
+                std = np.array(curves[f"{split}_{metric}_std"])
+                axis.plot(epochs, mean, color=COLOURS[split], label="training" if split == "train" else "validation")
+                axis.fill_between(epochs, mean - std, mean + std, color=COLOURS[split], alpha=0.15)
+            axis.set_ylabel("cross-entropy loss" if metric == "loss" else "accuracy")
+            axis.grid(alpha=0.3)
+            if row == 0:
+                axis.set_title(arm["label"], fontsize=10)
+            else:
+                axis.set_xlabel("epoch")
+        axes[0][column].legend(fontsize=8)
+    return _save(figure, path)
+
+
+def figure_gap(arms: list[dict], path: Path) -> Path:
+    figure, axis = plt.subplots(figsize=(7, 3.6))
+    for arm in arms:
+        curves = arm["curves"]
+        axis.plot(curves["epoch"], curves["gap"], label=arm["label"])
+    axis.axhline(0, color="black", linewidth=0.8)
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("training - validation accuracy")
+    axis.set_title("Overfitting gap")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def figure_confusion(arms: list[dict], classes: list[str], path: Path) -> Path:
+    figure, axes = plt.subplots(1, len(arms), figsize=(3.8 * len(arms), 3.6), squeeze=False)
+    for axis, arm in zip(axes[0], arms):
+        matrix = np.array(arm["confusion_matrix"], dtype=float)
+        normalised = matrix / np.clip(matrix.sum(axis=1, keepdims=True), 1, None)
+        axis.imshow(normalised, vmin=0, vmax=1, cmap="Blues")
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                axis.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=8,
+                          color="white" if normalised[i, j] > 0.5 else "black")
+        axis.set_xticks(range(len(classes)), classes, rotation=45, fontsize=8)
+        axis.set_yticks(range(len(classes)), classes, fontsize=8)
+        axis.set_xlabel("predicted")
+        axis.set_ylabel("true")
+        axis.set_title(arm["label"], fontsize=9)
+    return _save(figure, path)
+
+
+def figure_pretraining(history: list[dict], path: Path) -> Optional[Path]:
+    """Per-round (or per-epoch) reconstruction loss and per-site epsilon of the pretraining run."""
+    if not history:
+        return None
+    federated = "round" in history[0]
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    x = [h["round" if federated else "epoch"] for h in history]
+    if federated:
+        axes[0].plot(x, [h["train"].get("reconstruction") for h in history], marker="o", label="training (sites, weighted)")
+        if any(h.get("evaluate") for h in history):
+            axes[0].plot(x, [h["evaluate"].get("val-reconstruction") for h in history], marker="s", label="validation (sites)")
+        sites = sorted({s["site"] for h in history for s in h["sites"]})
+        for site in sites:
+            eps = [next((s.get("epsilon") for s in h["sites"] if s["site"] == site), None) for h in history]
+            if any(e is not None for e in eps):
+                axes[1].plot(x, [np.nan if e is None else e for e in eps], marker="o", label=site)
+    else:
+        axes[0].plot(x, [h["reconstruction"] for h in history], marker="o", label="training")
+        eps = [h.get("epsilon") for h in history]
+        if any(e is not None for e in eps):
+            axes[1].plot(x, [np.nan if e is None else e for e in eps], marker="o", label="pooled")
+    axes[0].set_title("Pretraining: reconstruction loss per image")
+    axes[0].set_xlabel("round" if federated else "epoch")
+    axes[0].legend(fontsize=8)
+    axes[0].grid(alpha=0.3)
+    axes[1].set_title("Privacy spent per site (epsilon)")
+    axes[1].set_xlabel("round" if federated else "epoch")
+    if axes[1].lines:
+        axes[1].legend(fontsize=8)
+    else:
+        axes[1].text(0.5, 0.5, "DP-SGD off: no privacy guarantee", ha="center", va="center", transform=axes[1].transAxes)
+    axes[1].grid(alpha=0.3)
+    return _save(figure, path)
+
+
+def _embed(path: Optional[Path], alt: str) -> str:
+    if path is None:
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+
+
+def _table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.8em 0;font-size:.92em}th,td{border:1px solid #ccc;padding:.35em .6em;text-align:left}
+th{background:#f3f3f3}figure{margin:1em 0}img{max-width:100%}figcaption{color:#555;font-size:.85em}
+pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:.8em}.note{background:#fff8e1;border-left:4px solid #f0b400;padding:.6em 1em}
+.muted{color:#666;font-size:.9em}
+"""
+
+
+def write_report(run_dir: Path, metrics: Optional[dict[str, Any]] = None) -> Path:
+    """Write report.html and its PNGs into `run_dir` (reads metrics.json when not given)."""
+    run_dir = Path(run_dir)
+    if metrics is None:
+        source = run_dir / "metrics.json"
+        if not source.is_file():
+            raise FileNotFoundError(f"{source} not found: run `dermfed evaluate` first")
+        metrics = json.loads(source.read_text())
+    figures = run_dir / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    arms, data = metrics["arms"], metrics["data"]
+    classes = data["classes"]
+    curves = figure_curves(arms, figures / "curves.png")
+    gap = figure_gap(arms, figures / "overfitting_gap.png")
+    confusion = figure_confusion(arms, classes, figures / "confusion_matrices.png")
+    pretraining = figure_pretraining(metrics["pretraining"]["history"], figures / "pretraining.png")
+
+    final_rows = [[arm["label"], _fmt(arm["summary"]["accuracy"]), _fmt(arm["summary"]["balanced_accuracy"]),
+                   _fmt(arm["summary"]["macro_auroc"]), _fmt(arm["final_gap"]),
+                   ", ".join(str(s["best_epoch"]) for s in arm["seeds"])] for arm in arms]
+    site_rows = [[site, arm["label"], _fmt(values["balanced_accuracy"]), _fmt(values["accuracy"]), _fmt(values["macro_auroc"])]
+                 for arm in arms for site, values in arm["per_site"].items()]
+    recall_rows = [[arm["label"], *[_fmt(arm["per_class_recall"][c], 2) for c in classes]] for arm in arms]
+    shortcut_html = ""
+    if data.get("shortcut"):
+        sc = data["shortcut"]
+        rows = [[arm["label"], _fmt(arm["shortcut"]["artefact_matches_class"]), _fmt(arm["shortcut"]["artefact_mismatches_class"])]
+                for arm in arms]
+        shortcut_html = (f"<h2>Shortcut test</h2><p>In the training and validation images the non-clinical artefact "
+                         f"<b>{html.escape(sc['artifact'])}</b> tracks class <b>{html.escape(sc['class'])}</b>; in the test "
+                         "images it does not. An encoder whose features carry the artefact rather than the lesion loses "
+                         "accuracy on the test images where artefact and class disagree.</p>"
+                         + _table(["arm", "test accuracy, artefact agrees with class", "test accuracy, artefact disagrees"], rows))
+    skipped = "".join(f'<p class="note"><b>Arm {html.escape(k)} did not run.</b> {html.escape(v)}</p>'
+                      for k, v in metrics.get("skipped_arms", {}).items())
+    config_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else json.dumps(metrics["head"], indent=1)
+    head = metrics["head"]
+    position = metrics["pretraining"]["position"]
+    body = f"""
+<h1>DermFed evaluation report</h1>
+<p class="muted">Pretrained encoder: {html.escape(metrics['pretraining']['encoder'])} from
+<code>{html.escape(metrics['checkpoint'])}</code> ({html.escape(json.dumps(position))}).
+Labelled data: {html.escape(data['format'])} at <code>{html.escape(str(data['root']))}</code>, {data['image_size']}x{data['image_size']} px,
+classes {html.escape(', '.join(classes))}; split sizes {html.escape(json.dumps(data['split_sizes']))}.
+Every arm is a frozen encoder feeding the same {html.escape(head['head'])} head ({head['epochs']} epochs, lr {head['lr']},
+imbalance: {html.escape(head['imbalance'])}), trained with seeds {html.escape(str(head['seeds']))}.</p>
+{skipped}
+<h2>Final test metrics</h2>
+<p>Mean over seeds with 95% confidence interval. Balanced accuracy is the ISIC 2019 challenge metric; the
+best epoch of each seed was chosen on validation data ({html.escape(head['select_by'])}), never on test data.
+The overfitting gap is training minus validation accuracy at the last epoch.</p>
+{_table(["arm", "accuracy", "balanced accuracy", "macro AUROC", "overfitting gap", "best epoch per seed"], final_rows, "final")}
+<h2>Training dynamics (as in the paper's Figure 2)</h2>
+<p>Top: cross-entropy loss; bottom: accuracy; blue training, red validation; bands are one standard deviation over seeds.
+A validation curve that stalls while the training curve keeps improving is overfitting.</p>
+{_embed(curves, "Loss (top) and accuracy (bottom) per epoch, one column per arm")}
+{_embed(gap, "Overfitting gap per epoch")}
+{shortcut_html}
+<h2>Per-site results</h2>
+{_table(["site", "arm", "balanced accuracy", "accuracy", "macro AUROC"], site_rows)}
+<h2>Per-class recall and confusion matrices</h2>
+{_table(["arm", *classes], recall_rows)}
+{_embed(confusion, "Confusion matrices on the test set, summed over seeds (colour: row-normalised)")}
+<h2>Pretraining history</h2>
+{_embed(pretraining, "Reconstruction loss and privacy spent during pretraining")}
+<h2>How to read this report</h2>
+<ul>
+<li>Compare arms on balanced accuracy and AUROC with their intervals: overlapping intervals are not a difference.</li>
+<li>A: the federated self-supervised encoder; B: ImageNet; C: random weights, the floor that says what any pretraining adds;
+D and E (when present): centrally pooled and single-site pretraining.</li>
+<li>A large or growing overfitting gap means the head learns the training images rather than the disease.</li>
+<li>Epsilon is the privacy budget each site spent (with delta in the config); without DP-SGD there is no formal guarantee.</li>
+</ul>
+<h2>Exact configuration</h2>
+<pre>{html.escape(config_text)}</pre>
+"""
+    page = f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>DermFed evaluation report</title><style>{STYLE}</style></head><body>{body}</body></html>'
+    path = run_dir / REPORT_NAME
+    path.write_text(page)
+    return path
