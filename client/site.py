@@ -139,14 +139,14 @@ class SiteRunner:
         return self.state_dir / f"round-{round_number:04d}.pt"
 
     def _restore(self, round_number: int, snapshot: Optional[bytes]) -> None:
-        """Bring the site to the end of round `round_number - 1`."""
+        """Bring the site to the end of round `round_number - 1` (from memory, its context, or its disk)."""
         previous = round_number - 1
-        if self.round == previous and previous > 0:
-            return  # already there (the normal case within one run)
-        blob = snapshot
-        if blob is None and self.snapshot_path(previous).is_file():
-            blob = self.snapshot_path(previous).read_bytes()
-        if blob is not None and previous > 0:
+        if self.round == previous:
+            return  # already there: the normal case within one run (and round 1 of a fresh site)
+        candidates = [snapshot, self.snapshot_path(previous).read_bytes() if self.snapshot_path(previous).is_file() else None]
+        for blob in candidates:
+            if blob is None or previous == 0:
+                continue
             stored_round, state, private = read_site_snapshot(blob)
             if stored_round == previous:
                 load_partial_state(self.model, private)
@@ -158,10 +158,12 @@ class SiteRunner:
         self.state, self.round = SiteState(), previous
 
     def _apply_ledger(self) -> None:
+        """The accountant always comes from the ledger: every past release counts, rewound or not."""
         ledger = self.ledger.load()
         if ledger:
             self.state.accountant = ledger["accountant"]
-            self.state.noise_multiplier = ledger.get("noise_multiplier")
+            if self.config.dp.noise_multiplier is None:  # keep the noise calibrated when the budget was planned
+                self.state.noise_multiplier = ledger.get("noise_multiplier")
 
     # -- rounds -----------------------------------------------------------------------------
 

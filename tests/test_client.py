@@ -93,3 +93,14 @@ def test_node_overrides_apply_on_top_of_the_server_config():
     config = load_config("smoke")
     local = apply_overrides(config, ["dp.enabled=true", "dp.target_epsilon=4"])
     assert local.dp.target_epsilon == 4 and local.model == config.model
+
+
+def test_a_repeated_round_in_a_running_daemon_restarts_from_the_previous_round(synthetic_root, tmp_path):
+    """The server crashed after round 2 and resumes from round 1: the still-running site rewinds."""
+    config = _config(synthetic_root, tmp_path)
+    weights = _global_weights(config)
+    runner = SiteRunner(config, simulation_site_data(config, 1, 3), tmp_path / "state")
+    first = runner.train_round(1, weights)
+    second = runner.train_round(2, weights, snapshot=first.snapshot)
+    repeated = runner.train_round(2, weights, snapshot=second.snapshot)  # the context holds round 2's snapshot
+    assert all(torch.equal(second.shared[k], repeated.shared[k]) for k in second.shared)
