@@ -91,3 +91,22 @@ def test_fedmedian_and_fedadam_are_flowers(tmp_path):
     adam.current_arrays = _arrays(0.0)
     adam.aggregate_train(1, replies())
     assert set(adam.export_state()) == {"m_t", "v_t"}
+
+
+def test_initial_weights_from_seed_or_checkpoint(tmp_path):
+    import torch
+
+    from common.config import load_config as load
+    from server.cli import main
+    from server.federation import initial_shared_weights
+
+    config = load("smoke", [f"data.root={tmp_path / 'data'}", f"data.cache_dir={tmp_path / 'cache'}"])
+    seeded = initial_shared_weights(config)
+    assert all(torch.equal(v, initial_shared_weights(config)[k]) for k, v in seeded.items())
+    assert main(["pretrain", "--config", "smoke", "--out", str(tmp_path / "pre"), f"data.root={tmp_path / 'data'}",
+                 f"data.cache_dir={tmp_path / 'cache'}"]) == 0
+    from_checkpoint = initial_shared_weights(config.model_copy(update={"federation": config.federation.model_copy(
+        update={"initial_checkpoint": str(tmp_path / "pre")})}))
+    payload = torch.load(tmp_path / "pre" / "checkpoint.pt", weights_only=True)
+    assert torch.equal(from_checkpoint["encoder.stem.0.weight"], payload["encoder"]["stem.0.weight"])
+    assert not torch.equal(from_checkpoint["encoder.stem.0.weight"], seeded["encoder.stem.0.weight"])

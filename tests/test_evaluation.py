@@ -135,3 +135,16 @@ def test_report_renders_in_headless_chromium(ham_evaluation, tmp_path):
                    capture_output=True, timeout=120)
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert pixels.std() > 10  # text, tables and figures were drawn, not a blank page
+
+
+def test_pooled_and_local_control_arms(tmp_path, synthetic_root):
+    common = [f"data.root={synthetic_root}", f"data.cache_dir={tmp_path / 'cache'}"]
+    assert main(["pretrain", "--config", "smoke", "--out", str(tmp_path / "pooled"), *common]) == 0
+    assert main(["pretrain", "--config", "smoke", "--out", str(tmp_path / "local"), *common, "data.site=hospital_1"]) == 0
+    assert main(["evaluate", "--config", "smoke", "--checkpoint", str(tmp_path / "pooled"), "--pooled", str(tmp_path / "pooled"),
+                 "--local", str(tmp_path / "local"), "--out", str(tmp_path / "eval"), *common,
+                 "evaluation.epochs=2", "evaluation.seeds=[0]", "evaluation.head=mlp"]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert [arm["key"] for arm in metrics["arms"]] == ["federated", "random", "pooled", "local"]
+    assert "data.site" not in metrics["arms"][3]["source"] and "local" in metrics["arms"][3]["source"]
+    assert (tmp_path / "eval" / "report.html").read_text().count("E: local-only VAE encoder") >= 2
