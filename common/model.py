@@ -107,10 +107,6 @@ class ConvNeXtVAE(nn.Module):
             z = mu
         return VAEOutput(self.decoder(z), mu, logvar)
 
-    def forward_tuple(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = self.forward(images)
-        return out.reconstruction, out.mu, out.logvar
-
 
 def vae_loss_per_sample(images: torch.Tensor, out: VAEOutput, beta: float) -> dict[str, torch.Tensor]:
     """Per-sample terms, each of shape (batch,).
@@ -144,10 +140,6 @@ def encoder_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The encoder as a plain timm backbone state dict (loads into create_model(name, num_classes=0))."""
     state = strip_wrapper_prefixes(model.state_dict())
     return {k[len(ENCODER_PREFIX):]: v.detach().clone() for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
-
-
-def load_encoder_state(model: ConvNeXtVAE, encoder_state: Mapping[str, torch.Tensor]) -> None:
-    model.encoder.load_state_dict(strip_wrapper_prefixes(encoder_state), strict=True)
 
 
 def build_vae(model_config, image_size: int) -> ConvNeXtVAE:

@@ -70,7 +70,8 @@ def run_pretraining(config: DermFedConfig, out: Path) -> dict[str, Any]:
         (out / "history.json").write_text(json.dumps(history, indent=2))
 
     result = trainer.train(SiteState(), on_epoch_end=checkpoint)
-    sample = torch.stack([PretrainView(prepared.store, indices)[i] for i in range(min(8, len(indices)))])
+    plain = PretrainView(prepared.store, indices)  # no augmentation: show the images as they are
+    sample = torch.stack([plain[i] for i in range(min(8, len(plain)))])
     grid = save_reconstruction_grid(model, sample, out / "reconstructions.png")
     summary = {"run": str(out), "arm": arm, "site": site, "images": len(dataset), "steps": result.steps,
                "final": history[-1] if history else None, "grid": str(grid)}

@@ -1,4 +1,4 @@
-"""Bytes for what a site keeps between rounds, and plain arrays for what it shares.
+"""Bytes for what a site keeps between rounds.
 
 Site state (optimizer, DP accountant history, step, private decoder) is written with
 torch.save and read back with `weights_only=True`: tensors and plain Python values only,
@@ -11,7 +11,6 @@ import io
 from dataclasses import asdict
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 
 from common.training import SiteState
@@ -36,11 +35,3 @@ def site_snapshot(round_number: int, state: SiteState, private: Mapping[str, tor
 def read_site_snapshot(blob: bytes) -> tuple[int, SiteState, dict[str, torch.Tensor]]:
     payload = from_bytes(blob)
     return int(payload["round"]), SiteState(**payload["state"]), dict(payload["private"])
-
-
-def to_numpy(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy() for k, v in state.items()}
-
-
-def to_torch(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.array(v, copy=True)) for k, v in arrays.items()}

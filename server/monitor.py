@@ -30,18 +30,19 @@ class Monitor:
         self.kind = config.federation.monitor
         self._prepared = prepared
         self._model = None
+        self._validation: Optional[tuple[np.ndarray, torch.Tensor]] = None
 
-    def _data(self) -> tuple[PreparedData, np.ndarray]:
+    def _data(self) -> tuple[PreparedData, np.ndarray, torch.Tensor]:
+        """The validation rows and their images, loaded once for all rounds."""
         if self._prepared is None:
             self._prepared = prepare_data(self.config)
-        rows = split_indices(self._prepared.catalog, "val")
-        if len(rows) < 4:
-            rows = split_indices(self._prepared.catalog, "train")
-        return self._prepared, rows
-
-    def _images(self, prepared: PreparedData, rows: np.ndarray) -> torch.Tensor:
-        view = PretrainView(prepared.store, rows)
-        return torch.stack([view[i] for i in range(len(view))])
+        if self._validation is None:
+            rows = split_indices(self._prepared.catalog, "val")
+            if len(rows) < 4:
+                rows = split_indices(self._prepared.catalog, "train")
+            view = PretrainView(self._prepared.store, rows)
+            self._validation = rows, torch.stack([view[i] for i in range(len(view))])
+        return self._prepared, *self._validation
 
     @torch.no_grad()
     def __call__(self, shared: Mapping[str, torch.Tensor]) -> dict[str, float]:
@@ -50,8 +51,7 @@ class Monitor:
         if self._model is None:
             self._model = build_vae(self.config.model, self.config.data.image_size).eval()
         load_partial_state(self._model, shared)
-        prepared, rows = self._data()
-        images = self._images(prepared, rows)
+        prepared, rows, images = self._data()
         if self.kind == "reconstruction":
             terms = vae_loss_per_sample(images, self._model(images), self.config.model.beta)
             return {"val-reconstruction": float(terms["reconstruction"].mean()), "val-kl": float(terms["kl"].mean())}

@@ -91,7 +91,7 @@ class RunRecorder:
             return self.begin(round_number)
         return self.current
 
-    def finish(self, round_number: int, shared: Mapping[str, np.ndarray], strategy_state: dict[str, Any]) -> None:
+    def finish(self, round_number: int, shared: Mapping[str, torch.Tensor], strategy_state: dict[str, Any]) -> None:
         """Close a completed round: history files, console line, checkpoint."""
         record = self.record(round_number)
         record.seconds = time.perf_counter() - self.started
@@ -120,13 +120,12 @@ class RunRecorder:
             writer.writeheader()
             writer.writerows(rows)
 
-    def _save_checkpoint(self, round_number: int, shared: Mapping[str, np.ndarray], strategy_state: dict[str, Any]) -> None:
-        tensors = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in shared.items()}
+    def _save_checkpoint(self, round_number: int, tensors: Mapping[str, torch.Tensor], strategy_state: dict[str, Any]) -> None:
         encoder = {k[len(ENCODER_PREFIX):]: v for k, v in tensors.items() if k.startswith(ENCODER_PREFIX)}
         save_checkpoint(self.run_dir / CHECKPOINT_NAME, config=self.config, encoder_state=encoder,
-                        vae_state=tensors if self.config.federation.share == "vae" else None,
+                        vae_state=dict(tensors) if self.config.federation.share == "vae" else None,
                         position={"round": round_number}, history=self.history,
-                        extra={"shared": tensors, "arm": "federated",
+                        extra={"shared": dict(tensors), "arm": "federated",
                                "strategy": {name: {k: torch.from_numpy(np.array(v, copy=True)) for k, v in moments.items()}
                                             for name, moments in strategy_state.items()}})
 

@@ -49,17 +49,17 @@ def main(grid: Grid, context: Context) -> None:
         real_round = plan.round_offset + server_round
         if server_round > 0:
             recorder.record(real_round).monitor = metrics
-            recorder.finish(real_round, {k: v.numpy() for k, v in shared.items()}, strategy.export_state())
+            recorder.finish(real_round, shared, strategy.export_state())
         return MetricRecord(metrics) if metrics else None
 
-    dermfed_config = ConfigRecord({"dermfed-config": config_to_yaml(config)})
+    config_yaml = config_to_yaml(config)  # every site builds the same model and training from it
     strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(plan.initial_shared),
         num_rounds=rounds,
         timeout=config.federation.round_timeout,
-        train_config=dermfed_config,
-        evaluate_config=ConfigRecord({"dermfed-config": config_to_yaml(config)}),
+        train_config=ConfigRecord({"dermfed-config": config_yaml}),
+        evaluate_config=ConfigRecord({"dermfed-config": config_yaml}),
         evaluate_fn=after_round,
     )
     print(f"federated pretraining finished: checkpoint {run_dir / 'checkpoint.pt'}, history {run_dir / 'history.json'}",

@@ -110,3 +110,19 @@ def test_initial_weights_from_seed_or_checkpoint(tmp_path):
     payload = torch.load(tmp_path / "pre" / "checkpoint.pt", weights_only=True)
     assert torch.equal(from_checkpoint["encoder.stem.0.weight"], payload["encoder"]["stem.0.weight"])
     assert not torch.equal(from_checkpoint["encoder.stem.0.weight"], seeded["encoder.stem.0.weight"])
+
+
+def test_server_side_monitors(tmp_path, synthetic_root):
+    from common.config import load_config as load
+    from server.federation import initial_shared_weights
+    from server.monitor import Monitor
+
+    common = [f"data.root={synthetic_root}", f"data.cache_dir={tmp_path / 'cache'}"]
+    probe_config = load("smoke", [*common, "federation.monitor=linear-probe"])
+    probe = Monitor(probe_config)
+    result = probe(initial_shared_weights(probe_config))
+    assert 0.0 <= result["probe-balanced-accuracy"] <= 1.0
+    assert probe(initial_shared_weights(probe_config)) == result  # the same weights, the same verdict
+    vae_config = load("smoke", [*common, "federation.share=vae", "federation.monitor=reconstruction"])
+    assert Monitor(vae_config)(initial_shared_weights(vae_config))["val-reconstruction"] > 0
+    assert Monitor(load("smoke", common))(initial_shared_weights(load("smoke", common))) == {}
