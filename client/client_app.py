@@ -16,12 +16,11 @@ import logging
 import shlex
 from pathlib import Path
 
-import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.site import SiteRunner, deployment_site_data, simulation_site_data
-from common.config import DermFedConfig, apply_overrides, build_config
+from common.config import DermFedConfig, apply_overrides, config_from_json
 
 log = logging.getLogger("dermfed.client")
 
@@ -33,7 +32,7 @@ SNAPSHOT_KEY = "dermfed-site"
 
 def _site_config(message: Message, context: Context) -> DermFedConfig:
     """The server's DermFed config, with this node's own overrides on top."""
-    config = build_config(yaml.safe_load(str(message.content["config"]["dermfed-config"])))
+    config = config_from_json(str(message.content["config"]["dermfed-config"]))
     return apply_overrides(config, shlex.split(str(context.node_config.get("dermfed-overrides", ""))))
 
 

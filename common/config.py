@@ -8,6 +8,7 @@ back to a default. The resolved configuration is written next to every run's out
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -350,6 +351,15 @@ def _overridden(tree: dict[str, Any], overrides: list[str] | tuple[str, ...]) ->
         key_path, value = parse_override(text)
         _apply_override(tree, key_path, value)
     return build_config(tree)
+
+
+def config_to_json(config: DermFedConfig) -> str:
+    """One line: how the server sends its config to the sites (Flower logs it once per round kind)."""
+    return config.model_dump_json()
+
+
+def config_from_json(text: str) -> DermFedConfig:
+    return build_config(json.loads(text))
 
 
 def config_to_yaml(config: DermFedConfig) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import config_to_yaml, load_config
+from common.config import config_to_json, load_config
 from server.federation import plan_run
 from server.monitor import Monitor
 from server.rounds import RunRecorder
@@ -52,14 +52,14 @@ def main(grid: Grid, context: Context) -> None:
             recorder.finish(real_round, shared, strategy.export_state())
         return MetricRecord(metrics) if metrics else None
 
-    config_yaml = config_to_yaml(config)  # every site builds the same model and training from it
+    config_json = config_to_json(config)  # every site builds the same model and training from it
     strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(plan.initial_shared),
         num_rounds=rounds,
         timeout=config.federation.round_timeout,
-        train_config=ConfigRecord({"dermfed-config": config_yaml}),
-        evaluate_config=ConfigRecord({"dermfed-config": config_yaml}),
+        train_config=ConfigRecord({"dermfed-config": config_json}),
+        evaluate_config=ConfigRecord({"dermfed-config": config_json}),
         evaluate_fn=after_round,
     )
     print(f"federated pretraining finished: checkpoint {run_dir / 'checkpoint.pt'}, history {run_dir / 'history.json'}",

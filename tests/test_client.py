@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDic
 
 from client.client_app import SNAPSHOT_KEY, _RUNNERS, evaluate, train
 from client.site import SiteRunner, deployment_site_data, simulation_site_data
-from common.config import apply_overrides, config_to_yaml, load_config
+from common.config import apply_overrides, config_to_json, load_config
 from common.model import build_vae, shared_keys, shared_state
 from tests.conftest import write_jpeg
 from tests.flower_helpers import set_identity, train_message
@@ -29,7 +29,7 @@ def test_a_reply_holds_only_the_shared_tensors_and_scalar_metrics(synthetic_root
     shared = _global_weights(config)
     context = Context(run_id=7, node_id=3, node_config={"partition-id": 1, "num-partitions": 3},
                       state=RecordDict(), run_config={"run-dir": str(tmp_path / "run")})
-    message = train_message(3, shared, {"server-round": 1, "dermfed-config": config_to_yaml(config)})
+    message = train_message(3, shared, {"server-round": 1, "dermfed-config": config_to_json(config)})
     answer = train(message, context)
     content = answer.content
     assert set(content.keys()) == {"arrays", "metrics"}
@@ -41,7 +41,7 @@ def test_a_reply_holds_only_the_shared_tensors_and_scalar_metrics(synthetic_root
     assert not any(isinstance(v, (str, bytes)) for v in metrics.values())
     # what the site keeps (decoder, optimizer) stays in its own context and state folder
     assert SNAPSHOT_KEY in context.state and (tmp_path / "run" / "sites" / "hospital_2" / "round-0001.pt").is_file()
-    evaluation = evaluate(train_message(3, shared, {"dermfed-config": config_to_yaml(config)}), context).content
+    evaluation = evaluate(train_message(3, shared, {"dermfed-config": config_to_json(config)}), context).content
     assert set(evaluation.keys()) == {"metrics"} and evaluation["metrics"]["val-reconstruction"] > 0
     _RUNNERS.clear()
 
