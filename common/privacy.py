@@ -16,6 +16,7 @@ exceed its budget refuses to train.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -49,7 +50,11 @@ class PrivacyStatus:
 
 
 def sample_rate_of(dataset_size: int, batch_size: int) -> float:
-    return min(1.0, batch_size / max(1, dataset_size))
+    """The sampling rate Opacus accounts for: 1 / batches per epoch (DPDataLoader's definition).
+
+    Poisson sampling then draws ceil(N / B) batches per epoch, each sample with this probability.
+    """
+    return 1.0 / max(1, math.ceil(dataset_size / batch_size))
 
 
 def resolve_noise_multiplier(cfg: DPConfig, sample_rate: float, planned_steps: int) -> float:

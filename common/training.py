@@ -128,8 +128,8 @@ class LocalTrainer:
         self.device = resolve_device(config.train.device)
         self.model.to(self.device)
         self.steps_per_epoch = math.ceil(len(dataset) / config.train.batch_size)  # type: ignore[arg-type]
-        self.planned_steps = planned_steps or config.dp.planned_steps or self.steps_per_call()
         self.sample_rate = sample_rate_of(len(dataset), config.train.batch_size)  # type: ignore[arg-type]
+        self.planned_steps = planned_steps or config.dp.planned_steps or self.steps_per_call()
         self.use_amp = config.train.amp and self.device.type == "cuda" and not config.dp.enabled
         if config.train.channels_last and self.device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)

@@ -114,3 +114,15 @@ def test_dp_noise_changes_the_update():
     diffs = [float((p - q).abs().max()) for p, q in zip(a.model.parameters(), b.model.parameters())]
     assert max(diffs) > 0
     assert np.isfinite(diffs).all()
+
+
+def test_planned_sample_rate_is_the_one_opacus_accounts():
+    """9 images, batches of 8: Opacus samples with q = 1/2 (two batches per epoch), not 8/9."""
+    config = load_config("smoke", ["train.max_steps=2", "train.epochs=1", "dp.enabled=true", "dp.target_epsilon=3"])
+    model = ConvNeXtVAE("convnext_atto", latent_dim=4, image_size=32, decoder_width=4)
+    trainer = LocalTrainer(config, model, _Images(n=9), site="small")
+    state = trainer.train(SiteState()).state
+    noise, rate, steps = state.accountant["history"][-1]
+    assert rate == pytest.approx(trainer.sample_rate) == pytest.approx(0.5)
+    assert steps == trainer.steps_per_call() == 2
+    assert trainer.privacy_status(state).epsilon == pytest.approx(3.0, rel=0.02)  # the planned budget, exactly spent

@@ -55,3 +55,16 @@ def test_a_run_stopped_after_round_1_and_resumed_equals_the_uninterrupted_run(si
     assert [h["round"] for h in resumed["history"]] == [1, 2]
     for key, value in straight["encoder"].items():
         assert torch.equal(value, resumed["encoder"][key]), key
+
+
+def test_dp_simulation_records_each_sites_epsilon_per_round(workdir):
+    config = load_config("smoke", [f"data.root={workdir / 'data'}", f"data.cache_dir={workdir / 'cache'}",
+                                   "federation.num_rounds=2", "dp.enabled=true", "dp.target_epsilon=5.0",
+                                   "federation.strategy=fedprox", "federation.proximal_mu=0.1"])
+    run = run_simulation(config, workdir / "private")
+    history = json.loads((run / "history.json").read_text())
+    for site in ("hospital_1", "hospital_2", "hospital_3"):
+        eps = [next(s["epsilon"] for s in entry["sites"] if s["site"] == site) for entry in history]
+        assert 0 < eps[0] < eps[1] <= 5.0 * 1.02  # the budget is planned over both rounds and not exceeded
+        assert eps[1] == pytest.approx(5.0, rel=0.05)
+    assert "epsilon_hospital_1" in (run / "history.csv").read_text().splitlines()[0]
