@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from common.augment import build_augmentation
-from common.config import DermFedConfig
+from common.config import DermFedConfig, build_config
 from common.data.catalog import DataError
 from common.data.partition import partition_catalog
 from common.data.pipeline import PreparedData, prepare_data
@@ -71,9 +71,9 @@ def deployment_site_data(config: DermFedConfig, node_config: Mapping[str, Any]) 
     """A real hospital's own image folder, from the SuperNode's --node-config."""
     if "data-root" not in node_config:
         raise DataError('this SuperNode has no data: start it with --node-config "data-root=/path/to/images"')
-    data = config.data.model_copy(update={"root": str(node_config["data-root"]),
-                                          "format": str(node_config.get("data-format", "folder"))})
-    config = config.model_copy(update={"data": data})
+    tree = config.model_dump(mode="json")
+    tree["data"].update(root=str(node_config["data-root"]), format=str(node_config.get("data-format", "folder")))
+    config = build_config(tree)  # validated: a wrong data-format is an error that lists the formats
     prepared = prepare_data(config)
     rows = np.arange(len(prepared.catalog))
     train, val = _site_rows(config, prepared, rows)

@@ -147,6 +147,9 @@ def run_simulation(config: DermFedConfig, run_dir: Path, resume: bool = False,
     interrupted run looks like, on purpose.
     """
     run_dir = run_dir.resolve()
+    if resume and completed_rounds(run_dir) >= config.federation.num_rounds:
+        raise SimulationError(f"{run_dir} already completed federation.num_rounds={config.federation.num_rounds} rounds; "
+                              "raise federation.num_rounds to continue it")
     prepared = prepare_data(config)  # generate/check/cache once, before N processes need it
     parts, names = partition_catalog(prepared.catalog, config.data.partition, config.data.num_partitions,
                                      config.data.dirichlet_alpha, config.seed)

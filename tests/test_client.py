@@ -104,3 +104,10 @@ def test_a_repeated_round_in_a_running_daemon_restarts_from_the_previous_round(s
     second = runner.train_round(2, weights, snapshot=first.snapshot)
     repeated = runner.train_round(2, weights, snapshot=second.snapshot)  # the context holds round 2's snapshot
     assert all(torch.equal(second.shared[k], repeated.shared[k]) for k in second.shared)
+
+
+def test_a_wrong_data_format_at_a_hospital_is_a_clear_error(tmp_path):
+    from common.config import ConfigError
+
+    with pytest.raises(ConfigError, match="folder"):
+        deployment_site_data(load_config("smoke"), {"data-root": str(tmp_path), "data-format": "dicom"})
