@@ -75,7 +75,11 @@ def checkpoint_config(payload: dict[str, Any]) -> DermFedConfig:
 
 def load_frozen_encoder(path: str | Path) -> torch.nn.Module:
     """The checkpoint's encoder as a timm backbone (num_classes=0), strictly loaded, in eval mode."""
-    payload = load_checkpoint(path)
+    return frozen_encoder(load_checkpoint(path))
+
+
+def frozen_encoder(payload: dict[str, Any]) -> torch.nn.Module:
+    """The encoder of an already loaded checkpoint, as a frozen timm backbone."""
     encoder = timm.create_model(payload["encoder_name"], pretrained=False, num_classes=0)
     encoder.load_state_dict(payload["encoder"], strict=True)
     return encoder.eval().requires_grad_(False)

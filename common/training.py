@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from common.config import DermFedConfig
-from common.model import ConvNeXtVAE, vae_loss_per_sample
+from common.model import ConvNeXtVAE, VAEOutput, vae_loss_per_sample
 from common.privacy import (
     PrivacyStatus,
     check_budget,
@@ -274,9 +274,8 @@ class LocalTrainer:
         return {k: v.detach() for k, v in terms.items()}
 
 
-def _as_float(out):
-    from common.model import VAEOutput
-
+def _as_float(out: VAEOutput) -> VAEOutput:
+    """Mixed precision produces half-precision outputs; the loss is computed in float32."""
     return VAEOutput(out.reconstruction.float(), out.mu.float(), out.logvar.float())
 
 

@@ -17,7 +17,7 @@ import timm
 import torch
 from torch import nn
 
-from common.checkpoint import load_checkpoint, load_frozen_encoder
+from common.checkpoint import frozen_encoder, load_checkpoint
 
 ARM_LABELS = {
     "federated": "A: federated VAE encoder",
@@ -45,8 +45,8 @@ def _frozen(model: nn.Module) -> nn.Module:
 
 
 def checkpoint_arm(key: str, path: str | Path) -> Arm:
-    payload = load_checkpoint(path)
-    return Arm(key, ARM_LABELS[key], load_frozen_encoder(path),
+    payload = load_checkpoint(path)  # read once: federated checkpoints are large
+    return Arm(key, ARM_LABELS[key], frozen_encoder(payload),
                f"{payload['encoder_name']} from {Path(path)} ({payload['position']})")
 
 

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -34,9 +34,9 @@ log = logging.getLogger("dermfed.evaluate")
 SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "macro_auroc")
 
 
-def _build_arms(config: DermFedConfig, checkpoint: Path, imagenet_weights: Optional[str], pooled: Optional[str],
-                local: Optional[str]) -> tuple[list[Arm], dict[str, str]]:
-    encoder_name = load_checkpoint(checkpoint)["encoder_name"]
+def _arms(config: DermFedConfig, checkpoint: Path, encoder_name: str, imagenet_weights: Optional[str],
+          pooled: Optional[str], local: Optional[str], skipped: dict[str, str]) -> Iterator[Arm]:
+    """Build each requested arm when its turn comes (one encoder in memory at a time); record the skipped."""
     makers = {
         "federated": lambda: checkpoint_arm("federated", checkpoint),
         "imagenet": lambda: imagenet_arm(config.evaluation.imagenet_model, imagenet_weights),
@@ -44,7 +44,6 @@ def _build_arms(config: DermFedConfig, checkpoint: Path, imagenet_weights: Optio
         "pooled": lambda: checkpoint_arm("pooled", pooled) if pooled else None,
         "local": lambda: checkpoint_arm("local", local) if local else None,
     }
-    arms, skipped = [], {}
     for key in config.evaluation.arms:
         try:
             arm = makers[key]()
@@ -55,8 +54,7 @@ def _build_arms(config: DermFedConfig, checkpoint: Path, imagenet_weights: Optio
         if arm is None:
             skipped[key] = f"not requested (pass --{key} CHECKPOINT from `dermfed pretrain`)"
             continue
-        arms.append(arm)
-    return arms, skipped
+        yield arm
 
 
 def _summaries(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
@@ -143,16 +141,16 @@ def run_evaluation(config: DermFedConfig, checkpoint: Path, out: Path, imagenet_
     shortcut_mask = None
     if "shortcut_artifact" in prepared.catalog.frame.columns and config.synth.shortcut:
         shortcut_mask = shortcut_matches_class(prepared.catalog.frame, config.synth.shortcut_class).to_numpy()
-    arms, skipped = _build_arms(config, checkpoint, imagenet_weights, pooled, local)
-    if not arms:
-        raise DataError(f"no arm could run: {skipped}")
+    skipped: dict[str, str] = {}
     results = []
-    for arm in arms:
+    for arm in _arms(config, checkpoint, pretraining["encoder_name"], imagenet_weights, pooled, local, skipped):
         print(f"evaluating {arm.label} ({arm.source})", flush=True)
         results.append(evaluate_arm(arm, config, prepared, rows, labels, sites, shortcut_mask))
         summary = results[-1]["summary"]
         print("  " + ", ".join(f"{k} {summary[k]['mean']:.3f}" for k in SUMMARY_METRICS if summary[k]["mean"] is not None),
               flush=True)
+    if not results:
+        raise DataError(f"no arm could run: {skipped}")
     metrics = {
         "checkpoint": str(checkpoint.resolve()),
         "pretraining": {"position": pretraining["position"], "encoder": pretraining["encoder_name"],
