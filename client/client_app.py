@@ -4,23 +4,32 @@ Where the site's data comes from:
 - simulation: the node config's `partition-id` / `num-partitions` pick a virtual hospital of
   the pooled data set described by the server's DermFed config;
 - deployment: `flower-supernode --node-config "data-root=/path/to/images"` (optional
-  `data-format`, `site-name`, `site-index`, `state-dir`, and `dermfed-overrides`: space-separated
-  key=value applied on top of the server's config, e.g. a hospital's own `dp.target_epsilon=4`).
+  `data-format`, `site-name`, `site-index`, `state-dir`; the hospital's privacy floor
+  `dp-enabled`, `dp-max-epsilon`, `dp-delta`, `dp-max-grad-norm`; `public-num-examples`; and
+  `dermfed-overrides`: space-separated key=value applied on top of the server's config, except
+  `dp.*`, which only the node config keys above may set).
 
-The reply holds exactly one ArrayRecord (the shared weights) and one MetricRecord (scalars).
+The reply holds exactly one ArrayRecord (the shared weights) and one MetricRecord (scalars),
+or an Error whose reason is an error class and a fixed message (`client.policy.public_error`):
+exceptions are logged here, at the site, and their text never leaves it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import shlex
 from pathlib import Path
+from typing import Callable
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
+from client.faults import FaultSwitch
+from client.policy import PrivacyFloor, public_error, public_weight
 from client.site import SiteRunner, deployment_site_data, simulation_site_data
-from common.config import DermFedConfig, apply_overrides, config_from_json
+from common.config import ConfigError, DermFedConfig, apply_overrides, config_from_json
 
 log = logging.getLogger("dermfed.client")
 
@@ -28,12 +37,18 @@ app = ClientApp()
 
 _RUNNERS: dict[tuple[int, int], SiteRunner] = {}
 SNAPSHOT_KEY = "dermfed-site"
+SITE_ERROR_CODE = ErrorCode.CLIENT_APP_RAISED_EXCEPTION  # the reason string carries DermFed's error class
 
 
 def _site_config(message: Message, context: Context) -> DermFedConfig:
-    """The server's DermFed config, with this node's own overrides on top."""
+    """The server's DermFed config, with this node's own overrides on top (never the privacy settings)."""
     config = config_from_json(str(message.content["config"]["dermfed-config"]))
-    return apply_overrides(config, shlex.split(str(context.node_config.get("dermfed-overrides", ""))))
+    overrides = shlex.split(str(context.node_config.get("dermfed-overrides", "")))
+    privacy = [o for o in overrides if o.split("=", 1)[0].strip().startswith("dp.")]
+    if privacy:
+        raise ConfigError(f"dermfed-overrides may not set {privacy}: a hospital's privacy settings are the node "
+                          "config keys dp-enabled, dp-max-epsilon, dp-delta and dp-max-grad-norm")
+    return apply_overrides(config, overrides)
 
 
 def _state_dir(context: Context, site_name: str) -> Path:
@@ -54,25 +69,47 @@ def runner_for(message: Message, context: Context) -> SiteRunner:
                                         int(context.node_config["num-partitions"]))
         else:
             data = deployment_site_data(config, context.node_config)
-        _RUNNERS[key] = SiteRunner(config, data, _state_dir(context, data.name))
+        _RUNNERS[key] = SiteRunner(config, data, _state_dir(context, data.name),
+                                   floor=PrivacyFloor.from_node_config(context.node_config),
+                                   public_weight=public_weight(context.node_config))
     return _RUNNERS[key]
 
 
+def _replies_without_secrets(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Any failure becomes an Error reply with a fixed reason; its details go to this site's log only."""
+
+    @functools.wraps(handler)
+    def guarded(message: Message, context: Context) -> Message:
+        try:
+            return handler(message, context)
+        except Exception as exc:  # noqa: BLE001 - every failure must be answered without its text
+            log.exception("this site could not answer %s (the details below stay here)", message.metadata.message_type)
+            return Message(Error(code=SITE_ERROR_CODE, reason=public_error(exc)), reply_to=message)
+
+    return guarded
+
+
 @app.train()
+@_replies_without_secrets
 def train(message: Message, context: Context) -> Message:
     runner = runner_for(message, context)
     config = message.content["config"]
     round_number = int(config["server-round"]) + int(config.get("round-offset", 0))
     stored = context.state.get(SNAPSHOT_KEY)
     snapshot = stored["snapshot"] if isinstance(stored, ConfigRecord) else None
+    fault = FaultSwitch.of_simulated_site(context.node_config, context.run_config)
+    if fault is not None:
+        fault.before_training(round_number, runner.first_image_path())
     output = runner.train_round(round_number, message.content["arrays"].to_torch_state_dict(), snapshot,
                                 prox_mu=float(config.get("proximal-mu", 0.0)))
     context.state[SNAPSHOT_KEY] = ConfigRecord({"snapshot": output.snapshot})
-    reply = RecordDict({"arrays": ArrayRecord(output.shared), "metrics": MetricRecord(output.metrics)})
+    shared = fault.corrupt(round_number, output.shared) if fault is not None else output.shared
+    reply = RecordDict({"arrays": ArrayRecord(shared), "metrics": MetricRecord(output.metrics)})
     return Message(content=reply, reply_to=message)
 
 
 @app.evaluate()
+@_replies_without_secrets
 def evaluate(message: Message, context: Context) -> Message:
     runner = runner_for(message, context)
     metrics = runner.evaluate(message.content["arrays"].to_torch_state_dict())

@@ -1,8 +1,9 @@
 """A hospital's side of a federated round, in plain PyTorch (Flower stays in client_app.py).
 
 Each round a site receives the global shared weights (the encoder, or the whole VAE), trains
-its VAE locally, optionally with DP-SGD, and returns the shared weights and scalar metrics.
-Nothing else leaves the site: no images, file names, per-sample values or private weights.
+its VAE locally, optionally with DP-SGD, and returns the shared weights and scalar metrics
+(under DP only its privacy status; see `client.policy`). Nothing else leaves the site: no
+images, file names, per-sample values or private weights.
 
 What a site keeps between rounds (optimizer, step, private decoder) is a snapshot per round,
 held in the node's Flower context and written to the site's state folder, so a restarted
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -25,6 +25,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import torch
 
+from client.policy import ClientEvaluationRefused, PrivacyFloor, reply_metrics
 from common.augment import build_augmentation
 from common.config import DermFedConfig, build_config
 from common.data.catalog import DataError
@@ -90,7 +91,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 class PrivacyLedger:
-    """Append-only record of a site's DP accountant (and its calibrated noise)."""
+    """Append-only record of a site's DP accountant (and its calibrated noise), and the privacy floor
+    in force when the site first trained with DP: later runs may ask for more privacy, never less."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -98,12 +100,17 @@ class PrivacyLedger:
     def load(self) -> dict[str, Any]:
         return json.loads(self.path.read_text()) if self.path.is_file() else {}
 
-    def save(self, accountant: Optional[dict[str, Any]], noise_multiplier: Optional[float]) -> None:
+    def floor(self) -> PrivacyFloor:
+        return PrivacyFloor.from_record(self.load().get("floor"))
+
+    def save(self, accountant: Optional[dict[str, Any]], noise_multiplier: Optional[float], floor: PrivacyFloor) -> None:
         if accountant is None:
             return
+        kept = self.load().get("floor")  # set once, by the first DP run; never loosened by a coordinator
         record = {"accountant": {"history": [list(h) for h in accountant["history"]],
                                  "mechanism": accountant["mechanism"]},
-                  "noise_multiplier": noise_multiplier}
+                  "noise_multiplier": noise_multiplier,
+                  "floor": kept if kept is not None else floor.as_record()}
         _atomic_write(self.path, json.dumps(record, indent=1).encode())
 
 
@@ -117,10 +124,15 @@ class RoundOutput:
 class SiteRunner:
     """Trains one site's VAE round after round; owns the site's model and state."""
 
-    def __init__(self, config: DermFedConfig, data: SiteData, state_dir: Path):
+    def __init__(self, config: DermFedConfig, data: SiteData, state_dir: Path,
+                 floor: PrivacyFloor = PrivacyFloor(), public_weight: float = 1.0):
         if len(data.train_rows) == 0:
             raise DataError(f"site {data.name}: no training images (splits {config.data.pretrain_splits})")
+        self.ledger = PrivacyLedger(Path(state_dir) / "privacy_ledger.json")
+        self.floor = floor.stricter(self.ledger.floor())
+        config = self.floor.apply(config)  # refuses a coordinator that asks for less privacy than the site allows
         self.config, self.data, self.state_dir = config, data, Path(state_dir)
+        self.public_weight = public_weight
         seed_everything(config.seed, 30_000, data.index)
         self.model = build_vae(config.model, config.data.image_size)
         self.scope = config.federation.share
@@ -129,9 +141,12 @@ class SiteRunner:
         self.trainer = LocalTrainer(config, self.model, self.dataset, site=data.name, site_index=data.index)
         # DP budget: the whole federated run, every round's local steps
         self.trainer.planned_steps = config.dp.planned_steps or self.trainer.steps_per_call() * config.federation.num_rounds
-        self.ledger = PrivacyLedger(self.state_dir / "privacy_ledger.json")
         self.state = SiteState()
         self.round = 0
+
+    def first_image_path(self) -> str:
+        """A real file of this site (for the test-only fault switch, which mimics a file gone bad)."""
+        return str(self.data.prepared.catalog.frame["path"].iloc[int(self.data.train_rows[0])])
 
     # -- state ------------------------------------------------------------------------------
 
@@ -181,33 +196,40 @@ class SiteRunner:
         reference = {k: v.clone() for k, v in shared.items()} if prox_mu else None
         result = self.trainer.train(self.state, prox_mu=prox_mu, prox_reference=reference)
         self.state, self.round = result.state, round_number
-        self.ledger.save(self.state.accountant, self.state.noise_multiplier)
+        self.ledger.save(self.state.accountant, self.state.noise_multiplier,
+                         self.floor.stricter(PrivacyFloor.of_config(self.config)))
         blob = site_snapshot(round_number, self.state, private_state(self.model, self.scope))
         _atomic_write(self.snapshot_path(round_number), blob)
         for old in sorted(self.state_dir.glob("round-*.pt"))[:-SNAPSHOTS_KEPT]:
             old.unlink(missing_ok=True)
-        seconds = sum(e.seconds for e in result.epochs)
         images = max(1, result.images)
-        metrics = {
+        training = {
             "num-examples": float(len(self.dataset)),  # FedAvg weight: the site's training images
             "images-seen": float(result.images),
             "steps": float(result.steps),
             "reconstruction": sum(e.reconstruction * e.images for e in result.epochs) / images,
             "kl": sum(e.kl * e.images for e in result.epochs) / images,
             "total": sum(e.total * e.images for e in result.epochs) / images,
-            "seconds": seconds,
-            "site-index": float(self.data.index),
-            "epsilon": result.privacy.epsilon if result.privacy else math.inf,
-            "delta": result.privacy.delta if result.privacy else 0.0,
+            "seconds": sum(e.seconds for e in result.epochs),
         }
+        privacy = {"epsilon": result.privacy.epsilon, "delta": result.privacy.delta} if result.privacy else {}
+        metrics = reply_metrics(self.config, training, privacy, self.data.index, self.public_weight)
         return RoundOutput(shared_state(self.model, self.scope), metrics, blob)
 
     @torch.no_grad()
     def evaluate(self, shared: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        """Reconstruction loss of the global weights (with this site's private decoder) on its validation images."""
+        """Reconstruction loss of the global weights (with this site's private decoder) on its validation images.
+
+        Refused under DP (an un-noised loss on private images is not covered by the accounting) and
+        when the site holds no validation images (its training images would flatter the number).
+        """
+        if self.config.dp.enabled:
+            raise ClientEvaluationRefused(f"{self.data.name}: client evaluation is off under DP-SGD")
+        if len(self.data.val_rows) == 0:
+            raise ClientEvaluationRefused(f"{self.data.name}: no validation images (data.val_fraction=0?)")
         self._check_shared(shared)
         load_partial_state(self.model, shared)
-        rows = self.data.val_rows if len(self.data.val_rows) else self.data.train_rows
+        rows = self.data.val_rows
         view = PretrainView(self.data.prepared.store, rows)
         self.model.eval()
         totals = {"reconstruction": 0.0, "kl": 0.0, "total": 0.0}

@@ -143,13 +143,24 @@ class DPConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0.0, description="per-sample clipping norm")
     planned_steps: Optional[int] = Field(None, ge=1, description="local steps of the whole run; default: derived")
     accountant: Literal["rdp", "prv"] = "rdp"
-    poisson_sampling: bool = True
-    secure_mode: bool = Field(False, description="cryptographically secure noise (needs torchcsprng)")
+    poisson_sampling: bool = Field(True, description="must stay true under DP: the accountant assumes it")
+    secure_mode: bool = Field(False, description="not available: needs torchcsprng (see README, DP-SGD)")
 
     @model_validator(mode="after")
-    def _noise_or_budget(self) -> "DPConfig":
-        if self.enabled and self.noise_multiplier is None and self.target_epsilon is None:
+    def _accounted_mechanism(self) -> "DPConfig":
+        if self.secure_mode:
+            raise ValueError(
+                "dp.secure_mode=true needs torchcsprng, which cannot be installed for this Python. Leave it "
+                "false: DermFed always draws DP noise and Poisson sampling from generators seeded by the "
+                "operating system (README, 'What DP-SGD protects, and against whom')")
+        if not self.enabled:
+            return self
+        if self.noise_multiplier is None and self.target_epsilon is None:
             raise ValueError("dp.enabled needs dp.noise_multiplier or dp.target_epsilon")
+        if not self.poisson_sampling:
+            raise ValueError(
+                "dp.poisson_sampling=false is refused under DP: the accountant computes epsilon for Poisson "
+                "sampling, so any other sampling would report an epsilon that does not hold")
         return self
 
 

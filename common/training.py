@@ -27,6 +27,7 @@ from common.privacy import (
     check_budget,
     epsilon_of,
     make_private,
+    noise_only_step,
     resolve_noise_multiplier,
     sample_rate_of,
     steps_of,
@@ -183,7 +184,7 @@ class LocalTrainer:
                          state.noise_multiplier, self.sample_rate, self.planned_steps)
             check_budget(dp, state.accountant, state.noise_multiplier, self.sample_rate, steps_this_call, self.site)
             model, optimizer, loader, engine = make_private(dp, model, optimizer, loader, state.noise_multiplier,
-                                                            state.accountant)
+                                                            state.accountant, self.device)
         scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         total_steps = cfg.train.total_steps or self.planned_steps
         result = TrainResult(state=state)
@@ -203,8 +204,8 @@ class LocalTrainer:
                     for group in optimizer.param_groups:
                         group["lr"] = lr
                     beta = self._beta(state.step)
-                    if len(batch) == 0:  # Poisson sampling drew nobody: the step still happened
-                        engine.accountant.step(noise_multiplier=state.noise_multiplier, sample_rate=self.sample_rate)
+                    if _is_empty(batch):  # Poisson sampling drew nobody: the accounted step still releases noise
+                        noise_only_step(optimizer, model.parameters())
                     else:
                         terms = self._step(model, optimizer, scaler, batch, beta)
                         if prox_mu and prox_reference:
@@ -272,6 +273,13 @@ class LocalTrainer:
             scaler.step(optimizer)
             scaler.update()
         return {k: v.detach() for k, v in terms.items()}
+
+
+def _is_empty(batch: Any) -> bool:
+    """An empty Poisson batch: Opacus hands a 0-row tensor, or a list of empty tensors when the first batch is empty."""
+    if torch.is_tensor(batch):
+        return batch.shape[0] == 0
+    return all(torch.is_tensor(part) and part.numel() == 0 for part in batch)
 
 
 def _as_float(out: VAEOutput) -> VAEOutput:

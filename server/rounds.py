@@ -132,14 +132,20 @@ class RunRecorder:
     @staticmethod
     def _print(record: RoundRecord) -> None:
         train = record.train
-        sites = ", ".join(
-            f"{s['site']}: rec {s.get('reconstruction', float('nan')):.1f}"
-            + (f" eps {s['epsilon']:.2f}" if s.get("epsilon") not in (None, math.inf) else "")
-            for s in record.sites)
+
+        def site(s: dict[str, Any]) -> str:
+            parts = [f"rec {s['reconstruction']:.1f}"] if "reconstruction" in s else []
+            if s.get("epsilon") not in (None, math.inf):
+                parts.append(f"eps {s['epsilon']:.2f}")
+            return f"{s['site']}: {' '.join(parts) or 'ok'}"
+
+        sites = ", ".join(site(s) for s in record.sites)
         left_out = f"; left out: {', '.join(e['site'] + ' (' + e['reason'] + ')' for e in record.excluded)}" if record.excluded else ""
         monitor = f"; monitor {record.monitor}" if record.monitor else ""
-        print(f"[round {record.round}] {len(record.sites)} sites, reconstruction {train.get('reconstruction', float('nan')):.2f}, "
-              f"KL {train.get('kl', float('nan')):.2f} ({record.seconds:.1f} s) [{sites}]{left_out}{monitor}", flush=True)
+        losses = (f"reconstruction {train['reconstruction']:.2f}, KL {train.get('kl', float('nan')):.2f}"
+                  if "reconstruction" in train else "no losses leave DP sites")
+        print(f"[round {record.round}] {len(record.sites)} sites, {losses} ({record.seconds:.1f} s) [{sites}]"
+              f"{left_out}{monitor}", flush=True)
 
 
 def load_resume_point(run_dir: Path) -> dict[str, Any]:

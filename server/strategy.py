@@ -124,9 +124,11 @@ def build_strategy(config: DermFedConfig) -> RobustAggregation:
     """The configured Flower strategy, with robust aggregation mixed in."""
     fed = config.federation
     base = STRATEGIES[fed.strategy]
+    # Under DP sites refuse client evaluation (an un-noised loss on private images), so none is asked for.
+    fraction_evaluate = 0.0 if config.dp.enabled else fed.fraction_evaluate
     kwargs: dict[str, Any] = dict(
-        fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
-        min_train_nodes=fed.min_clients, min_evaluate_nodes=fed.min_clients if fed.fraction_evaluate else 0,
+        fraction_train=fed.fraction_train, fraction_evaluate=fraction_evaluate,
+        min_train_nodes=fed.min_clients, min_evaluate_nodes=fed.min_clients if fraction_evaluate else 0,
         min_available_nodes=fed.min_clients,
     )
     if fed.strategy == "fedprox":

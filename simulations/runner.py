@@ -120,9 +120,11 @@ def local_superlink(port: int, env: dict[str, str], log_file: Path) -> Iterator[
                 process.wait()
 
 
-def _run_config(preset: Path, run_dir: Path, resume: bool, site_names: list[str], stop_after_round: int) -> str:
+def _run_config(preset: Path, run_dir: Path, resume: bool, site_names: list[str], stop_after_round: int,
+                fault_injection: str = "") -> str:
     pairs = {
         "stop-after-round": str(stop_after_round),
+        "fault-injection": _toml_string(fault_injection),
         "config-preset": _toml_string(str(preset)),
         "config-overrides": '""',
         "run-dir": _toml_string(str(run_dir)),
@@ -140,11 +142,12 @@ def completed_rounds(run_dir: Path) -> int:
 
 
 def run_simulation(config: DermFedConfig, run_dir: Path, resume: bool = False,
-                   stop_after_round: Optional[int] = None) -> Path:
+                   stop_after_round: Optional[int] = None, fault_injection: str = "") -> Path:
     """Run (or resume) a federated simulation; returns the run folder with its checkpoint.
 
     `stop_after_round` runs only up to that round (the run can be resumed later): what an
-    interrupted run looks like, on purpose.
+    interrupted run looks like, on purpose. `fault_injection` ("SITE:KIND:ROUND", tests only)
+    makes one virtual hospital fail (`client.faults`).
     """
     run_dir = run_dir.resolve()
     if resume and completed_rounds(run_dir) >= config.federation.num_rounds:
@@ -169,7 +172,8 @@ def run_simulation(config: DermFedConfig, run_dir: Path, resume: bool = False,
     write_connection(flwr_home, port)
     command = [shutil.which("flwr", path=env["PATH"]) or "flwr", "run", str(PROJECT_ROOT), CONNECTION, "--stream",
                "--federation-config", federation_config(len(parts), config.federation.client_cpus, gpu_fraction),
-               "--run-config", _run_config(preset.resolve(), run_dir, resume, names, stop_after_round or 0)]
+               "--run-config", _run_config(preset.resolve(), run_dir, resume, names, stop_after_round or 0,
+                                                 fault_injection)]
     try:
         with local_superlink(port, env, flwr_home / "superlink.log"):
             started = time.perf_counter()

@@ -1,0 +1,160 @@
+"""What a hospital allows: its privacy floor, what its replies may hold, what its errors may say.
+
+Privacy holds against the coordinating server too, so none of this is the server's to decide:
+
+- `PrivacyFloor`: the hospital's own DP settings (node config keys `dp-enabled`,
+  `dp-max-epsilon`, `dp-delta`, `dp-max-grad-norm`), made stricter by what its privacy ledger
+  remembers. A coordinator's config may ask for more privacy, never less: a request for less
+  is refused with a message naming both values.
+- `reply_metrics`: under DP a reply holds the privacy status and a FedAvg weight that reveals
+  nothing (equal weights, or a count the hospital declared public), never a value computed from
+  the private images without noise.
+- `public_error`: a site's error reply names an error class and a fixed message, never a path,
+  a file name or an exception's text; the details stay in the site's own log.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Optional
+
+from common.config import ConfigError, DermFedConfig
+from common.data.catalog import DataError
+from common.privacy import PrivacyBudgetExhausted
+
+# Node config keys through which a hospital sets its privacy floor.
+FLOOR_KEYS = {"dp-enabled": "dp_required", "dp-max-epsilon": "max_epsilon", "dp-delta": "max_delta",
+              "dp-max-grad-norm": "max_grad_norm"}
+PUBLIC_COUNT_KEY = "public-num-examples"
+
+# Exactly what a DP site's training reply may hold (besides the shared weights).
+DP_REPLY_FIELDS = ("num-examples", "epsilon", "delta", "site-index")
+
+
+class PrivacyFloorError(ValueError):
+    """The coordinator asked for less privacy than this site allows. The message holds only settings."""
+
+
+class ClientEvaluationRefused(RuntimeError):
+    """This site does not compute validation metrics for the server (DP on, or no validation images)."""
+
+
+@dataclass(frozen=True)
+class PrivacyFloor:
+    """The least privacy a site accepts. None: the site sets no limit of that kind."""
+
+    dp_required: bool = False
+    max_epsilon: Optional[float] = None  # lifetime ceiling on this site's images
+    max_delta: Optional[float] = None
+    max_grad_norm: Optional[float] = None  # the site's own clipping norm, used whatever the coordinator says
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> "PrivacyFloor":
+        values: dict[str, Any] = {}
+        for key, field in FLOOR_KEYS.items():
+            if key not in node_config:
+                continue
+            raw = node_config[key]
+            if field == "dp_required":
+                if not isinstance(raw, bool):
+                    raise ConfigError(f"node config {key}={raw!r} must be true or false")
+                values[field] = raw
+                continue
+            try:
+                number = float(raw)
+            except (TypeError, ValueError):
+                raise ConfigError(f"node config {key}={raw!r} must be a number") from None
+            if not math.isfinite(number) or number <= 0 or (field == "max_delta" and number >= 1):
+                raise ConfigError(f"node config {key}={raw!r} is out of range "
+                                  f"({'0 < delta < 1' if field == 'max_delta' else 'a positive number'})")
+            values[field] = number
+        if values and not values.get("dp_required", False) and any(k != "dp_required" for k in values):
+            raise ConfigError("node config sets DP limits (dp-max-epsilon, dp-delta, dp-max-grad-norm) without "
+                              "dp-enabled=true; add dp-enabled=true so that they apply")
+        return cls(**values)
+
+    @classmethod
+    def from_record(cls, record: Optional[Mapping[str, Any]]) -> "PrivacyFloor":
+        return cls(**{k: v for k, v in (record or {}).items() if k in cls.__dataclass_fields__})
+
+    @classmethod
+    def of_config(cls, config: DermFedConfig) -> "PrivacyFloor":
+        """The floor a DP run establishes at a site that had none: what the ledger remembers."""
+        if not config.dp.enabled:
+            return cls()
+        return cls(dp_required=True, max_epsilon=config.dp.target_epsilon, max_delta=config.dp.delta)
+
+    def as_record(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def stricter(self, other: "PrivacyFloor") -> "PrivacyFloor":
+        def smaller(a: Optional[float], b: Optional[float]) -> Optional[float]:
+            return b if a is None else a if b is None else min(a, b)
+
+        return PrivacyFloor(self.dp_required or other.dp_required, smaller(self.max_epsilon, other.max_epsilon),
+                            smaller(self.max_delta, other.max_delta), smaller(self.max_grad_norm, other.max_grad_norm))
+
+    def apply(self, config: DermFedConfig) -> DermFedConfig:
+        """The config this site trains with: the coordinator's, checked against the floor."""
+        dp = config.dp
+        if not dp.enabled:
+            if self.dp_required:
+                raise PrivacyFloorError("the coordinator asked for dp.enabled=false, but this site requires DP-SGD "
+                                        "(dp-enabled=true in its node config or privacy ledger)")
+            return config
+        if self.max_epsilon is not None and dp.target_epsilon is not None and dp.target_epsilon > self.max_epsilon:
+            raise PrivacyFloorError(f"the coordinator asked for dp.target_epsilon={dp.target_epsilon}, but this site "
+                                    f"allows at most epsilon={self.max_epsilon} over its lifetime")
+        if self.max_delta is not None and dp.delta > self.max_delta:
+            raise PrivacyFloorError(f"the coordinator asked for dp.delta={dp.delta}, but this site allows at most "
+                                    f"delta={self.max_delta}")
+        update: dict[str, Any] = {}
+        if dp.target_epsilon is None and self.max_epsilon is not None:
+            update["target_epsilon"] = self.max_epsilon  # a fixed noise multiplier still stops at the ceiling
+        if self.max_grad_norm is not None:
+            update["max_grad_norm"] = self.max_grad_norm
+        if not update:
+            return config
+        return config.model_copy(update={"dp": dp.model_copy(update=update)})
+
+
+def public_weight(node_config: Mapping[str, Any]) -> float:
+    """FedAvg weight of a DP site: 1 (equal weights), or the count the hospital declared public."""
+    if PUBLIC_COUNT_KEY not in node_config:
+        return 1.0
+    raw = node_config[PUBLIC_COUNT_KEY]
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw <= 0:
+        raise ConfigError(f"node config {PUBLIC_COUNT_KEY}={raw!r} must be a positive whole number")
+    return float(raw)
+
+
+def reply_metrics(config: DermFedConfig, training: Mapping[str, float], privacy: Mapping[str, float],
+                  site_index: int, weight: float) -> dict[str, float]:
+    """What leaves the site with its weights. Under DP: the privacy status and a public weight, nothing else."""
+    if config.dp.enabled:
+        return {"num-examples": weight, "epsilon": float(privacy["epsilon"]), "delta": float(privacy["delta"]),
+                "site-index": float(site_index)}
+    return {**{k: float(v) for k, v in training.items()}, "site-index": float(site_index),
+            "epsilon": math.inf, "delta": 0.0}
+
+
+# Error class -> (code, fixed public message). The first matching class wins.
+_PUBLIC_ERRORS: tuple[tuple[type[BaseException], str, str], ...] = (
+    (PrivacyBudgetExhausted, "privacy-budget-exhausted",
+     "this site has spent its privacy budget and refuses to train further"),
+    (ClientEvaluationRefused, "evaluation-refused",
+     "this site does not send validation metrics (DP-SGD is on, or it holds no validation images)"),
+    (DataError, "data-error", "this site's images could not be read as configured; details are in its own log"),
+    (ConfigError, "config-error", "this site could not apply the run's configuration; details are in its own log"),
+)
+
+
+def public_error(exc: BaseException) -> str:
+    """The reason a site sends when it fails: an error class and a fixed message, no paths, no exception text."""
+    if isinstance(exc, PrivacyFloorError):  # built from settings only: safe, and the coordinator must see both values
+        return f"privacy-floor: {exc}"
+    for kind, code, text in _PUBLIC_ERRORS:
+        if isinstance(exc, kind):
+            return f"{code}: {text}"
+    return f"site-error ({type(exc).__name__}): the site failed; details are in its own log"
