@@ -364,6 +364,11 @@ def _overridden(tree: dict[str, Any], overrides: list[str] | tuple[str, ...]) ->
     return build_config(tree)
 
 
+def toml_string(value: str) -> str:
+    """A TOML basic string: how values travel in Flower's `--run-config` and node config."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def config_to_json(config: DermFedConfig) -> str:
     """One line: how the server sends its config to the sites (Flower logs it once per round kind)."""
     return config.model_dump_json()

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 from common.config import ConfigError, DermFedConfig, config_to_yaml, flatten_config, load_config, write_config
 from common.data.catalog import DataError, format_summary, summary_table
 from common.privacy import PrivacyBudgetExhausted
+from client.node import NodeError
 from server.deploy import DeployError
 
 log = logging.getLogger("dermfed")
@@ -126,21 +127,47 @@ def cmd_simulate(args: argparse.Namespace, config: DermFedConfig) -> int:
 def cmd_deploy_init(args: argparse.Namespace, config: DermFedConfig) -> int:
     from server.deploy import init_federation
 
-    layout = init_federation(Path(args.out), args.hospital, args.host, args.port)
+    layout = init_federation(Path(args.out), args.hospital, args.host, args.port, args.superlink_port,
+                             args.proxy_port, args.runtime_port)
     print(f"federation created in {layout.root}:")
-    print(f"  certificates/ca.crt, superlink.crt (SAN: 127.0.0.1, localhost{''.join(', ' + h for h in args.host)})")
+    print(f"  ca-offline/ca.key: the CA's private key. Move it offline now; nothing else needs it")
+    print(f"  coordinator/: SuperLink and edge certificates (SAN: 127.0.0.1, localhost"
+          f"{''.join(', ' + h for h in args.host)}), app-signing key, flwr connection; stays on this server")
     for name in layout.hospitals():
-        print(f"  hospitals/{name}/auth_key (give to {name} only) and auth_key.pub (register at the SuperLink)")
+        print(f"  hospitals/{name}/: send to {name} only (its keys, client certificate, CA certificate)")
     print(f"the exact commands: {layout.root / 'COMMANDS.md'}")
     return 0
+
+
+def cmd_deploy_serve(args: argparse.Namespace, config: DermFedConfig) -> int:
+    from server.deploy import serve
+
+    return serve(Path(args.dir))
 
 
 def cmd_deploy_register(args: argparse.Namespace, config: DermFedConfig) -> int:
     from server.deploy import register_hospitals
 
-    for name in register_hospitals(Path(args.dir), args.hospital or None):
-        print(f"registered {name}")
+    registry = register_hospitals(Path(args.dir), args.hospital or None)
+    for node_id, site in sorted(registry.sites.items(), key=lambda item: item[1].index):
+        print(f"registered {site.name} as node {node_id}")
     return 0
+
+
+def cmd_deploy_run(args: argparse.Namespace, config: DermFedConfig) -> int:
+    from server.deploy import run_federated
+
+    run_dir = Path(args.run_dir) if args.run_dir else Path(args.dir) / "runs" / f"pretrain-{time.strftime('%Y%m%d-%H%M%S')}"
+    code = run_federated(Path(args.dir), args.config, list(args.overrides), run_dir, resume=args.resume)
+    print(f"flwr exited with code {code}; run folder: {run_dir}", file=sys.stderr if code else sys.stdout)
+    return code
+
+
+def cmd_node(args: argparse.Namespace, config: DermFedConfig) -> int:
+    from client.node import run_node
+
+    return run_node(Path(args.dir), Path(args.data_root), args.data_format,
+                    Path(args.state_dir) if args.state_dir else None, args.node_config)
 
 
 # -- evaluate / report ---------------------------------------------------------------------------
@@ -213,23 +240,49 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(simulate)
     simulate.set_defaults(handler=cmd_simulate)
 
-    deploy = sub.add_parser("deploy", help="certificates, keys and commands for a real federation", formatter_class=fmt)
+    deploy = sub.add_parser("deploy", help="a real federation: keys, coordinator daemons, registration, signed runs",
+                            formatter_class=fmt)
     deploy_sub = deploy.add_subparsers(dest="action", required=True, metavar="ACTION")
-    init = deploy_sub.add_parser("init", help="CA, SuperLink certificate, one key per hospital, COMMANDS.md",
+    init = deploy_sub.add_parser("init", help="CA, certificates, keys and folders for the coordinator and each hospital",
                                  formatter_class=fmt)
     init.add_argument("--out", required=True, help="new folder for the federation's files")
     init.add_argument("--hospital", action="append", default=[], metavar="NAME", help="a hospital (repeat)")
     init.add_argument("--host", action="append", default=[], metavar="HOST",
-                      help="the SuperLink's public host name or IP, added to the certificate (repeat)")
-    init.add_argument("--port", type=int, default=9092, help="the SuperLink's port")
+                      help="the coordinator's public host name or IP, as hospitals reach it (repeat; first is used)")
+    init.add_argument("--port", type=int, default=9092, help="the edge proxy's public port")
+    init.add_argument("--superlink-port", type=int, default=9091, help="the SuperLink's port on 127.0.0.1")
+    init.add_argument("--proxy-port", type=int, default=9095, help="each hospital's local forwarder port")
+    init.add_argument("--runtime-port", type=int, default=9094, help="each hospital's SuperNode runtime API port")
     _add_common(init)
     init.set_defaults(handler=cmd_deploy_init)
-    register = deploy_sub.add_parser("register", help="register hospitals' public keys with the running SuperLink",
+    serve = deploy_sub.add_parser("serve", help="run the SuperLink (loopback) and the edge proxy until stopped",
+                                  formatter_class=fmt)
+    serve.add_argument("--dir", required=True, help="the folder made by `dermfed deploy init`")
+    _add_common(serve)
+    serve.set_defaults(handler=cmd_deploy_serve)
+    register = deploy_sub.add_parser("register", help="register hospitals' keys; write the site registry",
                                      formatter_class=fmt)
     register.add_argument("--dir", required=True, help="the folder made by `dermfed deploy init`")
     register.add_argument("--hospital", action="append", default=[], metavar="NAME", help="only these (default: all)")
     _add_common(register)
     register.set_defaults(handler=cmd_deploy_register)
+    run = deploy_sub.add_parser("run", help="build, sign and submit federated pretraining", formatter_class=fmt)
+    run.add_argument("--dir", required=True, help="the folder made by `dermfed deploy init`")
+    run.add_argument("--run-dir", default=None, help="where checkpoints and history go (default: DIR/runs/pretrain-TIME)")
+    run.add_argument("--resume", action="store_true", help="continue --run-dir from its last completed round")
+    _add_common(run, default_preset="paper")
+    run.set_defaults(handler=cmd_deploy_run)
+
+    node = sub.add_parser("node", help="a hospital's daemon: forwarder, SuperNode and verifying SuperExec",
+                          formatter_class=fmt)
+    node.add_argument("--dir", required=True, help="this hospital's folder from `dermfed deploy init`")
+    node.add_argument("--data-root", required=True, help="the hospital's image folder (never leaves it)")
+    node.add_argument("--data-format", default="folder", help="layout of --data-root (see data.format)")
+    node.add_argument("--state-dir", default=None, help="site state and privacy ledger (default: ~/.dermfed/state)")
+    node.add_argument("--node-config", default="", metavar="'key=value ...'",
+                      help="more node config, e.g. 'dp-enabled=true dp-max-epsilon=8'")
+    _add_common(node)
+    node.set_defaults(handler=cmd_node)
 
     config = sub.add_parser("config", help="print the resolved configuration (every key)", formatter_class=fmt)
     config.add_argument("--flat", action="store_true", help="one key=value line per key")
@@ -261,7 +314,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         return args.handler(args, config)
-    except (ConfigError, DataError, PrivacyBudgetExhausted, DeployError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, PrivacyBudgetExhausted, DeployError, NodeError, FileNotFoundError) as exc:
         print(f"dermfed: error: {exc}", file=sys.stderr)
         return 2
 

@@ -4,7 +4,10 @@ Run config (pyproject `[tool.flwr.app.config]`, set by `dermfed simulate` or `fl
 `config-preset` (YAML path or preset name), `config-overrides` (space-separated key=value),
 `run-dir` (where checkpoints and history go; default output_dir/federated-<run id>),
 `resume` (continue run-dir from its last completed round), `site-names` (comma-separated,
-partition order, for readable histories), `stop-after-round` (0: run all rounds).
+partition order, for readable histories), `stop-after-round` (0: run all rounds),
+`site-registry` (a real federation: the node-key registry of `dermfed deploy register`, which
+names every site by its key), `app-signature` (checked by the hospitals, not here),
+`fault-injection` (simulations only; tests).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import config_to_json, load_config
+from server.deploy.registry import SiteRegistry
 from server.federation import plan_run
 from server.monitor import Monitor
 from server.rounds import RunRecorder
@@ -37,8 +41,11 @@ def main(grid: Grid, context: Context) -> None:
     rounds = min(plan.remaining, stop_after - plan.round_offset) if stop_after else plan.remaining
     recorder = RunRecorder(run_dir, config, plan.history)
     names = [n for n in str(run_config.get("site-names", "")).split(",") if n]
+    registry_path = str(run_config.get("site-registry", ""))
+    registry = SiteRegistry.load(registry_path) if registry_path else None
     strategy = build_strategy(config)
-    strategy.attach(recorder, plan.expected_shapes, config.federation.min_clients, plan.round_offset, dict(enumerate(names)))
+    strategy.attach(recorder, plan.expected_shapes, config.federation.min_clients, plan.round_offset,
+                    dict(enumerate(names)), registry)
     strategy.import_state(plan.strategy_state)
     monitor = Monitor(config)
 

@@ -19,7 +19,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx
 
 from common.config import DermFedConfig
-from server.rounds import RoundFailed, RunRecorder, screen_update
+from server.deploy.registry import SiteRegistry
+from server.rounds import RoundFailed, RoundRecord, RunRecorder, screen_update
 
 # Averaging these across sites means nothing: they are kept per site in the history.
 PER_SITE_ONLY = {"site-index", "epsilon", "delta"}
@@ -28,31 +29,68 @@ STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedmedi
 
 
 class RobustAggregation:
-    """Mixin for a Flower message-API strategy; call `attach` before `start`."""
+    """Mixin for a Flower message-API strategy; call `attach` before `start`.
+
+    With a site registry (a real federation), a site is who its key says: replies are labelled by
+    the registry entry of their node id, whatever the node reports about itself, and a node that
+    is not in the registry is sent nothing and its replies are left out. Without one (a
+    simulation on one machine), the node's configured `site-index` names it.
+    """
 
     recorder: RunRecorder
     expected: dict[str, tuple[int, ...]]
     min_clients: int
     round_offset: int
     site_names: dict[int, str]
+    registry: Optional[SiteRegistry]
 
     def attach(self, recorder: RunRecorder, expected: dict[str, tuple[int, ...]], min_clients: int,
-               round_offset: int = 0, site_names: Optional[dict[int, str]] = None) -> None:
+               round_offset: int = 0, site_names: Optional[dict[int, str]] = None,
+               registry: Optional[SiteRegistry] = None) -> None:
         self.recorder, self.expected, self.min_clients = recorder, expected, min_clients
-        self.round_offset, self.site_names = round_offset, dict(site_names or {})
+        self.round_offset, self.site_names, self.registry = round_offset, dict(site_names or {}), registry
         self._sent: list[int] = []
 
     def site_label(self, index: Optional[float], node_id: int) -> str:
+        if self.registry is not None:
+            entry = self.registry.site(node_id)
+            return entry.name if entry else f"unregistered node-{node_id}"
         if index is not None and int(index) in self.site_names:
             return self.site_names[int(index)]
         return f"site-{int(index)}" if index is not None else f"node-{node_id}"
 
+    def site_order(self, index: Optional[float], node_id: int) -> float:
+        if self.registry is not None:
+            entry = self.registry.site(node_id)
+            return float(entry.index) if entry else float("inf")
+        return float(index) if index is not None else float("inf")
+
+    def _to_registered(self, messages: list[Message], record: Optional[RoundRecord] = None) -> list[Message]:
+        """Drop messages to nodes the registry does not know: they get no weights."""
+        if self.registry is None:
+            return messages
+        kept = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            if self.registry.site(node) is not None:
+                kept.append(message)
+            elif record is not None:
+                record.excluded.append({"site": f"unregistered node-{node}", "node": node,
+                                        "reason": "node id not in the site registry: sent nothing"})
+        return kept
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         real_round = self.round_offset + server_round
-        self.recorder.begin(real_round)
-        messages = list(super().configure_train(real_round, arrays, config, grid))  # type: ignore[misc]
+        record = self.recorder.begin(real_round)
+        messages = self._to_registered(list(super().configure_train(real_round, arrays, config, grid)),  # type: ignore[misc]
+                                       record)
         self._sent = [m.metadata.dst_node_id for m in messages]
         return messages
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self._to_registered(list(super().configure_evaluate(self.round_offset + server_round, arrays,  # type: ignore[misc]
+                                                                   config, grid)))
 
     def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """Keep the sound replies, sorted by site (aggregation order must not depend on arrival)."""
@@ -66,11 +104,13 @@ class RobustAggregation:
                 continue
             reason, metrics, index = self._check(message)
             label = self.site_label(index, node)
+            if self.registry is not None and self.registry.site(node) is None:
+                reason = "node id not in the site registry"
             if reason:
                 record.excluded.append({"site": label, "node": node, "reason": reason})
                 continue
             record.sites.append({"site": label, "node": node, **metrics})
-            good.append((index if index is not None else float("inf"), node, message))
+            good.append((self.site_order(index, node), node, message))
         answered = {m.metadata.src_node_id for m in replies}
         for node in self._sent:
             if node not in answered:

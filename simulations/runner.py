@@ -27,7 +27,7 @@ from typing import Iterator, Optional
 import torch
 
 from common.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from common.config import PROJECT_ROOT, DermFedConfig, write_config
+from common.config import PROJECT_ROOT, DermFedConfig, toml_string, write_config
 from common.data.partition import partition_catalog
 from common.data.pipeline import prepare_data
 
@@ -45,10 +45,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def _toml_string(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def write_connection(flwr_home: Path, port: int) -> Path:
@@ -124,12 +120,12 @@ def _run_config(preset: Path, run_dir: Path, resume: bool, site_names: list[str]
                 fault_injection: str = "") -> str:
     pairs = {
         "stop-after-round": str(stop_after_round),
-        "fault-injection": _toml_string(fault_injection),
-        "config-preset": _toml_string(str(preset)),
+        "fault-injection": toml_string(fault_injection),
+        "config-preset": toml_string(str(preset)),
         "config-overrides": '""',
-        "run-dir": _toml_string(str(run_dir)),
+        "run-dir": toml_string(str(run_dir)),
         "resume": "true" if resume else "false",
-        "site-names": _toml_string(",".join(site_names)),
+        "site-names": toml_string(",".join(site_names)),
     }
     return " ".join(f"{k}={v}" for k, v in pairs.items())
 

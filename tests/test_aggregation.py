@@ -6,7 +6,7 @@ import pytest
 from common.config import load_config
 from server.rounds import RoundFailed, RunRecorder, screen_update
 from server.strategy import build_strategy
-from tests.flower_helpers import error_reply, reply
+from tests.flower_helpers import error_reply, reply, train_message
 
 EXPECTED = {"encoder.w": (2, 3), "encoder.b": (3,)}
 
@@ -126,3 +126,23 @@ def test_server_side_monitors(tmp_path, synthetic_root):
     vae_config = load("smoke", [*common, "federation.share=vae", "federation.monitor=reconstruction"])
     assert Monitor(vae_config)(initial_shared_weights(vae_config))["val-reconstruction"] > 0
     assert Monitor(load("smoke", common))(initial_shared_weights(load("smoke", common))) == {}
+
+
+def test_with_a_registry_a_site_is_named_by_its_node_key_and_strangers_are_left_out(tmp_path):
+    from server.deploy.registry import RegisteredSite, SiteRegistry
+
+    config = load_config("smoke", ["federation.min_clients=2"])
+    strategy = build_strategy(config)
+    registry = SiteRegistry({10: RegisteredSite("clinic_a", 0, "k0"), 11: RegisteredSite("clinic_b", 1, "k1")})
+    strategy.attach(RunRecorder(tmp_path, config), EXPECTED, 2, registry=registry)
+    strategy._sent = [10, 11, 99]
+    # node 11 claims clinic_a's index; node 99 holds a key the coordinator never registered
+    replies = [reply(11, _arrays(2.0), _metrics(0, 10)), reply(10, _arrays(1.0), _metrics(1, 10)),
+               reply(99, _arrays(50.0), _metrics(2, 10))]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    record = strategy.recorder.current
+    assert {s["node"]: s["site"] for s in record.sites} == {10: "clinic_a", 11: "clinic_b"}
+    assert [(e["node"], e["reason"]) for e in record.excluded] == [(99, "node id not in the site registry")]
+    assert np.allclose(arrays["encoder.w"].numpy(), 1.5)  # the stranger's update is not averaged in
+    kept = strategy._to_registered([train_message(10), train_message(99)], record)
+    assert [m.metadata.dst_node_id for m in kept] == [10]  # nothing is sent to an unregistered node
