@@ -207,8 +207,14 @@ class EvaluationConfig(_Section):
     weight_decay: float = Field(1e-4, ge=0.0)
     imbalance: Literal["class-weights", "balanced-sampling", "none"] = "class-weights"
     augment: bool = Field(False, description="augment training images (recomputes encoder features every epoch)")
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="head seeds; mean and 95% CI")
-    select_by: Literal["val_loss", "val_balanced_accuracy"] = "val_loss"
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1,
+                             description="head seeds: the head's initialisation and batch order")
+    split_seeds: list[int] = Field(default_factory=list, description=(
+        "also redraw the train/val/test split with these seeds (default: only `seed`'s split); an arm "
+        "pretrained on another split is refused"))
+    bootstrap_replicates: int = Field(2000, ge=100, description="paired bootstrap over test lesions and seeds")
+    select_on: Literal["val_balanced_accuracy", "val_loss"] = Field(
+        "val_balanced_accuracy", description="validation quantity that picks each head's best epoch")
     arms: list[Literal["federated", "imagenet", "random", "pooled", "local"]] = Field(
         default_factory=lambda: ["federated", "imagenet", "random", "pooled", "local"],
         description="arms to run when their inputs exist")

@@ -31,6 +31,13 @@ def pretraining_indices(prepared: PreparedData, splits: list[str]) -> np.ndarray
     return np.flatnonzero(prepared.catalog.frame["split"].isin(splits).to_numpy())
 
 
+def pretraining_record(prepared: PreparedData, splits: list[str]) -> dict[str, Any]:
+    """Which images a pretraining run saw, by id: stored in its checkpoint, so that evaluation can
+    refuse an arm that saw one of its validation or test images."""
+    rows = pretraining_indices(prepared, splits)
+    return {"image_ids": sorted(prepared.catalog.frame["image_id"].iloc[rows].astype(str).tolist())}
+
+
 @torch.no_grad()
 def save_reconstruction_grid(model: ConvNeXtVAE, images: torch.Tensor, path: Path) -> Path:
     """Top row: inputs; bottom row: reconstructions (z = mean of the posterior)."""
@@ -55,6 +62,7 @@ def run_pretraining(config: DermFedConfig, out: Path) -> dict[str, Any]:
     dataset = PretrainView(prepared.store, indices, build_augmentation(config.train.augment))
     site = config.data.site or "pooled"
     trainer = LocalTrainer(config, model, dataset, site=site)
+    seen = pretraining_record(prepared, config.data.pretrain_splits)
     history: list[dict[str, Any]] = []
     arm = "local-only" if config.data.site else "pooled"
     log.info("%s pretraining on %d images (%s), %d steps per epoch, %d epochs", arm, len(dataset),
@@ -66,7 +74,7 @@ def run_pretraining(config: DermFedConfig, out: Path) -> dict[str, Any]:
         print(f"epoch {metrics.epoch}: reconstruction {metrics.reconstruction:.2f}, KL {metrics.kl:.2f}, "
               f"total {metrics.total:.2f}, {metrics.images_per_second:.1f} img/s{eps}", flush=True)
         save_vae_checkpoint(out / CHECKPOINT_NAME, model, config, {"epoch": metrics.epoch, "step": state.step},
-                            history, extra={"arm": arm, "site": site, "images": len(dataset)})
+                            history, extra={"arm": arm, "site": site, "images": len(dataset), "pretraining_images": seen})
         (out / "history.json").write_text(json.dumps(history, indent=2))
 
     result = trainer.train(SiteState(), on_epoch_end=checkpoint)

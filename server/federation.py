@@ -14,6 +14,8 @@ import torch
 
 from common.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from common.config import DermFedConfig
+from common.data.pipeline import PreparedData
+from common.pretraining import pretraining_record
 from common.model import ENCODER_PREFIX, build_vae, shared_state
 from common.training import seed_everything
 from server.rounds import load_resume_point
@@ -72,3 +74,16 @@ def plan_run(config: DermFedConfig, run_dir: Path, resume: bool) -> RunPlan:
                           f"raise federation.num_rounds to continue")
     log.info("resuming %s after round %d of %d", run_dir, done, total)
     return RunPlan(config, run_dir, done, total - done, dict(point["shared"]), point["history"], point["strategy"])
+
+
+def federated_pretraining_images(config: DermFedConfig, prepared: Optional[PreparedData]) -> dict[str, Any]:
+    """Which images the sites pretrain on, for evaluation's leak check.
+
+    In a simulation the server holds the pooled data (`prepared`) the virtual hospitals are cut
+    from: every row of `data.pretrain_splits`, whatever the partition. In a real federation
+    (`prepared` is None) the hospitals' images are theirs and their names never reach the
+    coordinator: recorded as unknown.
+    """
+    if prepared is None:
+        return {"unknown": "a real federation: the hospitals' images are not known to the coordinator"}
+    return pretraining_record(prepared, config.data.pretrain_splits)

@@ -73,8 +73,10 @@ class RoundRecord:
 class RunRecorder:
     """History and checkpoints of one federated run, in its run folder."""
 
-    def __init__(self, run_dir: Path, config: DermFedConfig, history: Optional[list[dict[str, Any]]] = None):
+    def __init__(self, run_dir: Path, config: DermFedConfig, history: Optional[list[dict[str, Any]]] = None,
+                 pretraining_images: Optional[dict[str, Any]] = None):
         self.run_dir, self.config = Path(run_dir), config
+        self.pretraining_images = pretraining_images or {"unknown": "not recorded"}
         self.history: list[dict[str, Any]] = list(history or [])
         self.current: Optional[RoundRecord] = None
         self.started = time.perf_counter()
@@ -125,7 +127,7 @@ class RunRecorder:
         save_checkpoint(self.run_dir / CHECKPOINT_NAME, config=self.config, encoder_state=encoder,
                         vae_state=dict(tensors) if self.config.federation.share == "vae" else None,
                         position={"round": round_number}, history=self.history,
-                        extra={"shared": dict(tensors), "arm": "federated",
+                        extra={"shared": dict(tensors), "arm": "federated", "pretraining_images": self.pretraining_images,
                                "strategy": {name: {k: torch.from_numpy(np.array(v, copy=True)) for k, v in moments.items()}
                                             for name, moments in strategy_state.items()}})
 

@@ -20,8 +20,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import config_to_json, load_config
+from common.data.pipeline import prepare_data
 from server.deploy.registry import SiteRegistry
-from server.federation import plan_run
+from server.federation import federated_pretraining_images, plan_run
 from server.monitor import Monitor
 from server.rounds import RunRecorder
 from server.strategy import build_strategy
@@ -37,17 +38,18 @@ def main(grid: Grid, context: Context) -> None:
     config = load_config(str(run_config["config-preset"]), shlex.split(str(run_config.get("config-overrides", ""))))
     run_dir = Path(str(run_config.get("run-dir", "")) or Path(config.output_dir) / f"federated-{context.run_id}")
     plan = plan_run(config, run_dir, bool(run_config.get("resume", False)))
-    stop_after = int(run_config.get("stop-after-round", 0))  # an interruption on purpose (tests, staged runs)
-    rounds = min(plan.remaining, stop_after - plan.round_offset) if stop_after else plan.remaining
-    recorder = RunRecorder(run_dir, config, plan.history)
-    names = [n for n in str(run_config.get("site-names", "")).split(",") if n]
     registry_path = str(run_config.get("site-registry", ""))
     registry = SiteRegistry.load(registry_path) if registry_path else None
+    stop_after = int(run_config.get("stop-after-round", 0))  # an interruption on purpose (tests, staged runs)
+    rounds = min(plan.remaining, stop_after - plan.round_offset) if stop_after else plan.remaining
+    prepared = None if registry else prepare_data(config)  # a simulation's pooled data: the server holds it
+    recorder = RunRecorder(run_dir, config, plan.history, federated_pretraining_images(config, prepared))
+    names = [n for n in str(run_config.get("site-names", "")).split(",") if n]
     strategy = build_strategy(config)
     strategy.attach(recorder, plan.expected_shapes, config.federation.min_clients, plan.round_offset,
                     dict(enumerate(names)), registry)
     strategy.import_state(plan.strategy_state)
-    monitor = Monitor(config)
+    monitor = Monitor(config, prepared)
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower calls this before round 1 and after every round: monitor, then checkpoint."""

@@ -13,6 +13,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 HAM_SAMPLE = PROJECT_ROOT.parent / "shared" / "data" / "ham10000-sample"
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never download (the ImageNet arm's online path is tested with a stub)
 
 
 @pytest.fixture(scope="session")

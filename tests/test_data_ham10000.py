@@ -42,9 +42,19 @@ def test_splits_are_reproducible_and_depend_on_seed(ham_sample, data_config):
     assert first.catalog.frame["split"].tolist() != other.catalog.frame["split"].tolist()
 
 
-def test_one_site_only_for_the_local_only_arm(ham_sample, data_config):
-    catalog = load_catalog(data_config("data.format=ham10000", f"data.root={ham_sample}", "data.site=vienna_dias").data)
-    assert len(catalog) == 87 and catalog.sites == ["vienna_dias"]
+def test_one_site_only_for_the_local_only_arm_keeps_the_pooled_split(ham_sample, data_config):
+    """The local-only arm's site keeps the pooled split: none of its pretraining images is a pooled test image."""
+    from common.data.pipeline import prepare_data
+
+    common = ["data.format=ham10000", f"data.root={ham_sample}"]
+    pooled = prepare_data(data_config(*common)).catalog.frame.set_index("image_id")["split"]
+    for site, count in {"vienna_dias": 87, "rosendahl": 191}.items():
+        prepared = prepare_data(data_config(*common, f"data.site={site}"))
+        frame = prepared.catalog.frame
+        assert len(frame) == len(prepared.store) == count and prepared.catalog.sites == [site]
+        assert (frame.set_index("image_id")["split"] == pooled.loc[frame["image_id"]]).all()
+        pretrained = frame[frame["split"] == "train"]["image_id"]
+        assert (pooled.loc[pretrained] != "test").all() and (pooled.loc[pretrained] != "val").all()
 
 
 def test_pretraining_view_has_no_labels(ham_sample, data_config):

@@ -123,7 +123,9 @@ def test_a_full_round_completes_and_each_site_is_who_its_key_says(federation, tm
     run_dir = tmp_path / "run"
     code = run_federated(layout.root, "smoke", [*OVERRIDES, f"data.cache_dir={tmp_path / 'cache'}"], run_dir)
     assert code == 0
-    assert load_checkpoint(run_dir)["position"]["round"] == 1
+    payload = load_checkpoint(run_dir)
+    assert payload["position"]["round"] == 1
+    assert "unknown" in payload["extra"]["pretraining_images"]  # the hospitals' image names never reach the coordinator
     (entry,) = _history(run_dir)
     by_node = {site["node"]: site["site"] for site in entry["sites"]}
     assert by_node == {node: site.name for node, site in registry.sites.items()}

@@ -29,7 +29,33 @@ def test_binary_auroc_by_hand():
     # positives score 0.8, 0.4; negatives 0.6, 0.2: 3 of 4 pairs ordered correctly
     y_true = np.array([1, 1, 0, 0])
     proba = np.array([[0.2, 0.8], [0.6, 0.4], [0.4, 0.6], [0.8, 0.2]])
-    assert macro_auroc(y_true, proba, 2) == pytest.approx(0.75)
+    assert macro_auroc(y_true, proba) == pytest.approx(0.75)
+
+
+def _isic_reference(y_true, proba):
+    """The ISIC scorer's definitions, per class with scikit-learn: one-vs-rest AUROC on each raw probability
+    column and recall, averaged over the classes present."""
+    present = np.unique(y_true)
+    auroc = np.mean([roc_auc_score(y_true == c, proba[:, c]) for c in present])
+    recall = np.mean([(proba.argmax(1)[y_true == c] == c).mean() for c in present])
+    return auroc, recall
+
+
+@pytest.mark.parametrize("present", [[0, 1, 2, 3, 4, 5], [0, 2, 3, 5], [1, 4]])
+def test_missing_classes_follow_the_isic_scorer(present):
+    """7 classes, some absent from the test images (as at vienna_dias): no renormalising, no binary collapse."""
+    rng = np.random.default_rng(len(present))
+    y_true = rng.choice(present, 80)
+    proba = rng.dirichlet(np.ones(7), 80)
+    proba[np.arange(80), y_true] += rng.uniform(0, 0.6, 80)  # informative, imperfect
+    proba /= proba.sum(1, keepdims=True)
+    classes = [f"c{i}" for i in range(7)]
+    result = classification_metrics(y_true, proba, classes)
+    auroc, recall = _isic_reference(y_true, proba)
+    assert result["macro_auroc"] == pytest.approx(auroc, abs=1e-12)
+    assert result["balanced_accuracy"] == pytest.approx(recall, abs=1e-12)
+    assert result["classes_present"] == [classes[c] for c in sorted(set(present) & set(y_true))]
+    assert all((result["per_class_auroc"][c] is None) == (i not in y_true) for i, c in enumerate(classes))
 
 
 def test_absent_classes_are_reported_not_hidden():
@@ -38,9 +64,8 @@ def test_absent_classes_are_reported_not_hidden():
     result = classification_metrics(y_true, proba, CLASSES)
     assert result["per_class_recall"]["BKL"] is None
     assert result["confusion_matrix"][2] == [0, 0, 0] and result["confusion_matrix"][1][2] == 1
-    renormalised = proba[:, :2] / proba[:, :2].sum(1, keepdims=True)
-    assert result["macro_auroc"] == pytest.approx(roc_auc_score(y_true, renormalised[:, 1]))
-    assert np.isnan(macro_auroc(np.array([1, 1]), proba[:2], 3))
+    assert result["macro_auroc"] == pytest.approx(np.mean([roc_auc_score(y_true == c, proba[:, c]) for c in (0, 1)]))
+    assert np.isnan(macro_auroc(np.array([1, 1]), proba[:2]))
 
 
 def test_mean_and_95_percent_interval_over_seeds():
@@ -67,11 +92,75 @@ def test_head_learns_and_the_best_epoch_is_chosen_on_validation_only():
         run = train_head(config, lambda epoch: x_train, y_train, x_val, y_val, 3, seed=0)
         assert len(run.history) == 12
         assert run.history[-1]["val_accuracy"] > 0.8
-        val_losses = [h["val_loss"] for h in run.history]
-        assert run.best_epoch == int(np.argmin(val_losses)) + 1
+        scores = [h["val_balanced_accuracy"] for h in run.history]  # the default: the headline metric
+        assert run.best_epoch == int(np.argmax(scores)) + 1
         for h in run.history:
             assert h["gap"] == pytest.approx(h["train_accuracy"] - h["val_accuracy"])
-    by_accuracy = load_config("smoke", ["evaluation.epochs=12", "evaluation.lr=0.01", "evaluation.select_by=val_balanced_accuracy"]).evaluation
-    run = train_head(by_accuracy, lambda epoch: x_train, y_train, x_val, y_val, 3, seed=0)
-    scores = [h["val_balanced_accuracy"] for h in run.history]
-    assert run.best_epoch == int(np.argmax(scores)) + 1
+    by_loss = load_config("smoke", ["evaluation.epochs=12", "evaluation.lr=0.01", "evaluation.select_on=val_loss"]).evaluation
+    run = train_head(by_loss, lambda epoch: x_train, y_train, x_val, y_val, 3, seed=0)
+    val_losses = [h["val_loss"] for h in run.history]
+    assert run.best_epoch == int(np.argmin(val_losses)) + 1
+
+
+def test_validation_loss_is_weighted_like_the_training_objective():
+    """Selecting on validation loss uses the loss the head is trained on (class-weighted), not another one."""
+    import torch
+    import torch.nn.functional as F
+    from server.evaluation.heads import objective_weights
+
+    rng = np.random.default_rng(1)
+    x_train, y_train = _separable(200, rng, 1.0)
+    y_train[:150] = 0  # imbalanced
+    x_val, y_val = _separable(60, rng, 1.0)
+    config = load_config("smoke", ["evaluation.epochs=1"]).evaluation  # one epoch: the returned head is that epoch's
+    run = train_head(config, lambda epoch: x_train, y_train, x_val, y_val, 3, seed=0)
+    weights = objective_weights(config, y_train, 3)
+    assert not torch.allclose(weights, torch.ones(3))
+    with torch.no_grad():
+        logits = run.head((torch.from_numpy(x_val) - run.mean) / run.std)
+    target = torch.from_numpy(y_val).long()
+    assert run.history[0]["val_loss"] == pytest.approx(float(F.cross_entropy(logits, target, weight=weights)), rel=1e-5)
+    assert run.history[0]["val_loss"] != pytest.approx(float(F.cross_entropy(logits, target)), rel=1e-3)
+
+
+def test_weighted_bootstrap_metrics_equal_scikit_learn_with_sample_weights():
+    from server.evaluation.uncertainty import cluster_weights, weighted_balanced_accuracy, weighted_macro_auroc
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 70)  # class 3 of 4 never present
+    proba = np.round(rng.dirichlet(np.ones(4), 70), 2)  # rounding makes ties
+    weights = cluster_weights(rng.integers(0, 25, 70), 6, rng)
+    aurocs, balanced = weighted_macro_auroc(y, proba, weights), weighted_balanced_accuracy(y, proba, weights)
+    for b, w in enumerate(weights):
+        drawn = w > 0
+        reference = [roc_auc_score(y[drawn] == c, proba[drawn, c], sample_weight=w[drawn])
+                     for c in range(4) if 0 < (w * (y == c)).sum() < w.sum()]
+        assert aurocs[b] == pytest.approx(np.mean(reference), abs=1e-12)
+        assert balanced[b] == pytest.approx(balanced_accuracy_score(y[drawn], proba[drawn].argmax(1),
+                                                                    sample_weight=w[drawn]), abs=1e-12)
+
+
+def _arm(y, quality, seeds, rng):
+    """Test probabilities of an arm per head seed: `quality` 0 is noise, 1 is the truth."""
+    probas = []
+    for _ in range(seeds):
+        noise = rng.dirichlet(np.ones(3), len(y))
+        probas.append((1 - quality) * noise + quality * np.eye(3)[y])
+    return probas
+
+
+def test_paired_bootstrap_an_arm_against_itself_contains_zero_a_better_arm_excludes_it():
+    from server.evaluation.uncertainty import METRICS, arm_replicates, cluster_weights, difference
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 120)
+    groups = np.repeat(np.arange(60), 2)  # two images per lesion: resampled together
+    weights = cluster_weights(groups, 1000, rng)
+    weak, strong = _arm(y, 0.1, 3, rng), _arm(y, 0.5, 3, rng)
+    for metric in ("balanced_accuracy", "macro_auroc"):
+        a = arm_replicates(METRICS[metric], y, weak, weights, np.random.default_rng(1))
+        again = arm_replicates(METRICS[metric], y, weak, weights, np.random.default_rng(2))
+        itself = difference(a, again)
+        assert itself["low"] <= 0 <= itself["high"] and not itself["excludes_zero"]
+        better = difference(arm_replicates(METRICS[metric], y, strong, weights, np.random.default_rng(3)), a)
+        assert better["excludes_zero"] and better["low"] > 0 and better["mean"] > 0

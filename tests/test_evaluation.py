@@ -20,13 +20,42 @@ from server.evaluation.arms import ArmUnavailable, cached_imagenet_file, imagene
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def test_missing_imagenet_weights_name_both_fixes(monkeypatch):
+def test_missing_imagenet_weights_offline_name_both_fixes(monkeypatch):
     monkeypatch.setattr("server.evaluation.arms.cached_imagenet_file", lambda name: None)
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("offline: nothing may be downloaded"))
     with pytest.raises(ArmUnavailable) as err:
         imagenet_arm("convnext_tiny.fb_in1k", None)
+    assert "HF_HUB_OFFLINE" in str(err.value)
     assert "--imagenet-weights" in str(err.value) and "Hugging Face cache" in str(err.value)
     with pytest.raises(ArmUnavailable, match="no such file"):
         imagenet_arm("convnext_tiny.fb_in1k", "/nonexistent/weights.bin")
+
+
+def test_online_the_imagenet_arm_fetches_its_weights_as_timm_does(monkeypatch):
+    """With the Hub reachable (stubbed here: tests never download), arm B asks timm for the pretrained model."""
+    monkeypatch.setattr("server.evaluation.arms.cached_imagenet_file", lambda name: None)
+    monkeypatch.setattr("server.evaluation.arms._hub_unreachable", lambda: None)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    calls = []
+
+    def fetch(name, **kwargs):
+        calls.append((name, kwargs))
+        return torch.nn.Identity()
+
+    monkeypatch.setattr(timm, "create_model", fetch)
+    arm = imagenet_arm("convnext_tiny.fb_in1k", None)
+    assert calls == [("convnext_tiny.fb_in1k", {"pretrained": True, "num_classes": 0})]
+    assert "Hugging Face Hub" in arm.source
+
+    def no_network(name, **kwargs):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(timm, "create_model", no_network)
+    with pytest.raises(ArmUnavailable, match="could not be downloaded .*Network is unreachable.*--imagenet-weights"):
+        imagenet_arm("convnext_tiny.fb_in1k", None)
+    monkeypatch.setattr("server.evaluation.arms._hub_unreachable", lambda: "huggingface.co: Name or service not known")
+    with pytest.raises(ArmUnavailable, match="cannot be reached .*--imagenet-weights"):
+        imagenet_arm("convnext_tiny.fb_in1k", None)
 
 
 def test_imagenet_weights_load_from_a_file_or_the_cache(tmp_path):
@@ -77,14 +106,24 @@ def test_small_evaluation_on_real_ham10000(ham_evaluation):
     arms = {arm["key"]: arm for arm in metrics["arms"]}
     assert set(arms) == {"federated", "random"}  # B needs ImageNet weights; D and E need checkpoints
     assert "--imagenet-weights" in metrics["skipped_arms"]["imagenet"]
-    assert extraction_calls == 2 * 3  # features of train/val/test once per arm, reused by every seed and epoch
+    assert extraction_calls == 2  # features of every image once per arm, reused by every seed and epoch
     assert metrics["data"]["classes"] == ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC"]
     for arm in arms.values():
         assert len(arm["seeds"]) == 2 and len(arm["curves"]["epoch"]) == 4
         assert set(arm["per_site"]) == {"rosendahl", "vidir_modern", "vidir_molemax", "vienna_dias"}
-        assert 0 <= arm["summary"]["balanced_accuracy"]["mean"] <= 1
+        summary = arm["summary"]["balanced_accuracy"]
+        assert 0 <= summary["low"] <= summary["mean"] <= summary["high"] <= 1
         assert np.array(arm["confusion_matrix"]).sum() == 2 * metrics["data"]["split_sizes"]["test"]
         assert all(1 <= s["best_epoch"] <= 4 for s in arm["seeds"])
+        assert set(arm["gap"]) == {"at_best_epoch", "at_last_epoch"}
+        assert arm["pretraining_overlap"]["val"] == arm["pretraining_overlap"]["test"] == 0
+    assert arms["federated"]["pretraining_overlap"]["train"] == arms["federated"]["pretraining_overlap"]["pretraining_images"] > 0
+    vienna = arms["federated"]["per_site"]["vienna_dias"]["classes_present"]
+    assert 0 < len(vienna) < 7  # per-site rows say which classes the site's test images hold
+    (comparison, *_) = [c for c in metrics["comparisons"] if c["b"] == "random" and c["metric"] == "balanced_accuracy"]
+    assert comparison["a"] == "federated" and comparison["low"] <= comparison["mean"] <= comparison["high"]
+    predictions = np.load(run / "predictions.npz")
+    assert predictions["split0_federated"].shape == (2, metrics["data"]["split_sizes"]["test"], 7)
     assert (run / "report.html").is_file() and (run / "figures" / "curves.png").is_file()
 
 
@@ -110,7 +149,7 @@ def test_augmented_training_recomputes_features(tmp_path, synthetic_root):
     finally:
         features_module.FeatureExtractor.__call__ = original
     assert calls["n"] == 3  # one fresh pass over augmented training images per epoch
-    assert metrics["arms"][0]["shortcut"]["artefact_mismatches_class"]["n"] == 1
+    assert metrics["arms"][0]["shortcut"]["artefact_mismatches_class"]["mean"] is not None
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (apt-get install -y chromium; .ci/run does)")
@@ -123,11 +162,14 @@ def test_report_renders_in_headless_chromium(ham_evaluation, tmp_path):
     url = (run / "report.html").resolve().as_uri()
     dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
     assert "DermFed evaluation report" in dom and "Final test metrics" in dom
+    assert dom.index("The answer: paired differences") < dom.index("Final test metrics")  # the answer first
+    assert "minus C: random init (control), balanced accuracy" in dom
     federated = next(arm for arm in metrics["arms"] if arm["key"] == "federated")
     assert f"{federated['summary']['balanced_accuracy']['mean']:.3f}" in dom
     assert "vienna_dias" in dom and "Arm imagenet did not run" in dom
+    assert "DP-SGD off." in dom and not (run / "figures" / "privacy.png").exists()  # words, not an empty chart
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', dom)
-    assert len(images) == 4
+    assert len(images) == 4  # curves, gap, confusion matrices, pretraining loss
     for data in images:
         assert base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n"
     shot = tmp_path / "report.png"
@@ -148,3 +190,67 @@ def test_pooled_and_local_control_arms(tmp_path, synthetic_root):
     assert [arm["key"] for arm in metrics["arms"]] == ["federated", "random", "pooled", "local"]
     assert "data.site" not in metrics["arms"][3]["source"] and "local" in metrics["arms"][3]["source"]
     assert (tmp_path / "eval" / "report.html").read_text().count("E: local-only VAE encoder") >= 2
+
+
+def test_the_local_only_arm_never_pretrained_on_an_evaluation_image(ham_sample, tmp_path):
+    """On the real HAM10000 sample: each site's local-only checkpoint and the pooled evaluation's val/test splits are disjoint."""
+    from common.checkpoint import load_checkpoint
+    from common.config import load_config
+    from common.data.pipeline import prepare_data
+    from server.evaluation.leakage import overlap, pretraining_images
+
+    common = ["data.format=ham10000", f"data.root={ham_sample}", f"data.cache_dir={tmp_path / 'cache'}"]
+    catalog = prepare_data(load_config("smoke", common)).catalog
+    for site in ("rosendahl", "vienna_dias"):
+        out = tmp_path / site
+        assert main(["pretrain", "--config", "smoke", "--out", str(out), *common, f"data.site={site}", "train.max_steps=1"]) == 0
+        counts = overlap(pretraining_images(load_checkpoint(out)), catalog)
+        assert counts["val"] == counts["test"] == 0, (site, counts)
+        assert counts["train"] == counts["pretraining_images"] > 0
+
+
+def test_a_checkpoint_pretrained_on_another_split_is_refused(ham_sample, tmp_path, capsys):
+    common = ["data.format=ham10000", f"data.root={ham_sample}", f"data.cache_dir={tmp_path / 'cache'}"]
+    assert main(["pretrain", "--config", "smoke", "--out", str(tmp_path / "seed3"), *common, "seed=3",
+                 "train.max_steps=1"]) == 0
+    capsys.readouterr()
+    code = main(["evaluate", "--config", "smoke", "--checkpoint", str(tmp_path / "seed3"), "--out", str(tmp_path / "eval"),
+                 *common, "seed=0", "evaluation.epochs=1", "evaluation.seeds=[0]"])
+    message = capsys.readouterr().err
+    assert code == 2
+    assert re.search(r"arm federated \(A: federated VAE encoder\) pretrained on [1-9]\d* test and \d+ validation images",
+                     message), message
+    assert not (tmp_path / "eval" / "metrics.json").exists()
+
+
+def test_split_seeds_redraw_the_split_for_arms_that_permit_it(ham_sample, tmp_path, capsys):
+    """The random arm pretrained on nothing: every split is allowed. A checkpoint pretrained on split 0 is not."""
+    from common.config import load_config
+    from server.evaluation.run import run_evaluation
+
+    common = ["data.format=ham10000", f"data.root={ham_sample}", f"data.cache_dir={tmp_path / 'cache'}"]
+    assert main(["pretrain", "--config", "smoke", "--out", str(tmp_path / "pre"), *common, "train.max_steps=1"]) == 0
+    config = load_config("smoke", [*common, "evaluation.epochs=1", "evaluation.seeds=[0]", "evaluation.split_seeds=[0,1]",
+                                   "evaluation.arms=[random]", "evaluation.bootstrap_replicates=200"])
+    metrics = run_evaluation(config, tmp_path / "pre", tmp_path / "eval")
+    (arm,) = metrics["arms"]
+    assert metrics["data"]["split_seeds"] == [0, 1] and [s["split_seed"] for s in arm["seeds"]] == [0, 1]
+    assert arm["summary"]["balanced_accuracy"]["n"] == 2 * 200  # replicates of both splits pooled
+    both = config.model_copy(update={"evaluation": config.evaluation.model_copy(update={"arms": ["federated"]})})
+    with pytest.raises(Exception, match="arm federated .* pretrained on [1-9]"):
+        run_evaluation(both, tmp_path / "pre", tmp_path / "eval2")
+
+
+def test_an_older_checkpoint_without_a_record_is_rebuilt_from_its_config(synthetic_root, tmp_path):
+    from common.checkpoint import load_checkpoint
+    from server.evaluation.leakage import pretraining_images
+
+    out = tmp_path / "pre"
+    assert main(["pretrain", "--config", "smoke", "--out", str(out), f"data.root={synthetic_root}",
+                 f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=1"]) == 0
+    payload = load_checkpoint(out)
+    recorded = pretraining_images(payload)
+    del payload["extra"]["pretraining_images"]
+    rebuilt = pretraining_images(payload)
+    assert rebuilt.image_ids == recorded.image_ids and len(recorded.image_ids) > 0
+    assert rebuilt.source.startswith("rebuilt") and recorded.source.startswith("recorded")

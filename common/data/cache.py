@@ -179,3 +179,17 @@ class _IndexedArray:
 
     def __getitem__(self, index: int) -> np.ndarray:
         return self.base[self.keep[index]]
+
+
+@dataclass
+class SubsetStore:
+    """Rows `rows` of another store, in that order (a catalog restricted after splitting)."""
+
+    base: ImageStore
+    rows: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def get(self, index: int) -> np.ndarray:
+        return self.base.get(int(self.rows[index]))

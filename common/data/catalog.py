@@ -32,6 +32,7 @@ class Catalog:
     source: str
     root: Path
     skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=SKIP_COLUMNS))
+    predefined_splits: bool = False  # the data set carries its own train/val/test split (the synthetic data)
 
     @property
     def labelled(self) -> bool:

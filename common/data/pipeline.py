@@ -6,8 +6,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from common.config import DermFedConfig
-from common.data.cache import ImageStore, scan
+from common.data.cache import ImageStore, SubsetStore, scan
 from common.data.catalog import Catalog
 from common.data.sources import load_catalog
 from common.data.splits import assign_splits
@@ -35,9 +37,17 @@ def ensure_synthetic_data(config: DermFedConfig) -> None:
 
 
 def prepare_data(config: DermFedConfig) -> PreparedData:
-    """Load `data.format` at `data.root`, check every image once, assign grouped splits."""
+    """Load `data.format` at `data.root`, check every image once, assign grouped splits, then restrict.
+
+    Splits are assigned once, on the whole catalog, and only then is the catalog restricted to
+    `data.site`: a site's test images are exactly the pooled evaluation's test images of that
+    site, so a local-only arm never pretrains on an image that evaluation scores.
+    """
     ensure_synthetic_data(config)
     catalog = load_catalog(config.data)
     catalog, store = scan(catalog, config.data)
     catalog = assign_splits(catalog, config.data.val_fraction, config.data.test_fraction, config.seed)
+    if config.data.site is not None:
+        keep = np.flatnonzero(catalog.frame["site"].to_numpy() == config.data.site)
+        catalog, store = catalog.only_site(config.data.site), SubsetStore(store, keep)
     return PreparedData(catalog, store)

@@ -7,6 +7,7 @@ and canonical label. Nothing is decoded here: image checks happen once, in `cach
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -128,7 +129,8 @@ def load_ham_layout(cfg: DataConfig, csv_name: str, fmt: str) -> Catalog:
     for extra in ("split", "shortcut_artifact", "artifacts"):
         if extra in meta.columns:
             rows[extra] = meta[extra].to_numpy()
-    return make_catalog(rows, ordered_classes(rows["label"]), fmt, root)
+    catalog = make_catalog(rows, ordered_classes(rows["label"]), fmt, root)
+    return replace(catalog, predefined_splits="split" in meta.columns)
 
 
 def load_ham10000(cfg: DataConfig) -> Catalog:
@@ -290,11 +292,11 @@ LOADERS: dict[str, Callable[[DataConfig], Catalog]] = {
 
 
 def load_catalog(cfg: DataConfig) -> Catalog:
-    """The catalog for `data.format` at `data.root`, restricted to `data.site` when set."""
+    """The whole catalog for `data.format` at `data.root` (every site: `data.site` is applied after splitting)."""
     catalog = LOADERS[cfg.format](cfg)
     if len(catalog) == 0:
         raise DataError(
             f"{cfg.format}: no image of the metadata was found under {catalog.root} "
             f"({len(catalog.skipped)} rows skipped); expected {HOW_TO_GET[cfg.format]}"
         )
-    return catalog.only_site(cfg.site)
+    return catalog

@@ -3,13 +3,14 @@
 HAM10000 holds several images of one lesion; a lesion in both training and test data makes
 any score optimistic. Splits are grouped by `group` (lesion_id or patient_id), stratified by
 site and class so every site and class appears on each side where the data allow, and seeded.
-A catalog that already carries a `split` column (the synthetic data, whose test split is built
-to break a shortcut) keeps it.
+A catalog whose data set defines its own split (the synthetic data, whose test split is built to
+break a shortcut) keeps it; any other split is drawn anew from the seed, so it can be redrawn.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -41,13 +42,13 @@ def _hold_out(frame: pd.DataFrame, fraction: float, seed: int) -> np.ndarray:
 
 
 def assign_splits(catalog: Catalog, val_fraction: float, test_fraction: float, seed: int) -> Catalog:
-    """Add a `split` column (train/val/test); keep a predefined one."""
+    """Set the `split` column (train/val/test), drawn with `seed`; a data set's predefined split is kept."""
     frame = catalog.frame.copy()
-    if "split" in frame.columns and frame["split"].notna().all():
+    if catalog.predefined_splits:
         unknown = set(frame["split"]) - set(SPLITS)
         if unknown:
             raise ValueError(f"predefined split values {sorted(unknown)} are not in {SPLITS}")
-        return Catalog(frame, catalog.classes, catalog.source, catalog.root, catalog.skipped)
+        return replace(catalog, frame=frame, predefined_splits=True)
     split = np.full(len(frame), "train", dtype=object)
     test = _hold_out(frame, test_fraction, seed)
     split[test] = "test"
@@ -56,7 +57,7 @@ def assign_splits(catalog: Catalog, val_fraction: float, test_fraction: float, s
     val = _hold_out(frame.iloc[rest].reset_index(drop=True), remaining_fraction, seed + 1)
     split[rest[val]] = "val"
     frame["split"] = split
-    return Catalog(frame, catalog.classes, catalog.source, catalog.root, catalog.skipped)
+    return replace(catalog, frame=frame)
 
 
 def split_indices(catalog: Catalog, name: str) -> np.ndarray:

@@ -1,7 +1,7 @@
 """The arms of the study: each a frozen encoder feeding an identical head.
 
 A  federated: the global encoder of a `dermfed simulate` checkpoint
-B  imagenet:  ConvNeXt-Tiny with ImageNet weights (timm), from --imagenet-weights or the HF cache
+B  imagenet:  ConvNeXt-Tiny with ImageNet weights (timm): --imagenet-weights, the HF cache, or the Hub when online
 C  random:    the same architecture as A, randomly initialised (what pretraining adds at all)
 D  pooled:    a centrally pretrained VAE encoder (`dermfed pretrain`)
 E  local:     one site's local-only VAE encoder (`dermfed pretrain data.site=NAME`)
@@ -9,15 +9,19 @@ E  local:     one site's local-only VAE encoder (`dermfed pretrain data.site=NAM
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+from urllib.parse import urlparse
 
 import timm
 import torch
 from torch import nn
 
 from common.checkpoint import frozen_encoder, load_checkpoint
+from server.evaluation.leakage import EXTERNAL, NO_PRETRAINING, PretrainingImages, pretraining_images
 
 ARM_LABELS = {
     "federated": "A: federated VAE encoder",
@@ -38,6 +42,7 @@ class Arm:
     label: str
     encoder: nn.Module
     source: str
+    pretraining: PretrainingImages = NO_PRETRAINING  # which images it pretrained on (leak check)
 
 
 def _frozen(model: nn.Module) -> nn.Module:
@@ -47,7 +52,7 @@ def _frozen(model: nn.Module) -> nn.Module:
 def checkpoint_arm(key: str, path: str | Path) -> Arm:
     payload = load_checkpoint(path)  # read once: federated checkpoints are large
     return Arm(key, ARM_LABELS[key], frozen_encoder(payload),
-               f"{payload['encoder_name']} from {Path(path)} ({payload['position']})")
+               f"{payload['encoder_name']} from {Path(path)} ({payload['position']})", pretraining_images(payload))
 
 
 def random_arm(encoder_name: str, seed: int) -> Arm:
@@ -72,23 +77,53 @@ def cached_imagenet_file(model_name: str, cache_dir: Optional[str] = None) -> Op
 
 
 def imagenet_arm(model_name: str, weights_file: Optional[str]) -> Arm:
-    """ConvNeXt-Tiny with ImageNet weights: from a file, or from a filled Hugging Face cache (never downloads)."""
+    """ConvNeXt-Tiny with ImageNet weights: from a file, the Hugging Face cache, or (online) the Hub, as timm does.
+
+    Offline (`HF_HUB_OFFLINE=1`, or no network) and with neither a file nor a filled cache, the
+    arm is unavailable with a message that names the fixes; the other arms still run.
+    """
     architecture = model_name.split(".")[0]
     if weights_file:
         path = Path(weights_file).expanduser()
         if not path.is_file():
             raise ArmUnavailable(f"--imagenet-weights {path}: no such file")
-        origin = str(path)
-    else:
-        cached = cached_imagenet_file(model_name)
-        if cached is None:
-            raise ArmUnavailable(
-                f"ImageNet weights for {model_name} are not on this machine. Provide them either "
-                f"(1) as a file: dermfed evaluate ... --imagenet-weights /path/to/{architecture}.safetensors (the "
-                f"model.safetensors or pytorch_model.bin of timm/{model_name} on the Hugging Face Hub), or "
-                f"(2) by filling the Hugging Face cache on a machine with internet access "
-                f"(python -c \"import timm; timm.create_model('{model_name}', pretrained=True)\") and copying "
-                f"~/.cache/huggingface to this machine (or pointing HF_HOME at it).")
-        path, origin = cached, f"the Hugging Face cache ({cached})"
-    model = timm.create_model(model_name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(path)))
-    return Arm("imagenet", ARM_LABELS["imagenet"], _frozen(model), f"{model_name} ImageNet weights from {origin}")
+        model = timm.create_model(model_name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(path)))
+        return Arm("imagenet", ARM_LABELS["imagenet"], _frozen(model), f"{model_name} ImageNet weights from {path}", EXTERNAL)
+    cached = cached_imagenet_file(model_name)
+    if cached is not None:
+        model = timm.create_model(model_name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(cached)))
+        return Arm("imagenet", ARM_LABELS["imagenet"], _frozen(model),
+                   f"{model_name} ImageNet weights from the Hugging Face cache ({cached})", EXTERNAL)
+    fixes = (f"Provide them either (1) as a file: dermfed evaluate ... --imagenet-weights /path/to/{architecture}.safetensors "
+             f"(the model.safetensors or pytorch_model.bin of timm/{model_name} on the Hugging Face Hub), or "
+             f"(2) by filling the Hugging Face cache on a machine with internet access "
+             f"(python -c \"import timm; timm.create_model('{model_name}', pretrained=True)\") and copying "
+             f"~/.cache/huggingface to this machine (or pointing HF_HOME at it).")
+    if _offline():
+        raise ArmUnavailable(f"ImageNet weights for {model_name} are not on this machine and downloads are off "
+                             f"(HF_HUB_OFFLINE). {fixes}")
+    unreachable = _hub_unreachable()
+    if unreachable:  # fail in seconds, not after the Hub client's minute of retries
+        raise ArmUnavailable(f"ImageNet weights for {model_name} are not on this machine and the Hugging Face Hub "
+                             f"cannot be reached ({unreachable}). {fixes}")
+    try:  # online: fetch from the Hub exactly as timm does, into the Hugging Face cache
+        model = timm.create_model(model_name, pretrained=True, num_classes=0)
+    except Exception as exc:  # noqa: BLE001 - any download failure leaves the other arms running
+        raise ArmUnavailable(f"ImageNet weights for {model_name} could not be downloaded ({type(exc).__name__}: "
+                             f"{exc}). {fixes}") from None
+    return Arm("imagenet", ARM_LABELS["imagenet"], _frozen(model), f"{model_name} ImageNet weights from the Hugging Face Hub",
+               EXTERNAL)
+
+
+def _hub_unreachable(timeout: float = 3.0) -> Optional[str]:
+    """Why the Hugging Face Hub cannot be reached from here, or None when a connection opens."""
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname or "huggingface.co", endpoint.port or 443), timeout=timeout).close()
+    except OSError as exc:
+        return f"{endpoint.hostname}: {exc}"
+    return None
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}

@@ -1,9 +1,12 @@
 """Identical classifier heads for every arm: same architecture, hyperparameters, seeds, imbalance handling.
 
 Per epoch it records, on the training and validation sets (evaluated after the epoch, in eval
-mode): cross-entropy loss (unweighted, the true negative log-likelihood), accuracy, balanced
-accuracy, and the overfitting gap (training accuracy minus validation accuracy). The best
-epoch is chosen on validation data only; test data never influences training or selection.
+mode): the loss the head is trained on (class-weighted cross-entropy, unless
+`evaluation.imbalance=none`; the same weighting on both sets, so the two are comparable),
+accuracy, balanced accuracy (ISIC definition), and the overfitting gap (training minus
+validation accuracy). The best epoch is chosen on validation data only
+(`evaluation.select_on`: balanced accuracy by default, the study's headline metric, or the
+loss); test data never influences training or selection.
 """
 
 from __future__ import annotations
@@ -15,11 +18,11 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import balanced_accuracy_score
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
 from common.config import EvaluationConfig
+from server.evaluation.metrics import balanced_accuracy
 
 
 def build_head(cfg: EvaluationConfig, in_features: int, num_classes: int) -> nn.Module:
@@ -45,15 +48,24 @@ class HeadRun:
         return torch.softmax(self.head(x), dim=1).numpy()
 
 
-def _evaluate(head: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+def _evaluate(head: nn.Module, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> dict[str, float]:
     head.eval()
     with torch.no_grad():
         logits = head(x)
-        loss = float(F.cross_entropy(logits, y))
+        loss = float(F.cross_entropy(logits, y, weight=weights))
         pred = logits.argmax(dim=1).numpy()
     truth = y.numpy()
     return {"loss": loss, "accuracy": float((pred == truth).mean()),
-            "balanced_accuracy": float(balanced_accuracy_score(truth, pred))}
+            "balanced_accuracy": balanced_accuracy(truth, pred, len(weights))}
+
+
+def objective_weights(cfg: EvaluationConfig, train_labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Per-class weights of the loss the head optimises (and is selected and reported on)."""
+    weights = torch.ones(num_classes)
+    if cfg.imbalance != "none":
+        present = np.unique(train_labels)
+        weights[present] = torch.from_numpy(compute_class_weight("balanced", classes=present, y=train_labels)).float()
+    return weights
 
 
 def train_head(cfg: EvaluationConfig, train_features: Callable[[int], np.ndarray], train_labels: np.ndarray,
@@ -69,10 +81,9 @@ def train_head(cfg: EvaluationConfig, train_features: Callable[[int], np.ndarray
     y_train = torch.from_numpy(train_labels).long()
     x_val = (torch.from_numpy(val_features).float() - mean) / std
     y_val = torch.from_numpy(val_labels).long()
-    present = np.unique(train_labels)
-    weights = torch.ones(num_classes)
-    if cfg.imbalance == "class-weights":
-        weights[present] = torch.from_numpy(compute_class_weight("balanced", classes=present, y=train_labels)).float()
+    weights = objective_weights(cfg, train_labels, num_classes)
+    # balanced sampling balances the batches themselves; the loss it optimises is then unweighted
+    loss_weights = weights if cfg.imbalance == "class-weights" else None
     sample_weights = (1.0 / np.bincount(train_labels, minlength=num_classes)[train_labels]) if cfg.imbalance == "balanced-sampling" else None
     run, best_score, best_state = HeadRun(mean=mean, std=std), None, None
     for epoch in range(cfg.epochs):
@@ -85,15 +96,15 @@ def train_head(cfg: EvaluationConfig, train_features: Callable[[int], np.ndarray
         head.train()
         for start in range(0, len(order), cfg.batch_size):
             batch = order[start:start + cfg.batch_size]
-            loss = F.cross_entropy(head(x_train[batch]), y_train[batch], weight=weights)
+            loss = F.cross_entropy(head(x_train[batch]), y_train[batch], weight=loss_weights)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        train = _evaluate(head, x_train, y_train)
-        val = _evaluate(head, x_val, y_val)
+        train = _evaluate(head, x_train, y_train, weights)
+        val = _evaluate(head, x_val, y_val, weights)
         run.history.append({"epoch": epoch + 1, **{f"train_{k}": v for k, v in train.items()},
                             **{f"val_{k}": v for k, v in val.items()}, "gap": train["accuracy"] - val["accuracy"]})
-        score = -val["loss"] if cfg.select_by == "val_loss" else val["balanced_accuracy"]
+        score = -val["loss"] if cfg.select_on == "val_loss" else val["balanced_accuracy"]
         if best_score is None or score > best_score:
             best_score, best_state, run.best_epoch = score, copy.deepcopy(head.state_dict()), epoch + 1
     head.load_state_dict(best_state)

@@ -1,7 +1,8 @@
 """The evaluation report: one self-contained HTML file (figures embedded), with PNGs and JSON beside it.
 
-Laid out for a clinician or reviewer: the answer first (final metrics with 95% intervals),
-then the training curves as in the paper's Figure 2 (loss on top, accuracy below, one column
+Laid out for a clinician or reviewer: the answer first (paired differences between the federated
+arm and each control on the same test images, with bootstrap intervals, in words), then every
+arm's final metrics, the training curves as in the paper's Figure 2 (loss on top, accuracy below, one column
 per arm), the overfitting gap, the shortcut test, per-site results, confusion matrices, the
 pretraining history (reconstruction loss per round, epsilon per site) and the exact config.
 """
@@ -21,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 REPORT_NAME = "report.html"
+METRIC_NAMES = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "macro_auroc": "macro AUROC"}
 COLOURS = {"train": "#1f77b4", "val": "#d62728"}
 
 
@@ -30,6 +32,20 @@ def _fmt(ci: Optional[dict], digits: int = 3) -> str:
     if ci["n"] < 2:
         return f"{ci['mean']:.{digits}f}"
     return f"{ci['mean']:.{digits}f} [{ci['low']:.{digits}f}, {ci['high']:.{digits}f}]"
+
+
+def _fmt_diff(diff: dict) -> str:
+    if diff.get("mean") is None:
+        return "n/a"
+    return f"{diff['mean']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}]"
+
+
+def _overlap(counts: dict) -> str:
+    if "train" not in counts:  # several split seeds: one entry each
+        return "; ".join(f"split {seed}: {_overlap(c)}" for seed, c in counts.items())
+    if counts.get("pretraining_images") is None:
+        return f"not known ({counts.get('source', '')})"
+    return f"{counts['train']} / {counts['val']} / {counts['test']}"
 
 
 def _save(figure: plt.Figure, path: Path) -> Path:
@@ -94,38 +110,57 @@ def figure_confusion(arms: list[dict], classes: list[str], path: Path) -> Path:
     return _save(figure, path)
 
 
-def figure_pretraining(history: list[dict], path: Path) -> Optional[Path]:
-    """Per-round (or per-epoch) reconstruction loss and per-site epsilon of the pretraining run."""
+def _series(values: list[Optional[float]]) -> Optional[list[float]]:
+    return [np.nan if v is None else v for v in values] if any(v is not None for v in values) else None
+
+
+def figure_pretraining_loss(history: list[dict], path: Path) -> Optional[Path]:
+    """Reconstruction loss per round (federated) or epoch (pooled/local); None when none was reported (DP sites send none)."""
     if not history:
         return None
     federated = "round" in history[0]
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     x = [h["round" if federated else "epoch"] for h in history]
+    lines = {}
     if federated:
-        axes[0].plot(x, [h["train"].get("reconstruction") for h in history], marker="o", label="training (sites, weighted)")
-        if any(h.get("evaluate") for h in history):
-            axes[0].plot(x, [h["evaluate"].get("val-reconstruction") for h in history], marker="s", label="validation (sites)")
-        sites = sorted({s["site"] for h in history for s in h["sites"]})
-        for site in sites:
-            eps = [next((s.get("epsilon") for s in h["sites"] if s["site"] == site), None) for h in history]
-            if any(e is not None for e in eps):
-                axes[1].plot(x, [np.nan if e is None else e for e in eps], marker="o", label=site)
+        lines["training (sites, weighted)"] = _series([h["train"].get("reconstruction") for h in history])
+        lines["validation (sites)"] = _series([h.get("evaluate", {}).get("val-reconstruction") for h in history])
     else:
-        axes[0].plot(x, [h["reconstruction"] for h in history], marker="o", label="training")
-        eps = [h.get("epsilon") for h in history]
-        if any(e is not None for e in eps):
-            axes[1].plot(x, [np.nan if e is None else e for e in eps], marker="o", label="pooled")
-    axes[0].set_title("Pretraining: reconstruction loss per image")
-    axes[0].set_xlabel("round" if federated else "epoch")
-    axes[0].legend(fontsize=8)
-    axes[0].grid(alpha=0.3)
-    axes[1].set_title("Privacy spent per site (epsilon)")
-    axes[1].set_xlabel("round" if federated else "epoch")
-    if axes[1].lines:
-        axes[1].legend(fontsize=8)
+        lines["training"] = _series([h.get("reconstruction") for h in history])
+    lines = {k: v for k, v in lines.items() if v is not None}
+    if not lines:
+        return None
+    figure, axis = plt.subplots(figsize=(6, 3.6))
+    for label, values in lines.items():
+        axis.plot(x, values, marker="o", label=label)
+    axis.set_title("Pretraining: reconstruction loss per image")
+    axis.set_xlabel("round" if federated else "epoch")
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    return _save(figure, path)
+
+
+def figure_privacy(history: list[dict], path: Path) -> Optional[Path]:
+    """Epsilon spent per site and round; None without DP-SGD (there is nothing to draw)."""
+    if not history:
+        return None
+    federated = "round" in history[0]
+    x = [h["round" if federated else "epoch"] for h in history]
+    lines = {}
+    if federated:
+        for site in sorted({s["site"] for h in history for s in h["sites"]}):
+            lines[site] = _series([next((s.get("epsilon") for s in h["sites"] if s["site"] == site), None) for h in history])
     else:
-        axes[1].text(0.5, 0.5, "DP-SGD off: no privacy guarantee", ha="center", va="center", transform=axes[1].transAxes)
-    axes[1].grid(alpha=0.3)
+        lines["pooled"] = _series([h.get("epsilon") for h in history])
+    lines = {k: v for k, v in lines.items() if v is not None}
+    if not lines:
+        return None
+    figure, axis = plt.subplots(figsize=(6, 3.6))
+    for label, values in lines.items():
+        axis.plot(x, values, marker="o", label=label)
+    axis.set_title("Privacy spent per site (epsilon)")
+    axis.set_xlabel("round" if federated else "epoch")
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
     return _save(figure, path)
 
 
@@ -167,12 +202,19 @@ def write_report(run_dir: Path, metrics: Optional[dict[str, Any]] = None) -> Pat
     curves = figure_curves(arms, figures / "curves.png")
     gap = figure_gap(arms, figures / "overfitting_gap.png")
     confusion = figure_confusion(arms, classes, figures / "confusion_matrices.png")
-    pretraining = figure_pretraining(metrics["pretraining"]["history"], figures / "pretraining.png")
+    history = metrics["pretraining"]["history"]
+    loss = figure_pretraining_loss(history, figures / "pretraining_loss.png")
+    privacy = figure_privacy(history, figures / "privacy.png")
 
+    comparison_rows = [[c["words"].split(",")[0], METRIC_NAMES.get(c["metric"], c["metric"]), _fmt_diff(c),
+                        "yes" if c["excludes_zero"] else "no"] for c in metrics.get("comparisons", [])]
+    verdicts = "".join(f"<li>{html.escape(c['words'])}</li>" for c in metrics.get("comparisons", []))
     final_rows = [[arm["label"], _fmt(arm["summary"]["accuracy"]), _fmt(arm["summary"]["balanced_accuracy"]),
-                   _fmt(arm["summary"]["macro_auroc"]), _fmt(arm["final_gap"]),
-                   ", ".join(str(s["best_epoch"]) for s in arm["seeds"])] for arm in arms]
-    site_rows = [[site, arm["label"], _fmt(values["balanced_accuracy"]), _fmt(values["accuracy"]), _fmt(values["macro_auroc"])]
+                   _fmt(arm["summary"]["macro_auroc"]), _fmt(arm["gap"]["at_best_epoch"]), _fmt(arm["gap"]["at_last_epoch"]),
+                   ", ".join(str(s["best_epoch"]) for s in arm["seeds"]), _overlap(arm["pretraining_overlap"])]
+                  for arm in arms]
+    site_rows = [[site, ", ".join(values.get("classes_present", [])), arm["label"], _fmt(values["balanced_accuracy"]),
+                  _fmt(values["accuracy"]), _fmt(values["macro_auroc"])]
                  for arm in arms for site, values in arm["per_site"].items()]
     recall_rows = [[arm["label"], *[_fmt(arm["per_class_recall"][c], 2) for c in classes]] for arm in arms]
     shortcut_html = ""
@@ -187,39 +229,60 @@ def write_report(run_dir: Path, metrics: Optional[dict[str, Any]] = None) -> Pat
                          + _table(["arm", "test accuracy, artefact agrees with class", "test accuracy, artefact disagrees"], rows))
     skipped = "".join(f'<p class="note"><b>Arm {html.escape(k)} did not run.</b> {html.escape(v)}</p>'
                       for k, v in metrics.get("skipped_arms", {}).items())
+    privacy_html = (_embed(privacy, "Privacy budget (epsilon) spent per site during pretraining") if privacy else
+                    '<p class="note"><b>DP-SGD off.</b> This encoder was pretrained without differential privacy: its '
+                    "updates carry no formal privacy guarantee.</p>")
+    loss_html = _embed(loss, "Reconstruction loss during pretraining") if loss else (
+        '<p class="muted">No reconstruction loss was reported: under DP-SGD the sites send only their privacy status.</p>')
     config_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else json.dumps(metrics["head"], indent=1)
     head = metrics["head"]
     position = metrics["pretraining"]["position"]
+    replicates = head.get("bootstrap_replicates", "")
     body = f"""
 <h1>DermFed evaluation report</h1>
 <p class="muted">Pretrained encoder: {html.escape(metrics['pretraining']['encoder'])} from
 <code>{html.escape(metrics['checkpoint'])}</code> ({html.escape(json.dumps(position))}).
 Labelled data: {html.escape(data['format'])} at <code>{html.escape(str(data['root']))}</code>, {data['image_size']}x{data['image_size']} px,
-classes {html.escape(', '.join(classes))}; split sizes {html.escape(json.dumps(data['split_sizes']))}.
+classes {html.escape(', '.join(classes))}; split sizes {html.escape(json.dumps(data['split_sizes']))}
+({data.get('test_groups', '?')} test lesions; split seeds {html.escape(str(data.get('split_seeds', [])))}).
 Every arm is a frozen encoder feeding the same {html.escape(head['head'])} head ({head['epochs']} epochs, lr {head['lr']},
-imbalance: {html.escape(head['imbalance'])}), trained with seeds {html.escape(str(head['seeds']))}.</p>
+imbalance: {html.escape(head['imbalance'])}), trained with head seeds {html.escape(str(head['seeds']))}.</p>
+<h2>The answer: paired differences</h2>
+<p>Each row compares two arms on the <em>same</em> test images: the difference of their metric (mean over head seeds) and
+its 95% interval from a paired bootstrap ({replicates} replicates) that redraws test lesions with replacement and, for
+each arm, its head seeds. An interval that excludes 0 is a difference these test images support; one that includes 0
+is not, whatever the two means.</p>
+<ul class="verdicts">{verdicts}</ul>
+{_table(["comparison", "metric", "difference [95% interval]", "interval excludes 0"], comparison_rows, "comparisons")}
 {skipped}
 <h2>Final test metrics</h2>
-<p>Mean over seeds with 95% confidence interval. Balanced accuracy is the ISIC 2019 challenge metric; the
-best epoch of each seed was chosen on validation data ({html.escape(head['select_by'])}), never on test data.
-The overfitting gap is training minus validation accuracy at the last epoch.</p>
-{_table(["arm", "accuracy", "balanced accuracy", "macro AUROC", "overfitting gap", "best epoch per seed"], final_rows, "final")}
+<p>Mean over head seeds, with the 95% bootstrap interval over test lesions and seeds. Balanced accuracy (mean recall over
+the classes present) and macro AUROC (mean one-vs-rest AUROC over the classes present, on the raw probabilities) are the
+ISIC challenge scorer's definitions. Each seed's best epoch was chosen on validation data ({html.escape(str(head.get('select_on')))}),
+never on test data; the overfitting gap (training minus validation accuracy) is given at that epoch and at the last one.
+The last column counts the arm's pretraining images in the evaluation's train / validation / test splits
+(validation and test must be 0).</p>
+{_table(["arm", "accuracy", "balanced accuracy", "macro AUROC", "gap at chosen epoch", "gap at last epoch",
+         "best epoch per seed", "pretraining images in train / val / test"], final_rows, "final")}
 <h2>Training dynamics (as in the paper's Figure 2)</h2>
-<p>Top: cross-entropy loss; bottom: accuracy; blue training, red validation; bands are one standard deviation over seeds.
+<p>Top: the head's loss; bottom: accuracy; blue training, red validation; bands are one standard deviation over seeds.
 A validation curve that stalls while the training curve keeps improving is overfitting.</p>
 {_embed(curves, "Loss (top) and accuracy (bottom) per epoch, one column per arm")}
 {_embed(gap, "Overfitting gap per epoch")}
 {shortcut_html}
 <h2>Per-site results</h2>
-{_table(["site", "arm", "balanced accuracy", "accuracy", "macro AUROC"], site_rows)}
+<p>Metrics over each site's test images, averaged over the classes present there (listed).</p>
+{_table(["site", "classes present", "arm", "balanced accuracy", "accuracy", "macro AUROC"], site_rows)}
 <h2>Per-class recall and confusion matrices</h2>
 {_table(["arm", *classes], recall_rows)}
 {_embed(confusion, "Confusion matrices on the test set, summed over seeds (colour: row-normalised)")}
 <h2>Pretraining history</h2>
-{_embed(pretraining, "Reconstruction loss and privacy spent during pretraining")}
+{loss_html}
+{privacy_html}
 <h2>How to read this report</h2>
 <ul>
-<li>Compare arms on balanced accuracy and AUROC with their intervals: overlapping intervals are not a difference.</li>
+<li>Start with the paired differences: they answer whether arm A beats the others on these patients' lesions.
+An interval that includes 0 means no difference was shown, even if one mean is higher.</li>
 <li>A: the federated self-supervised encoder; B: ImageNet; C: random weights, the floor that says what any pretraining adds;
 D and E (when present): centrally pooled and single-site pretraining.</li>
 <li>A large or growing overfitting gap means the head learns the training images rather than the disease.</li>
