@@ -21,7 +21,6 @@ import time
 
 def measure(encoder: str, dp: bool, size: int, batch: int, steps: int, device: str) -> dict:
     import torch
-    from torch.utils.data import TensorDataset
 
     from common.config import load_config
     from common.model import build_vae

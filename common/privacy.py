@@ -31,9 +31,9 @@ from typing import Any, Iterable, Optional
 
 import torch
 from opacus import PrivacyEngine
-from opacus.data_loader import DPDataLoader
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.data_loader import DPDataLoader
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader

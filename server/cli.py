@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from client.node import NodeError
 from common.config import ConfigError, DermFedConfig, config_to_yaml, flatten_config, load_config, write_config
 from common.data.catalog import DataError, format_summary, summary_table
 from common.privacy import PrivacyBudgetExhausted
-from client.node import NodeError
 from server.deploy import DeployError
 
 log = logging.getLogger("dermfed")
@@ -130,7 +130,7 @@ def cmd_deploy_init(args: argparse.Namespace, config: DermFedConfig) -> int:
     layout = init_federation(Path(args.out), args.hospital, args.host, args.port, args.superlink_port,
                              args.proxy_port, args.runtime_port)
     print(f"federation created in {layout.root}:")
-    print(f"  ca-offline/ca.key: the CA's private key. Move it offline now; nothing else needs it")
+    print("  ca-offline/ca.key: the CA's private key. Move it offline now; nothing else needs it")
     print(f"  coordinator/: SuperLink and edge certificates (SAN: 127.0.0.1, localhost"
           f"{''.join(', ' + h for h in args.host)}), app-signing key, flwr connection; stays on this server")
     for name in layout.hospitals():

@@ -15,8 +15,8 @@ import torch
 from common.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from common.config import DermFedConfig
 from common.data.pipeline import PreparedData
-from common.pretraining import pretraining_record
 from common.model import ENCODER_PREFIX, build_vae, shared_state
+from common.pretraining import pretraining_record
 from common.training import seed_everything
 from server.rounds import load_resume_point
 

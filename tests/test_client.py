@@ -2,17 +2,16 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
 
-from client.client_app import SNAPSHOT_KEY, _RUNNERS, evaluate, train
+from client.client_app import _RUNNERS, SNAPSHOT_KEY, evaluate, train
 from client.site import SiteRunner, deployment_site_data, simulation_site_data
 from common.config import apply_overrides, config_to_json, load_config
 from common.model import build_vae, shared_keys, shared_state
 from tests.conftest import write_jpeg
-from tests.flower_helpers import set_identity, train_message
+from tests.flower_helpers import train_message
 
 
 def _config(root, tmp_path, *overrides):

@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from common.config import ConfigError, PRESET_DIR, flatten_config, load_config, write_config
+from common.config import PRESET_DIR, ConfigError, flatten_config, load_config, write_config
 
 
 @pytest.mark.parametrize("preset", ["paper", "demo", "smoke"])

@@ -19,15 +19,14 @@ import pandas as pd
 import pytest
 
 import common.deployment.pki as pki
+from client.node import hospital_daemons
 from common.app_signature import load_signing_key, sign_bundle
 from common.checkpoint import load_checkpoint
 from common.config import PROJECT_ROOT, load_config
 from common.data.synthetic import generate
 from common.deployment.layout import FederationLayout
 from common.processes import Daemon, stop_all
-from client.node import hospital_daemons
 from server.deploy import coordinator_daemons, init_federation, register_hospitals, run_federated
-from server.deploy.registry import SiteRegistry
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(shutil.which("nginx") is None,

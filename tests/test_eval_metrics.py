@@ -106,6 +106,7 @@ def test_validation_loss_is_weighted_like_the_training_objective():
     """Selecting on validation loss uses the loss the head is trained on (class-weighted), not another one."""
     import torch
     import torch.nn.functional as F
+
     from server.evaluation.heads import objective_weights
 
     rng = np.random.default_rng(1)

@@ -8,7 +8,6 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from common.config import load_config
-from common.data.torch_views import PretrainView
 from common.model import ConvNeXtVAE, vae_loss_per_sample
 from common.privacy import GRAD_SAMPLE_MODE, PrivacyBudgetExhausted, per_sample_gradient_module
 from common.training import LocalTrainer, SiteState

@@ -13,6 +13,7 @@ import opacus.utils.uniform_sampler as uniform_sampler
 import pandas as pd
 import pytest
 import torch
+from flwr.app import Context, RecordDict
 
 import common.training as training
 from client.client_app import _RUNNERS, evaluate, train
@@ -21,7 +22,6 @@ from common.config import ConfigError, config_to_json, load_config
 from common.model import ConvNeXtVAE, build_vae, shared_state
 from common.privacy import PrivacyBudgetExhausted, epsilon_of, sample_rate_of
 from common.training import LocalTrainer, SiteState
-from flwr.app import Context, RecordDict
 from tests.flower_helpers import train_message
 
 
@@ -185,8 +185,8 @@ def test_without_dp_the_research_metrics_stay(site_config, tmp_path):
 
 
 def test_a_site_without_validation_images_does_not_evaluate_on_its_training_images(synthetic_root, tmp_path):
-    from client.site import SiteRunner, simulation_site_data
     from client.policy import ClientEvaluationRefused
+    from client.site import SiteRunner, simulation_site_data
 
     config = load_config("smoke", [f"data.root={synthetic_root}", f"data.cache_dir={tmp_path / 'cache'}"])
     data = simulation_site_data(config, 0, 3)

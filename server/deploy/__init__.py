@@ -26,9 +26,9 @@ from typing import Optional
 
 from common.config import PROJECT_ROOT, toml_string
 from common.deployment.layout import CONNECTION, FederationLayout
+from common.deployment.pki import issue_certificate, make_ca, make_node_key, make_signing_key, write_public
 from common.deployment.proxy import edge_config, nginx_command, write_config
 from common.processes import Daemon, supervise
-from common.deployment.pki import issue_certificate, make_ca, make_node_key, make_signing_key, write_public
 from server.deploy.registry import RegisteredSite, SiteRegistry
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")

@@ -35,11 +35,11 @@ from server.evaluation.metrics import classification_metrics, mean_ci
 from server.evaluation.uncertainty import (
     METRICS,
     ArmReplicates,
-    nanmean,
     arm_replicates,
     cluster_weights,
     difference,
     interval,
+    nanmean,
 )
 
 log = logging.getLogger("dermfed.evaluate")
