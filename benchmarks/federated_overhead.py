@@ -59,7 +59,7 @@ def main() -> None:
     simulated = time.perf_counter() - started
     loop_seconds, loop_weights, upload = plain_loop(config, workdir / "loop")
     final = load_checkpoint(run_dir)["extra"]["shared"]
-    same = all(torch.allclose(final[k], loop_weights[k].to(final[k].dtype), atol=1e-5) for k in final)
+    same = all(torch.allclose(final[k], loop_weights[k].to(final[k].device, final[k].dtype), atol=1e-5) for k in final)
     shared_keys = len(final)
     print(f"\n{config.model.encoder} at {config.data.image_size}px, {args.rounds} rounds, "
           f"{len(load_checkpoint(run_dir)['history'][0]['sites'])} hospitals, share={config.federation.share}")

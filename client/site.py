@@ -26,12 +26,11 @@ import numpy as np
 import torch
 
 from client.policy import ClientEvaluationRefused, PrivacyFloor, reply_metrics
-from common.augment import build_augmentation
 from common.config import DermFedConfig, build_config
+from common.data.batches import ImageRows, ordered_batches, read_batch, to_device_float
 from common.data.catalog import DataError
 from common.data.partition import partition_catalog
 from common.data.pipeline import PreparedData, prepare_data
-from common.data.torch_views import PretrainView
 from common.model import build_vae, load_partial_state, private_state, shared_keys, shared_state, vae_loss_per_sample
 from common.serialization import read_site_snapshot, site_snapshot
 from common.training import LocalTrainer, SiteState, seed_everything
@@ -136,9 +135,8 @@ class SiteRunner:
         seed_everything(config.seed, 30_000, data.index)
         self.model = build_vae(config.model, config.data.image_size)
         self.scope = config.federation.share
-        augment = build_augmentation(config.train.augment)
-        self.dataset = PretrainView(data.prepared.store, data.train_rows, augment)
-        self.trainer = LocalTrainer(config, self.model, self.dataset, site=data.name, site_index=data.index)
+        self.images = ImageRows(data.prepared.store, data.train_rows)
+        self.trainer = LocalTrainer(config, self.model, self.images, site=data.name, site_index=data.index)
         # DP budget: the whole federated run, every round's local steps
         self.trainer.planned_steps = config.dp.planned_steps or self.trainer.steps_per_call() * config.federation.num_rounds
         self.state = SiteState()
@@ -204,13 +202,14 @@ class SiteRunner:
             old.unlink(missing_ok=True)
         images = max(1, result.images)
         training = {
-            "num-examples": float(len(self.dataset)),  # FedAvg weight: the site's training images
+            "num-examples": float(len(self.images)),  # FedAvg weight: the site's training images
             "images-seen": float(result.images),
             "steps": float(result.steps),
             "reconstruction": sum(e.reconstruction * e.images for e in result.epochs) / images,
             "kl": sum(e.kl * e.images for e in result.epochs) / images,
             "total": sum(e.total * e.images for e in result.epochs) / images,
             "seconds": sum(e.seconds for e in result.epochs),
+            "skipped-steps": float(sum(e.skipped_steps for e in result.epochs)),  # float16 overflow: no update
         }
         privacy = {"epsilon": result.privacy.epsilon, "delta": result.privacy.delta} if result.privacy else {}
         metrics = reply_metrics(self.config, training, privacy, self.data.index, self.public_weight)
@@ -230,14 +229,13 @@ class SiteRunner:
         self._check_shared(shared)
         load_partial_state(self.model, shared)
         rows = self.data.val_rows
-        view = PretrainView(self.data.prepared.store, rows)
         self.model.eval()
-        totals = {"reconstruction": 0.0, "kl": 0.0, "total": 0.0}
         device = next(self.model.parameters()).device
-        for start in range(0, len(view), 64):
-            images = torch.stack([view[i] for i in range(start, min(start + 64, len(view)))]).to(device)
+        totals = torch.zeros(3, dtype=torch.float64, device=device)
+        for positions in ordered_batches(len(rows), 64):
+            images = to_device_float(read_batch(self.data.prepared.store, rows[positions]), device)
             terms = vae_loss_per_sample(images, self.model(images), self.config.model.beta)
-            for key in totals:
-                totals[key] += float(terms[key].sum())
-        return {"num-examples": float(len(view)), "site-index": float(self.data.index),
-                **{f"val-{k}": v / len(view) for k, v in totals.items()}}
+            totals += torch.stack([terms[key].sum() for key in ("reconstruction", "kl", "total")]).double()
+        values = dict(zip(("reconstruction", "kl", "total"), totals.tolist()))
+        return {"num-examples": float(len(rows)), "site-index": float(self.data.index),
+                **{f"val-{k}": v / len(rows) for k, v in values.items()}}

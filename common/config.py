@@ -128,7 +128,8 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(True, description="mixed precision (CUDA only)")
     channels_last: bool = Field(True, description="channels-last memory format (CUDA only)")
-    num_workers: int = Field(0, ge=0)
+    num_workers: Optional[int] = Field(None, ge=0, description=(
+        "batches read ahead by a background thread; default: 2 on CUDA, 0 on the CPU"))
     progress: bool = Field(True, description="progress bar on a terminal")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 

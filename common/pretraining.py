@@ -15,11 +15,10 @@ import numpy as np
 import torch
 from torchvision.utils import save_image
 
-from common.augment import build_augmentation
 from common.checkpoint import CHECKPOINT_NAME, save_vae_checkpoint
 from common.config import DermFedConfig, write_config
+from common.data.batches import ImageRows, read_batch, to_device_float
 from common.data.pipeline import PreparedData, prepare_data
-from common.data.torch_views import PretrainView
 from common.model import ConvNeXtVAE, build_vae
 from common.training import EpochMetrics, LocalTrainer, SiteState, seed_everything
 
@@ -59,13 +58,13 @@ def run_pretraining(config: DermFedConfig, out: Path) -> dict[str, Any]:
     write_config(config, out)
     seed_everything(config.seed, 10_000)
     model = build_vae(config.model, config.data.image_size)
-    dataset = PretrainView(prepared.store, indices, build_augmentation(config.train.augment))
+    images = ImageRows(prepared.store, indices)
     site = config.data.site or "pooled"
-    trainer = LocalTrainer(config, model, dataset, site=site)
+    trainer = LocalTrainer(config, model, images, site=site)
     seen = pretraining_record(prepared, config.data.pretrain_splits)
     history: list[dict[str, Any]] = []
     arm = "local-only" if config.data.site else "pooled"
-    log.info("%s pretraining on %d images (%s), %d steps per epoch, %d epochs", arm, len(dataset),
+    log.info("%s pretraining on %d images (%s), %d steps per epoch, %d epochs", arm, len(images),
              ", ".join(prepared.catalog.sites), trainer.steps_per_epoch, config.train.epochs)
 
     def checkpoint(metrics: EpochMetrics, state: SiteState) -> None:
@@ -74,14 +73,13 @@ def run_pretraining(config: DermFedConfig, out: Path) -> dict[str, Any]:
         print(f"epoch {metrics.epoch}: reconstruction {metrics.reconstruction:.2f}, KL {metrics.kl:.2f}, "
               f"total {metrics.total:.2f}, {metrics.images_per_second:.1f} img/s{eps}", flush=True)
         save_vae_checkpoint(out / CHECKPOINT_NAME, model, config, {"epoch": metrics.epoch, "step": state.step},
-                            history, extra={"arm": arm, "site": site, "images": len(dataset), "pretraining_images": seen})
+                            history, extra={"arm": arm, "site": site, "images": len(images), "pretraining_images": seen})
         (out / "history.json").write_text(json.dumps(history, indent=2))
 
     result = trainer.train(SiteState(), on_epoch_end=checkpoint)
-    plain = PretrainView(prepared.store, indices)  # no augmentation: show the images as they are
-    sample = torch.stack([plain[i] for i in range(min(8, len(plain)))])
+    sample = to_device_float(read_batch(prepared.store, indices[:8]), torch.device("cpu"))  # as they are: no augmentation
     grid = save_reconstruction_grid(model, sample, out / "reconstructions.png")
-    summary = {"run": str(out), "arm": arm, "site": site, "images": len(dataset), "steps": result.steps,
+    summary = {"run": str(out), "arm": arm, "site": site, "images": len(images), "steps": result.steps,
                "final": history[-1] if history else None, "grid": str(grid)}
     if result.privacy is not None:
         summary["privacy"] = {"epsilon": result.privacy.epsilon, "delta": result.privacy.delta,

@@ -3,8 +3,16 @@
 One call of `LocalTrainer.train` trains the VAE on one site's images for `train.epochs`
 epochs (or `train.max_steps` steps) and returns per-epoch metrics. What must survive between
 calls, across federated rounds, lives in `SiteState`: the global step (which drives the
-learning-rate schedule, the KL warm-up and the random seed), the optimizer state, and the
-DP accountant's history. A resumed site therefore continues exactly where it stopped.
+learning-rate schedule, the KL warm-up and the random seed), the optimizer state, the float16
+loss scaler, and the DP accountant's history. A resumed site therefore continues exactly where
+it stopped.
+
+Devices: float32 on the CPU; on CUDA, bfloat16 autocast where the GPU has it (no loss scaler
+needed), else float16 with a GradScaler that starts at a scale suited to a loss summed over
+pixels and keeps its scale across rounds in `SiteState`, so a short federated round never
+spends its few steps halving an overflowing scale. Steps the scaler skipped are counted in the
+epoch metrics and logged. Batches come from `common.data.batches` (uint8 to the device,
+augmented there); metrics are summed on the device and read once per epoch.
 """
 
 from __future__ import annotations
@@ -12,22 +20,24 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from common.augment import build_augmentation
 from common.config import DermFedConfig
+from common.data.batches import BatchLoader, ImageRows, poisson_batches, shuffled_batches
 from common.model import ConvNeXtVAE, VAEOutput, vae_loss_per_sample
 from common.privacy import (
     PrivacyStatus,
+    PrivateTraining,
     check_budget,
     epsilon_of,
     make_private,
-    noise_only_step,
     resolve_noise_multiplier,
     sample_rate_of,
     steps_of,
@@ -44,6 +54,7 @@ class SiteState:
     optimizer: Optional[dict[str, Any]] = None
     accountant: Optional[dict[str, Any]] = None
     noise_multiplier: Optional[float] = None
+    scaler: Optional[dict[str, Any]] = None  # float16 GradScaler state (CUDA without bfloat16 only)
 
 
 @dataclass
@@ -61,6 +72,7 @@ class EpochMetrics:
     lr: float
     epsilon: Optional[float] = None
     delta: Optional[float] = None
+    skipped_steps: int = 0  # float16 steps the loss scaler skipped (overflow): no update was made
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,6 +91,11 @@ class TrainResult:
     @property
     def steps(self) -> int:
         return sum(e.steps for e in self.epochs)
+
+
+LOSS_KEYS = ("reconstruction", "kl", "total")
+FP16_INIT_SCALE = 2.0 ** 8  # GradScaler's default 2**16 overflows at once with a loss summed over ~10^4 pixels
+FINITE_CHECK_EVERY = 16  # steps between reads of the device-side sums (a NaN loss stops training within this)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -117,32 +134,43 @@ def build_optimizer(config: DermFedConfig, model: torch.nn.Module) -> torch.opti
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def autocast_dtype(device: torch.device, amp: bool) -> Optional[torch.dtype]:
+    """bfloat16 on a CUDA GPU that has it, float16 on one that does not, None (float32) otherwise."""
+    if not amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 class LocalTrainer:
     """Trains a ConvNeXtVAE on one site's images; optional DP-SGD through Opacus."""
 
-    def __init__(self, config: DermFedConfig, model: ConvNeXtVAE, dataset: Dataset, *, site: str = "site",
-                 site_index: int = 0, planned_steps: Optional[int] = None):
-        if len(dataset) == 0:  # type: ignore[arg-type]
+    def __init__(self, config: DermFedConfig, model: ConvNeXtVAE, images: ImageRows, *, site: str = "site",
+                 site_index: int = 0, planned_steps: Optional[int] = None, augment: bool = True):
+        if len(images) == 0:
             raise ValueError(f"{site}: no images to train on")
-        self.config, self.model, self.dataset = config, model, dataset
+        self.config, self.model, self.images = config, model, images
         self.site, self.site_index = site, site_index
         self.device = resolve_device(config.train.device)
         self.model.to(self.device)
-        self.steps_per_epoch = math.ceil(len(dataset) / config.train.batch_size)  # type: ignore[arg-type]
-        self.sample_rate = sample_rate_of(len(dataset), config.train.batch_size)  # type: ignore[arg-type]
+        self.steps_per_epoch = math.ceil(len(images) / config.train.batch_size)
+        self.sample_rate = sample_rate_of(len(images), config.train.batch_size)
         self.planned_steps = planned_steps or config.dp.planned_steps or self.steps_per_call()
-        self.use_amp = config.train.amp and self.device.type == "cuda" and not config.dp.enabled
-        if config.train.channels_last and self.device.type == "cuda":
+        self.amp_dtype = None if config.dp.enabled else autocast_dtype(self.device, config.train.amp)
+        channels_last = config.train.channels_last and self.device.type == "cuda"
+        if channels_last:
             self.model.to(memory_format=torch.channels_last)
+        prefetch = config.train.num_workers if config.train.num_workers is not None else (
+            2 if self.device.type == "cuda" else 0)
+        self.loader = BatchLoader(images, self.device, build_augmentation(config.train.augment) if augment else None,
+                                  channels_last=channels_last, prefetch=prefetch)
+
+    @property
+    def uses_scaler(self) -> bool:
+        return self.amp_dtype == torch.float16
 
     def steps_per_call(self) -> int:
         steps = self.config.train.epochs * self.steps_per_epoch
         return min(steps, self.config.train.max_steps) if self.config.train.max_steps else steps
-
-    def _loader(self) -> DataLoader:
-        return DataLoader(self.dataset, batch_size=self.config.train.batch_size, shuffle=True,
-                          num_workers=self.config.train.num_workers, drop_last=False,
-                          pin_memory=self.device.type == "cuda")
 
     def _beta(self, step: int) -> float:
         warmup = self.config.model.kl_warmup_steps
@@ -174,8 +202,7 @@ class LocalTrainer:
         optimizer = build_optimizer(cfg, model)
         if state.optimizer:
             optimizer.load_state_dict(state.optimizer)
-        loader = self._loader()
-        engine = None
+        private: Optional[PrivateTraining] = None
         steps_this_call = self.steps_per_call()
         if dp.enabled:
             if state.noise_multiplier is None:
@@ -183,9 +210,12 @@ class LocalTrainer:
                 log.info("%s: DP-SGD noise multiplier %.4f (sample rate %.4f, %d planned steps)", self.site,
                          state.noise_multiplier, self.sample_rate, self.planned_steps)
             check_budget(dp, state.accountant, state.noise_multiplier, self.sample_rate, steps_this_call, self.site)
-            model, optimizer, loader, engine = make_private(dp, model, optimizer, loader, state.noise_multiplier,
-                                                            state.accountant, self.device)
-        scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+            private = make_private(dp, model, optimizer, len(self.images), cfg.train.batch_size,
+                                   state.noise_multiplier, state.accountant, self.device)
+            model, optimizer = private.module, private.optimizer
+        scaler = torch.amp.GradScaler("cuda", init_scale=FP16_INIT_SCALE, enabled=self.uses_scaler)
+        if self.uses_scaler and state.scaler:
+            scaler.load_state_dict(state.scaler)
         total_steps = cfg.train.total_steps or self.planned_steps
         result = TrainResult(state=state)
         bar = tqdm(total=steps_this_call, desc=f"{self.site} training", unit="step", leave=False,
@@ -195,53 +225,71 @@ class LocalTrainer:
             for epoch in range(cfg.train.epochs):
                 if done >= steps_this_call:
                     break
-                sums = {"reconstruction": 0.0, "kl": 0.0, "total": 0.0}
-                images, steps, pixels, started = 0, 0, 1.0, time.perf_counter()
-                for batch in loader:
+                if private is not None:
+                    batches = poisson_batches(len(self.images), self.sample_rate, self.steps_per_epoch, private.sampling)
+                else:
+                    batches = shuffled_batches(len(self.images), cfg.train.batch_size)
+                sums = torch.zeros(len(LOSS_KEYS), device=self.device, dtype=torch.float64)
+                images, steps, skipped, pixels, started = 0, 0, 0, 1.0, time.perf_counter()
+                lr, beta = cfg.train.lr, self._beta(state.step)
+                for batch in self.loader(batches):
                     if done >= steps_this_call:
                         break
                     lr = cfg.train.lr * lr_factor(state.step, cfg.train.warmup_steps, total_steps, cfg.train.scheduler)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
                     beta = self._beta(state.step)
-                    if _is_empty(batch):  # Poisson sampling drew nobody: the accounted step still releases noise
-                        noise_only_step(optimizer, model.parameters())
+                    if len(batch) == 0:  # Poisson sampling drew nobody: the accounted step still releases noise
+                        private.noise_only_step()
                     else:
-                        terms = self._step(model, optimizer, scaler, batch, beta)
+                        terms, was_skipped = self._step(model, optimizer, scaler, batch, beta, private)
                         if prox_mu and prox_reference:
                             self._proximal_step(lr * prox_mu, prox_reference)
-                        for key in sums:
-                            sums[key] += float(terms[key].sum())
+                        sums += torch.stack([terms[key].sum() for key in LOSS_KEYS]).double()
                         images += len(batch)
+                        skipped += was_skipped
                         pixels = float(np.prod(batch.shape[1:]))
                     steps += 1
                     done += 1
                     state.step += 1
                     bar.update(1)
-                    bar.set_postfix(loss=f"{sums['total'] / max(images, 1):.1f}")
+                    if steps % FINITE_CHECK_EVERY == 0:
+                        self._require_finite(sums)
+                self._require_finite(sums)
+                values = dict(zip(LOSS_KEYS, sums.tolist()))  # the epoch's one read of the device
                 seconds = time.perf_counter() - started
+                per_image = {key: value / max(images, 1) for key, value in values.items()}
+                bar.set_postfix(loss=f"{per_image['total']:.1f}")
                 metrics = EpochMetrics(
-                    epoch=epoch + 1, steps=steps, images=images,
-                    reconstruction=sums["reconstruction"] / max(images, 1), kl=sums["kl"] / max(images, 1),
-                    total=sums["total"] / max(images, 1), mse_per_pixel=sums["reconstruction"] / max(images, 1) / pixels,
-                    beta=beta if steps else self._beta(state.step), seconds=seconds,
-                    images_per_second=images / seconds if seconds > 0 else 0.0, lr=lr if steps else cfg.train.lr,
+                    epoch=epoch + 1, steps=steps, images=images, reconstruction=per_image["reconstruction"],
+                    kl=per_image["kl"], total=per_image["total"], mse_per_pixel=per_image["reconstruction"] / pixels,
+                    beta=beta, seconds=seconds, images_per_second=images / seconds if seconds > 0 else 0.0, lr=lr,
+                    skipped_steps=skipped,
                 )
-                if engine is not None:
-                    metrics.epsilon = float(engine.accountant.get_epsilon(dp.delta))
+                if skipped:
+                    log.warning("%s: the float16 loss scaler skipped %d of %d steps in epoch %d (overflow); "
+                                "their batches made no update", self.site, skipped, steps, epoch + 1)
+                if private is not None:
+                    metrics.epsilon = float(private.accountant.get_epsilon(dp.delta))
                     metrics.delta = dp.delta
                 result.epochs.append(metrics)
                 state.optimizer = _original_optimizer(optimizer).state_dict()
-                if engine is not None:
-                    state.accountant = engine.accountant.state_dict()
+                state.scaler = scaler.state_dict() if self.uses_scaler else None
+                if private is not None:
+                    state.accountant = private.accountant.state_dict()
                 if on_epoch_end is not None:
-                    on_epoch_end(metrics, state)
+                    with private.layout.standard() if private is not None else nullcontext():
+                        on_epoch_end(metrics, state)  # e.g. a checkpoint: it must see the standard layout
         finally:
             bar.close()
-            if engine is not None and hasattr(model, "to_standard_module"):
-                model.to_standard_module()  # drop Opacus hooks: self.model is a plain VAE again
+            if private is not None:
+                private.close()  # drop Opacus hooks and the layout change: self.model is a plain VAE again
         result.privacy = self.privacy_status(state)
         return result
+
+    def _require_finite(self, sums: torch.Tensor) -> None:
+        if not bool(torch.isfinite(sums).all()):
+            raise FloatingPointError(f"{self.site}: the loss became NaN or infinite; lower train.lr or check the data")
 
     @torch.no_grad()
     def _proximal_step(self, rate: float, reference: dict[str, torch.Tensor]) -> None:
@@ -251,35 +299,29 @@ class LocalTrainer:
                 param = params[name]
                 param.sub_(rate * (param - anchor.to(param.device, param.dtype)))
 
-    def _step(self, model, optimizer, scaler, batch: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
-        batch = batch.to(self.device, non_blocking=True)
-        if self.device.type == "cuda" and self.config.train.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
+    def _step(self, model, optimizer, scaler, batch: torch.Tensor, beta: float,
+              private: Optional[PrivateTraining] = None) -> tuple[dict[str, torch.Tensor], int]:
+        """One optimisation step; returns the per-sample loss terms (on the device) and 1 if the scaler skipped it."""
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, enabled=self.use_amp):
-            out = model(batch)
+        inputs = batch.detach().requires_grad_(True) if private is not None else batch
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            out = model(inputs)
         terms = vae_loss_per_sample(batch.float(), _as_float(out), beta)
-        loss = terms["total"].mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{self.site}: non-finite loss at step; lower train.lr or check the data")
-        if self.config.dp.enabled:
-            loss.backward()  # Opacus clips each sample's gradient and adds noise in step()
+        if private is not None:
+            private.backward(terms["total"], inputs)  # each sample's gradient clipped; noise added in step()
             optimizer.step()
-        else:
-            scaler.scale(loss).backward()
-            if self.config.train.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), self.config.train.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-        return {k: v.detach() for k, v in terms.items()}
-
-
-def _is_empty(batch: Any) -> bool:
-    """An empty Poisson batch: Opacus hands a 0-row tensor, or a list of empty tensors when the first batch is empty."""
-    if torch.is_tensor(batch):
-        return batch.shape[0] == 0
-    return all(torch.is_tensor(part) and part.numel() == 0 for part in batch)
+            return {k: v.detach() for k, v in terms.items()}, 0
+        scaler.scale(terms["total"].mean()).backward()
+        if self.config.train.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.config.train.grad_clip)
+        if not self.uses_scaler:
+            optimizer.step()
+            return {k: v.detach() for k, v in terms.items()}, 0
+        scale = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        return {k: v.detach() for k, v in terms.items()}, int(scaler.get_scale() < scale)
 
 
 def _as_float(out: VAEOutput) -> VAEOutput:

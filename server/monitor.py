@@ -18,9 +18,9 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import GroupKFold
 
 from common.config import DermFedConfig
+from common.data.batches import read_batch, to_device_float
 from common.data.pipeline import PreparedData, prepare_data
 from common.data.splits import split_indices
-from common.data.torch_views import PretrainView
 from common.model import build_vae, load_partial_state, vae_loss_per_sample
 
 
@@ -40,8 +40,7 @@ class Monitor:
             rows = split_indices(self._prepared.catalog, "val")
             if len(rows) < 4:
                 rows = split_indices(self._prepared.catalog, "train")
-            view = PretrainView(self._prepared.store, rows)
-            self._validation = rows, torch.stack([view[i] for i in range(len(view))])
+            self._validation = rows, to_device_float(read_batch(self._prepared.store, rows), torch.device("cpu"))
         return self._prepared, *self._validation
 
     @torch.no_grad()

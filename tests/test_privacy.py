@@ -9,16 +9,13 @@ from torch.func import functional_call, grad, vmap
 
 from common.config import load_config
 from common.model import ConvNeXtVAE, vae_loss_per_sample
-from common.privacy import GRAD_SAMPLE_MODE, PrivacyBudgetExhausted, per_sample_gradient_module
+from common.privacy import GRAD_SAMPLE_MODE, PrivacyBudgetExhausted, make_private, per_sample_gradient_module
 from common.training import LocalTrainer, SiteState
+from tests.conftest import random_image_rows
 
 
-def _reference_and_opacus(encoder: str, mode: str, size: int = 32, batch: int = 4):
-    """Per-sample gradients from torch.func (vmap of grad) and from Opacus in `mode`, float64."""
-    torch.manual_seed(0)
-    model = ConvNeXtVAE(encoder, latent_dim=8, image_size=size, decoder_width=4).double()
-    model.sample_latent = False  # z = mu: the forward pass is a deterministic function of the input
-    images = torch.rand(batch, 3, size, size, dtype=torch.float64)
+def _reference(model, images):
+    """Per-sample gradients from torch.func (vmap of grad): the judge."""
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = dict(model.named_buffers())
 
@@ -27,40 +24,59 @@ def _reference_and_opacus(encoder: str, mode: str, size: int = 32, batch: int = 
         return vae_loss_per_sample(image[None], out, beta=1.0)["total"].mean()
 
     reference = vmap(grad(loss_of_one), in_dims=(None, 0))(params, images)
-    wrapped = per_sample_gradient_module(model, mode)
-    vae_loss_per_sample(images, wrapped(images), beta=1.0)["total"].mean().backward()
-    names = [k for k, _ in model.named_parameters()]
-    opacus = torch.cat([dict(model.named_parameters())[k].grad_sample.flatten(1) for k in names], dim=1)
-    expected = torch.cat([reference[k].flatten(1) for k in names], dim=1)
-    return opacus, expected
+    return torch.cat([reference[k].flatten(1) for k, _ in model.named_parameters()], dim=1)
 
 
-def _relative_error(opacus, expected):
-    return float(((opacus - expected).norm(dim=1) / expected.norm(dim=1)).max())
+def _model(encoder, size=32):
+    torch.manual_seed(0)
+    model = ConvNeXtVAE(encoder, latent_dim=8, image_size=size, decoder_width=4).double()
+    model.sample_latent = False  # z = mu: the forward pass is a deterministic function of the input
+    return model
 
 
 @pytest.mark.parametrize("encoder", ["convnext_atto", "convnext_tiny"])
-def test_training_mode_per_sample_gradients_match_torch_func(encoder):
-    assert GRAD_SAMPLE_MODE == "functorch"
-    opacus, expected = _reference_and_opacus(encoder, GRAD_SAMPLE_MODE)
-    assert _relative_error(opacus, expected) < 1e-5
+@pytest.mark.parametrize("max_grad_norm", [1e-3, 1e6])  # every sample clipped / none clipped
+def test_the_dp_step_clips_exactly_the_reference_per_sample_gradients(encoder, max_grad_norm):
+    """The mode DP uses (ghost clipping with DermFed's samplers), through make_private itself, in float64:
+    each sample's gradient norm and the clipped gradient sum equal torch.func's."""
+    assert GRAD_SAMPLE_MODE == "ghost"
+    model, batch = _model(encoder), 4
+    images = torch.rand(batch, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    per_sample = _reference(model, images)
+    norms = per_sample.norm(dim=1)
+    clipped = (per_sample * (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)[:, None]).sum(dim=0)
+    config = load_config("smoke", ["dp.enabled=true", "dp.noise_multiplier=1.0", f"dp.max_grad_norm={max_grad_norm}"])
+    private = make_private(config.dp, model, torch.optim.SGD(model.parameters(), lr=0.0), batch, batch, 1.0, None)
+    inputs = images.clone().requires_grad_(True)
+    private.backward(vae_loss_per_sample(images, private.module(inputs), beta=1.0)["total"], inputs)
+    assert float(((private.module.per_sample_gradient_norms - norms).abs() / norms).max()) < 1e-9
+    private.close()
+    assert list(model.state_dict()) == list(_model(encoder).state_dict())  # the layout change is undone
+    summed = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert float((summed - clipped).norm() / clipped.norm()) < 1e-9
 
 
-def test_the_check_catches_opacus_hooks_mode_on_convnext():
-    """The same comparison fails for the hooks mode, which is wrong on timm ConvNeXt: the test can fail."""
-    opacus, expected = _reference_and_opacus("convnext_atto", "hooks")
-    assert _relative_error(opacus, expected) > 1e-2
+def test_the_same_check_catches_opacus_stock_samplers_on_convnext(monkeypatch):
+    """Opacus's own conv sampler mis-reads LayerNorm2d's non-contiguous output: the check can fail."""
+    from opacus.grad_sample import GradSampleModule
+    from opacus.grad_sample.conv import compute_conv_grad_sample
+
+    def per_sample_errors():
+        model = _model("convnext_atto")
+        images = torch.rand(4, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        reference = _reference(model, images)
+        wrapped = per_sample_gradient_module(model, "hooks")
+        vae_loss_per_sample(images, wrapped(images), beta=1.0)["total"].mean().backward()
+        opacus = torch.cat([p.grad_sample.flatten(1) for p in model.parameters()], dim=1)
+        return float(((opacus - reference).norm(dim=1) / reference.norm(dim=1)).max())
+
+    assert per_sample_errors() < 1e-9  # hooks mode with DermFed's samplers is exact too
+    monkeypatch.setitem(GradSampleModule.GRAD_SAMPLERS, torch.nn.Conv2d, compute_conv_grad_sample)
+    assert per_sample_errors() > 1e-2
 
 
-class _Images(torch.utils.data.Dataset):
-    def __init__(self, n=40, size=32):
-        self.images = torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(1))
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.images[i]
+def _Images(n=40, size=32, seed=1):
+    return random_image_rows(n, size, seed)
 
 
 def _trainer(steps, *overrides):
@@ -125,3 +141,23 @@ def test_planned_sample_rate_is_the_one_opacus_accounts():
     assert rate == pytest.approx(trainer.sample_rate) == pytest.approx(0.5)
     assert steps == trainer.steps_per_call() == 2
     assert trainer.privacy_status(state).epsilon == pytest.approx(3.0, rel=0.02)  # the planned budget, exactly spent
+
+
+@pytest.mark.parametrize("tokens", [3, 40])  # few tokens: Gram matrices; many: the per-sample gradient itself
+def test_linear_and_conv_norm_samplers_take_either_branch_exactly(tokens):
+    from common.dp_layers import conv2d_norm_sample, linear_norm_sample
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(6, 8)  # 2 x tokens positions: 6 (36 <= 6 x 8: Gram) or 80 (6400 > 48: per-sample)
+    a, g = torch.randn(5, 2, tokens, 6, dtype=torch.float64), torch.randn(5, 2, tokens, 8, dtype=torch.float64)
+    norms = linear_norm_sample(linear.double(), [a], g)
+    weight = torch.einsum("n...i,n...j->nij", g, a).flatten(1).norm(dim=1)
+    assert torch.allclose(norms[linear.weight], weight) and torch.allclose(norms[linear.bias], g.sum(dim=(1, 2)).norm(dim=1))
+    conv = torch.nn.Conv2d(3, 16, 3, padding=1).double()  # 9 positions (81 <= 27 x 16: Gram) or 1600
+    x = torch.randn(5, 3, tokens, tokens, dtype=torch.float64, requires_grad=True)
+    out = conv(x)
+    backprops = torch.randn_like(out)
+    per_sample = torch.stack([torch.autograd.grad((conv(x[i:i + 1]) * backprops[i:i + 1]).sum(), conv.weight)[0]
+                              for i in range(5)])
+    norms = conv2d_norm_sample(conv, [x.detach()], backprops)
+    assert torch.allclose(norms[conv.weight], per_sample.flatten(1).norm(dim=1))

@@ -8,8 +8,7 @@ from a site's errors.
 import math
 import shutil
 
-import opacus.optimizers.optimizer as opacus_optimizer
-import opacus.utils.uniform_sampler as uniform_sampler
+import opacus.optimizers.optimizer_fast_gradient_clipping as opacus_optimizer
 import pandas as pd
 import pytest
 import torch
@@ -20,20 +19,14 @@ from client.client_app import _RUNNERS, evaluate, train
 from client.policy import DP_REPLY_FIELDS, PrivacyFloor
 from common.config import ConfigError, config_to_json, load_config
 from common.model import ConvNeXtVAE, build_vae, shared_state
-from common.privacy import PrivacyBudgetExhausted, epsilon_of, sample_rate_of
+from common.privacy import PrivacyBudgetExhausted, PrivateTraining, epsilon_of, sample_rate_of
 from common.training import LocalTrainer, SiteState
+from tests.conftest import random_image_rows
 from tests.flower_helpers import train_message
 
 
-class _Images(torch.utils.data.Dataset):
-    def __init__(self, n=40, size=32, seed=1):
-        self.images = torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.images[i]
+def _Images(n=40, size=32, seed=1):
+    return random_image_rows(n, size, seed)
 
 
 def _trainer(images, *overrides):
@@ -49,7 +42,7 @@ def _weights(trainer):
 
 @pytest.fixture()
 def noise_draws(monkeypatch):
-    """Every Gaussian noise tensor Opacus adds, in order."""
+    """Every Gaussian noise tensor Opacus adds, in order (DermFed's DP optimizer is the ghost-clipping one)."""
     draws = []
     original = opacus_optimizer._generate_noise
 
@@ -90,18 +83,18 @@ def test_the_same_images_twice_give_different_dp_updates_and_identical_plain_one
 
 def test_poisson_sampling_cannot_be_replayed_either(monkeypatch):
     drawn: list[list[list[int]]] = []
-    original = uniform_sampler.UniformWithReplacementSampler.__iter__
+    original = training.poisson_batches
 
-    def spy(self):
-        for batch in original(self):
-            drawn[-1].append(list(batch))
+    def spy(*args, **kwargs):
+        for batch in original(*args, **kwargs):
+            drawn[-1].append(batch.tolist())
             yield batch
 
-    monkeypatch.setattr(uniform_sampler.UniformWithReplacementSampler, "__iter__", spy)
+    monkeypatch.setattr(training, "poisson_batches", spy)
     for _ in range(2):
         drawn.append([])
         _trainer(_Images(), *DP, "train.max_steps=5").train(SiteState())
-    assert len(drawn[0]) == len(drawn[1]) == 5
+    assert len(drawn[0]) == len(drawn[1]) == 5  # one epoch of 40 / 8 batches
     assert drawn[0] != drawn[1]
 
 
@@ -128,8 +121,8 @@ def test_a_call_that_would_end_above_the_target_by_any_margin_is_refused():
 
 def test_an_empty_poisson_batch_still_releases_a_noise_only_update(noise_draws, monkeypatch):
     empties = []
-    original = training.noise_only_step
-    monkeypatch.setattr(training, "noise_only_step", lambda opt, params: (empties.append(1), original(opt, params)))
+    original = PrivateTraining.noise_only_step
+    monkeypatch.setattr(PrivateTraining, "noise_only_step", lambda self: (empties.append(1), original(self)))
     trainer = _trainer(_Images(n=40), *DP, "train.batch_size=1", "train.max_steps=40")  # q = 1/40
     params = sum(1 for p in trainer.model.parameters() if p.requires_grad)
     result = trainer.train(SiteState())

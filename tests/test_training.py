@@ -7,12 +7,12 @@ import pytest
 import timm
 import torch
 
-from common.augment import RandomRot90, build_augmentation
+from common.augment import build_augmentation
 from common.checkpoint import load_checkpoint, load_frozen_encoder
 from common.config import load_config
+from common.data.batches import ImageRows, read_batch, to_device_float
 from common.data.pipeline import prepare_data
 from common.data.splits import split_indices
-from common.data.torch_views import PretrainView
 from common.model import build_vae, vae_loss_per_sample
 from common.training import LocalTrainer, SiteState, lr_factor, seed_everything
 from server.cli import main
@@ -21,6 +21,7 @@ from server.cli import main
 @torch.no_grad()
 def _eval_loss(model, images):
     model.eval()
+    images = images.to(next(model.parameters()).device)  # the trainer moved the model to its device (CUDA if present)
     return float(vae_loss_per_sample(images, model(images), beta=1.0)["total"].mean())
 
 
@@ -32,11 +33,11 @@ def test_loss_falls_on_real_ham10000_images_at_64px(ham_sample, tmp_path):
     ])
     prepared = prepare_data(config)
     train = split_indices(prepared.catalog, "train")
-    held_out = torch.stack([PretrainView(prepared.store, split_indices(prepared.catalog, "val"))[i] for i in range(32)])
+    held_out = to_device_float(read_batch(prepared.store, split_indices(prepared.catalog, "val")[:32]), torch.device("cpu"))
     seed_everything(0)
     model = build_vae(config.model, 64)
     before = _eval_loss(model, held_out)
-    trainer = LocalTrainer(config, model, PretrainView(prepared.store, train, build_augmentation(config.train.augment)))
+    trainer = LocalTrainer(config, model, ImageRows(prepared.store, train))
     result = trainer.train(SiteState())
     after = _eval_loss(model, held_out)
     assert result.steps == 40 and result.images > 36 * 16  # epochs end with a partial batch
@@ -46,7 +47,7 @@ def test_loss_falls_on_real_ham10000_images_at_64px(ham_sample, tmp_path):
 def _synthetic_trainer(root, tmp_path, *overrides):
     config = load_config("smoke", [f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}", *overrides])
     prepared = prepare_data(config)
-    dataset = PretrainView(prepared.store, split_indices(prepared.catalog, "train"), build_augmentation(config.train.augment))
+    dataset = ImageRows(prepared.store, split_indices(prepared.catalog, "train"))
     seed_everything(config.seed)
     return LocalTrainer(config, build_vae(config.model, config.data.image_size), dataset)
 
@@ -80,15 +81,23 @@ def test_learning_rate_schedule():
     assert lr_factor(55, 10, 100, "constant") == 1.0
 
 
-def test_augmentations_are_exact_symmetries_or_mild():
+def test_batch_augmentations_are_exact_symmetries_or_mild_and_differ_per_image():
     torch.manual_seed(0)
     image = torch.rand(3, 16, 16)
-    rotated = RandomRot90()(image)
-    assert any(torch.equal(rotated, torch.rot90(image, k, dims=(1, 2))) for k in range(4))
-    config = load_config("smoke", ["train.augment.brightness=0", "train.augment.contrast=0",
-                                   "train.augment.saturation=0", "train.augment.hue=0"])
-    out = build_augmentation(config.train.augment)(image)
-    assert torch.allclose(out.sum(), image.sum(), atol=1e-4)  # flips and rotations only permute pixels
+    batch = image.expand(64, 3, 16, 16).clone()
+    geometric = load_config("smoke", ["train.augment.brightness=0", "train.augment.contrast=0",
+                                      "train.augment.saturation=0", "train.augment.hue=0"])
+    out = build_augmentation(geometric.train.augment)(batch)
+    symmetries = [torch.rot90(flipped, k, dims=(1, 2)) for flipped in (image, image.flip(-1)) for k in range(4)]
+    assert all(any(torch.equal(o, s) for s in symmetries) for o in out)  # flips and rotations only permute pixels
+    assert len({tuple(o.flatten()[:8].tolist()) for o in out}) > 4  # each image drew its own transform
+    jitter_only = load_config("smoke", ["train.augment.hflip=false", "train.augment.vflip=false", "train.augment.rot90=false"])
+    colour = build_augmentation(jitter_only.train.augment)(batch)
+    assert 0 < float((colour - batch).abs().mean()) < 0.1 and colour.min() >= 0 and colour.max() <= 1  # mild
+    torch.manual_seed(1)
+    first = build_augmentation(load_config("smoke").train.augment)(batch)
+    torch.manual_seed(1)
+    assert torch.equal(first, build_augmentation(load_config("smoke").train.augment)(batch))  # seeded: reproducible
     off = load_config("smoke", [f"train.augment.{k}={v}" for k, v in [("hflip", "false"), ("vflip", "false"),
         ("rot90", "false"), ("brightness", 0), ("contrast", 0), ("saturation", 0), ("hue", 0)]])
     assert build_augmentation(off.train.augment) is None
@@ -121,3 +130,14 @@ def test_pretrain_one_site_only(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["arm"] == "local-only" and summary["site"] == "hospital_2"
     assert main(["pretrain", "--config", "smoke", f"data.root={tmp_path / 'data'}", "data.site=nowhere"]) == 2
+
+
+def test_mixed_precision_choice_per_device(monkeypatch):
+    from common.training import autocast_dtype
+
+    assert autocast_dtype(torch.device("cpu"), True) is None  # float32 on the CPU
+    assert autocast_dtype(torch.device("cuda"), False) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert autocast_dtype(torch.device("cuda"), True) == torch.bfloat16  # no loss scaler needed
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert autocast_dtype(torch.device("cuda"), True) == torch.float16  # with a GradScaler kept in SiteState

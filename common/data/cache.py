@@ -53,6 +53,13 @@ class MemmapStore:
     def get(self, index: int) -> np.ndarray:
         return np.asarray(self.array[index])
 
+    def get_batch(self, rows: np.ndarray) -> np.ndarray:
+        """Many rows in one read, in increasing file order (memory-mapped pages are read sequentially)."""
+        order = np.argsort(rows, kind="stable")
+        out = np.empty((len(rows), *self.array.shape[1:]), dtype=np.uint8)
+        out[order] = self.array[rows[order]]
+        return out
+
 
 @dataclass
 class DecodingStore:
@@ -174,10 +181,14 @@ class _IndexedArray:
     base: np.ndarray
     keep: np.ndarray
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.keep), *self.base.shape[1:])
+
     def __len__(self) -> int:
         return len(self.keep)
 
-    def __getitem__(self, index: int) -> np.ndarray:
+    def __getitem__(self, index):  # an int or an array of rows
         return self.base[self.keep[index]]
 
 
@@ -193,3 +204,8 @@ class SubsetStore:
 
     def get(self, index: int) -> np.ndarray:
         return self.base.get(int(self.rows[index]))
+
+    def get_batch(self, rows: np.ndarray) -> np.ndarray:
+        from common.data.batches import read_batch
+
+        return read_batch(self.base, self.rows[rows])

@@ -9,12 +9,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from common.data.batches import BatchLoader, ImageRows, ordered_batches
 from common.data.cache import ImageStore
-from common.data.torch_views import to_tensor
 
 
 class FeatureExtractor:
-    """Images of the store -> pooled features of a frozen encoder, normalised as the encoder expects."""
+    """Images of the store -> pooled features of a frozen encoder, normalised as the encoder expects.
+
+    Reads and converts batches as training does (`common.data.batches`: uint8 to the device,
+    converted and, with `transform`, augmented there).
+    """
 
     def __init__(self, encoder: nn.Module, store: ImageStore, batch_size: int = 64, device: Optional[torch.device] = None):
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -27,11 +31,11 @@ class FeatureExtractor:
     @torch.no_grad()
     def __call__(self, rows: np.ndarray, transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                  desc: str = "features") -> np.ndarray:
+        loader = BatchLoader(ImageRows(self.store, rows), self.device, transform,
+                             prefetch=2 if self.device.type == "cuda" else 0)
         chunks = []
-        for start in tqdm(range(0, len(rows), self.batch_size), desc=desc, unit="batch", leave=False, disable=None):
-            images = [to_tensor(self.store.get(int(i))) for i in rows[start:start + self.batch_size]]
-            if transform is not None:
-                images = [transform(image) for image in images]
-            batch = (torch.stack(images).to(self.device) - self.mean) / self.std
-            chunks.append(self.encoder(batch).float().cpu())
+        batches = ordered_batches(len(rows), self.batch_size)
+        for batch in tqdm(loader(batches), total=-(-len(rows) // self.batch_size), desc=desc, unit="batch",
+                          leave=False, disable=None):
+            chunks.append(self.encoder((batch - self.mean) / self.std).float().cpu())
         return torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), dtype=np.float32)
