@@ -1,8 +1,8 @@
 """A test-only fault switch, so that tests can put a faulty hospital inside a running federation.
 
 Only simulations honour it (the node config has a `partition-id`): the run config key
-`fault-injection="SITE:KIND:ROUND"` makes virtual hospital SITE (its partition index) fail
-from round ROUND on, in one of three ways:
+`fault-injection="SITE:KIND:ROUND[,SITE:KIND:ROUND...]"` makes virtual hospital SITE (its
+partition index) fail from round ROUND on, in one of three ways:
 
 - `raise`: training fails as a real site fails when one of its images became unreadable, with
   an exception whose text names the file (what must never reach the server);
@@ -50,10 +50,11 @@ class FaultSwitch:
         """The switch for this node: simulations only, never a real hospital's daemon."""
         if "partition-id" not in node_config:
             return None
-        switch = cls.parse(str(run_config.get(FAULT_KEY, "")))
-        if switch is None or switch.site_index != int(node_config["partition-id"]):
-            return None
-        return switch
+        for spec in str(run_config.get(FAULT_KEY, "")).split(","):
+            switch = cls.parse(spec.strip())
+            if switch is not None and switch.site_index == int(node_config["partition-id"]):
+                return switch
+        return None
 
     def before_training(self, round_number: int, image_path: str) -> None:
         if round_number < self.from_round:

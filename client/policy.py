@@ -36,6 +36,10 @@ class PrivacyFloorError(ValueError):
     """The coordinator asked for less privacy than this site allows. The message holds only settings."""
 
 
+class SiteStateCorrupt(RuntimeError):
+    """A site's saved state (optimizer, private decoder, step) cannot be read: the site refuses to guess."""
+
+
 class ClientEvaluationRefused(RuntimeError):
     """This site does not compute validation metrics for the server (DP on, or no validation images)."""
 
@@ -146,6 +150,8 @@ _PUBLIC_ERRORS: tuple[tuple[type[BaseException], str, str], ...] = (
     (ClientEvaluationRefused, "evaluation-refused",
      "this site does not send validation metrics (DP-SGD is on, or it holds no validation images)"),
     (DataError, "data-error", "this site's images could not be read as configured; details are in its own log"),
+    (SiteStateCorrupt, "site-state-corrupt", "this site's saved state of the previous round is unreadable; its operator "
+     "must restore it or move it aside; details are in its own log"),
     (ConfigError, "config-error", "this site could not apply the run's configuration; details are in its own log"),
 )
 

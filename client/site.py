@@ -25,7 +25,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import torch
 
-from client.policy import ClientEvaluationRefused, PrivacyFloor, reply_metrics
+from client.policy import ClientEvaluationRefused, PrivacyFloor, SiteStateCorrupt, reply_metrics
 from common.config import DermFedConfig, build_config
 from common.data.batches import ImageRows, ordered_batches, read_batch, to_device_float
 from common.data.catalog import DataError
@@ -156,11 +156,17 @@ class SiteRunner:
         previous = round_number - 1
         if self.round == previous:
             return  # already there: the normal case within one run (and round 1 of a fresh site)
-        candidates = [snapshot, self.snapshot_path(previous).read_bytes() if self.snapshot_path(previous).is_file() else None]
-        for blob in candidates:
+        on_disk = self.snapshot_path(previous)
+        candidates = [(snapshot, "the node's context"), (on_disk.read_bytes() if on_disk.is_file() else None, str(on_disk))]
+        for blob, where in candidates:
             if blob is None or previous == 0:
                 continue
-            stored_round, state, private = read_site_snapshot(blob)
+            try:
+                stored_round, state, private = read_site_snapshot(blob)
+            except Exception as exc:  # noqa: BLE001 - a torn or foreign file: never silently replaced by a fresh state
+                raise SiteStateCorrupt(f"{self.data.name}: the saved state of round {previous} in {where} is unreadable "
+                                       f"({type(exc).__name__}); restore it, or move it aside to restart this site "
+                                       "from scratch") from None
             if stored_round == previous:
                 load_partial_state(self.model, private)
                 self.state, self.round = state, previous

@@ -20,6 +20,7 @@ from common.model import ConvNeXtVAE, encoder_state_dict, strip_wrapper_prefixes
 
 CHECKPOINT_FORMAT = "dermfed-checkpoint-v1"
 CHECKPOINT_NAME = "checkpoint.pt"
+PREVIOUS_NAME = "checkpoint.prev.pt"  # the round before: kept so that a torn latest checkpoint loses one round only
 
 
 def save_checkpoint(path: str | Path, *, config: DermFedConfig, encoder_state: dict[str, torch.Tensor],
@@ -56,6 +57,10 @@ def save_vae_checkpoint(path: str | Path, model: ConvNeXtVAE, config: DermFedCon
                            history=history, extra=extra)
 
 
+class CheckpointError(ValueError):
+    """A file that should be a DermFed checkpoint cannot be used as one; the message names it."""
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint file, or `checkpoint.pt` inside a run folder."""
     path = Path(path)
@@ -63,9 +68,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         path = path / CHECKPOINT_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no DermFed checkpoint at {path}")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): the run that wrote it was probably interrupted; "
+                              f"use the run folder's {PREVIOUS_NAME} or run it again")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch.load fails in many ways on a torn or foreign file
+        raise CheckpointError(f"{path} is not a readable DermFed checkpoint ({type(exc).__name__}): it is truncated "
+                              f"or another kind of file; use the run folder's {PREVIOUS_NAME}, or the run that wrote "
+                              "it") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} file (a checkpoint of another program?); "
+                              "pass a checkpoint written by dermfed pretrain or dermfed simulate")
     return payload
 
 

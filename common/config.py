@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from types import UnionType
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -26,8 +27,25 @@ class ConfigError(ValueError):
     """A configuration problem, worded for the person who typed the command."""
 
 
+def _is_numeric(annotation: Any) -> bool:
+    """int, float, or Optional of either (but not bool, itself an int)."""
+    options = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    return any(option in (int, float) for option in options)
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """A config section: unknown keys, infinities and NaN, and true/false for a number are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            for name, field in cls.model_fields.items():
+                if isinstance(values.get(name), bool) and _is_numeric(field.annotation):
+                    raise ValueError(f"{name} must be a number, got {str(values[name]).lower()}")
+        return values
 
 
 class DataConfig(_Section):
@@ -59,7 +77,7 @@ class DataConfig(_Section):
     dirichlet_alpha: float = Field(0.5, gt=0.0, description="label skew; small = more skewed")
     site: Optional[str] = Field(None, description="use only this site (local-only arm)")
     pretrain_splits: list[Literal["train", "val", "test"]] = Field(
-        default_factory=lambda: ["train"],
+        default_factory=lambda: ["train"], min_length=1,
         description="splits whose images (without labels) pretraining may see; test images never by default",
     )
 
@@ -324,9 +342,12 @@ def _describe_error(exc: ValidationError) -> str:
             allowed = ", ".join(_allowed_keys(section)) if section else "?"
             lines.append(f"unknown config key {key!r}; allowed: {allowed}")
         else:
-            got = f" (got {err.get('input')!r})" if err["loc"] else ""
-            lines.append(f"{key}: {err['msg']}{got}")
-    return "invalid configuration:\n  " + "\n  ".join(lines)
+            value = err.get("input")
+            got = f" (got {value!r})" if err["loc"] and not isinstance(value, (dict, list)) else ""
+            message = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{key}: {message}{got}")
+    return "invalid configuration: " + "; ".join(lines) if len(lines) == 1 else \
+        "invalid configuration:\n  " + "\n  ".join(lines)
 
 
 def _section_model(loc: tuple[Any, ...]) -> Optional[type[BaseModel]]:
@@ -347,12 +368,48 @@ def build_config(tree: dict[str, Any]) -> DermFedConfig:
         raise ConfigError(_describe_error(exc)) from None
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (plain YAML silently keeps the last)."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} appears twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})",
+                key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file, with errors that name the file, line and column and say what is wrong."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        line = text.splitlines()[mark.line] if mark and mark.line < len(text.splitlines()) else ""
+        hint = " (YAML indents with spaces, never tabs)" if "\t" in line else ""
+        raise ConfigError(f"{path}{where}: {problem}{hint}") from None
+
+
 def load_config(preset: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DermFedConfig:
     """Read a preset (or the defaults when None) and apply `key=value` overrides."""
     tree: dict[str, Any] = {}
     if preset is not None:
         path = resolve_preset_path(preset)
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = read_yaml(path) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a YAML mapping at its top level")
         tree = loaded

@@ -18,6 +18,7 @@ from torchvision.utils import save_image
 from common.checkpoint import CHECKPOINT_NAME, save_vae_checkpoint
 from common.config import DermFedConfig, write_config
 from common.data.batches import ImageRows, read_batch, to_device_float
+from common.data.catalog import DataError
 from common.data.pipeline import PreparedData, prepare_data
 from common.model import ConvNeXtVAE, build_vae
 from common.training import EpochMetrics, LocalTrainer, SiteState, seed_everything
@@ -53,7 +54,10 @@ def run_pretraining(config: DermFedConfig, out: Path) -> dict[str, Any]:
     prepared = prepare_data(config)
     indices = pretraining_indices(prepared, config.data.pretrain_splits)
     if len(indices) == 0:
-        raise ValueError(f"no images in splits {config.data.pretrain_splits} to pretrain on")
+        sizes = prepared.catalog.frame["split"].value_counts().to_dict()
+        raise DataError(f"data.pretrain_splits={config.data.pretrain_splits} selects no image: the split sizes are "
+                        f"{sizes} (data.val_fraction={config.data.val_fraction}, data.test_fraction="
+                        f"{config.data.test_fraction}); choose splits that hold images")
     out.mkdir(parents=True, exist_ok=True)
     write_config(config, out)
     seed_everything(config.seed, 10_000)

@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+RUN_MARKER = "DERMFED_RUN_TOKEN"  # environment variable every process of one run inherits
+
 STOP_GRACE_S = 15.0
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def die_with_parent() -> None:  # runs in the child between fork and exec
     os.setsid()
     if sys.platform.startswith("linux"):
         try:
@@ -43,7 +45,7 @@ class Daemon:
         sink = open(self.log, "ab") if self.log else None  # noqa: SIM115 - the child owns it from here
         try:
             self.process = subprocess.Popen(self.command, env=env, stdout=sink, stderr=subprocess.STDOUT if sink else None,
-                                            preexec_fn=_die_with_parent)
+                                            preexec_fn=die_with_parent)
         finally:
             if sink:
                 sink.close()
@@ -105,3 +107,68 @@ def supervise(daemons: Sequence[Daemon], env: Optional[dict[str, str]] = None, p
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return code
+
+
+def marked_processes(token: str, directories: Sequence[str] = ()) -> list[int]:
+    """PIDs of this user's processes that belong to a run (Linux /proc): their environment carries
+    RUN_MARKER=token, or they hold a file open below one of the run's `directories`.
+
+    A run's processes inherit the marker from the first one started with it, whatever becomes
+    of their parents (Ray's daemons start new sessions; a killed parent leaves them to init).
+    Processes that rename themselves (Ray's `ray::...` workers call setproctitle, which
+    overwrites what /proc shows of their environment) are found by their open log files.
+    """
+    marker = f"{RUN_MARKER}={token}".encode()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as stream:
+                if marker in stream.read().split(b"\0"):
+                    found.append(int(entry.name))
+                    continue
+            if directories and _holds_file_below(entry.name, directories):
+                found.append(int(entry.name))
+        except OSError:  # gone, or not ours
+            continue
+    return found
+
+
+def _holds_file_below(pid: str, directories: Sequence[str]) -> bool:
+    for fd in os.scandir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(fd.path)
+        except OSError:
+            continue
+        if any(target.startswith(directory) for directory in directories):
+            return True
+    return False
+
+
+def stop_marked(token: str, directories: Sequence[str] = (), grace: float = 5.0) -> list[int]:
+    """SIGTERM every process of the run, then SIGKILL what is left after `grace` seconds; returns the PIDs found."""
+    pids = marked_processes(token, directories)
+    for pid in pids:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.1)
+    for pid in marked_processes(token, directories):
+        _signal(pid, signal.SIGKILL)
+    return pids
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stream:
+            return stream.read().split(")")[-1].split()[0] != "Z"  # a zombie is dead, awaiting its parent
+    except OSError:
+        return False

@@ -14,10 +14,12 @@ import json
 import logging
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Optional, Sequence
 
 from client.node import NodeError
+from common.checkpoint import CheckpointError
 from common.config import ConfigError, DermFedConfig, config_to_yaml, flatten_config, load_config, write_config
 from common.data.catalog import DataError, format_summary, summary_table
 from common.privacy import PrivacyBudgetExhausted
@@ -31,6 +33,8 @@ OVERRIDES_HELP = "config overrides, key=value (dotted for nested keys, e.g. data
 def _add_common(parser: argparse.ArgumentParser, default_preset: str = "demo") -> None:
     parser.add_argument("--config", default=default_preset, metavar="PRESET",
                         help="YAML preset: a name in configs/ (paper, demo, smoke) or a path")
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="debug logging, and stack traces with errors")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
 
 
@@ -100,21 +104,31 @@ def cmd_pretrain(args: argparse.Namespace, config: DermFedConfig) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace, config: DermFedConfig) -> int:
-    from simulations.runner import SimulationError, run_simulation
+    from simulations.runner import (
+        RunRefused,
+        SimulationError,
+        SimulationInterrupted,
+        resume_config,
+        run_simulation,
+    )
 
-    if args.resume:
-        run_dir = Path(args.resume)
-        saved = run_dir / "config.yaml"
-        if not saved.is_file():
-            raise ConfigError(f"--resume {run_dir}: no config.yaml there (is it a dermfed simulate run folder?)")
-        config = load_config(saved, args.overrides)
-    else:
-        run_dir = run_folder(config, "federated", args.out)
-        if (run_dir / "checkpoint.pt").exists() or (run_dir / "sites").exists():
-            raise ConfigError(f"{run_dir} already holds a federated run; continue it with --resume {run_dir} "
-                              "or choose another --out")
     try:
-        run_simulation(config, run_dir, resume=bool(args.resume), stop_after_round=args.stop_after_round)
+        if args.resume:
+            run_dir = Path(args.resume)
+            config = resume_config(run_dir, args.overrides)  # checked before anything is written
+        else:
+            run_dir = run_folder(config, "federated", args.out)
+            if (run_dir / "checkpoint.pt").exists() or (run_dir / "sites").exists():
+                raise RunRefused(f"{run_dir} already holds a federated run; continue it with --resume {run_dir} "
+                                 "or choose another --out")
+        run_simulation(config, run_dir, resume=bool(args.resume), stop_after_round=args.stop_after_round,
+                       fault_injection=args.fault_injection)
+    except RunRefused as exc:
+        print(f"dermfed simulate: refused: {exc}", file=sys.stderr)
+        return 2
+    except SimulationInterrupted as exc:
+        print(f"dermfed simulate: {exc}", file=sys.stderr)
+        return 130
     except SimulationError as exc:
         print(f"dermfed simulate: {exc}", file=sys.stderr)
         return 1
@@ -237,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="continue RUN_DIR from its last completed round (its config.yaml, plus overrides)")
     simulate.add_argument("--stop-after-round", type=int, default=None, metavar="R",
                           help="stop after round R (resume later with --resume)")
+    simulate.add_argument("--fault-injection", default="", help=argparse.SUPPRESS)  # tests only: client/faults.py
     _add_common(simulate)
     simulate.set_defaults(handler=cmd_simulate)
 
@@ -307,16 +322,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+USER_ERRORS = (ConfigError, DataError, PrivacyBudgetExhausted, DeployError, NodeError, CheckpointError, FileNotFoundError)
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """Options may come after the key=value overrides (`dermfed pretrain a=b --out X c=d`)."""
+    args, extra = parser.parse_known_args(argv)
+    overrides = [item for item in extra if "=" in item and not item.startswith("-")]
+    unknown = [item for item in extra if item not in overrides]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if overrides:
+        args.overrides = [*getattr(args, "overrides", []), *overrides]
+    return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parse_arguments(parser, argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         config = load_config(args.config, args.overrides)
         return args.handler(args, config)
-    except (ConfigError, DataError, PrivacyBudgetExhausted, DeployError, NodeError, FileNotFoundError) as exc:
+    except USER_ERRORS as exc:
         print(f"dermfed: error: {exc}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
         return 2
+    except KeyboardInterrupt:
+        print("dermfed: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for the user; the stack trace with -v
+        print(f"dermfed: unexpected error: {type(exc).__name__}: {exc} (run again with -v for the stack trace)",
+              file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        return 1
 
 
 if __name__ == "__main__":

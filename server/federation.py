@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import torch
 
-from common.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from common.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, load_checkpoint
 from common.config import DermFedConfig
 from common.data.pipeline import PreparedData
 from common.model import ENCODER_PREFIX, build_vae, shared_state
@@ -65,7 +65,7 @@ def plan_run(config: DermFedConfig, run_dir: Path, resume: bool) -> RunPlan:
     total = config.federation.num_rounds
     if not resume:
         return RunPlan(config, run_dir, 0, total, initial_shared_weights(config))
-    if not (run_dir / CHECKPOINT_NAME).is_file():
+    if not (run_dir / CHECKPOINT_NAME).is_file() and not (run_dir / PREVIOUS_NAME).is_file():
         raise ResumeError(f"cannot resume {run_dir}: no {CHECKPOINT_NAME} (no round completed yet?)")
     point = load_resume_point(run_dir)
     done = point["round"]

@@ -12,6 +12,7 @@ import csv
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +21,23 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import torch
 
-from common.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from common.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, CheckpointError, load_checkpoint, save_checkpoint
 from common.config import DermFedConfig, write_config
 from common.model import ENCODER_PREFIX
 
 log = logging.getLogger("dermfed.server")
+
+
+STATUS_NAME = "run-status.json"
+
+
+def write_run_status(run_dir: Path, state: str, completed_round: int, reason: str = "", resumable: bool = False) -> None:
+    """How the run stands (`running`, `finished`, `stopped`, `failed`), for the CLI's closing message."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    status = {"state": state, "completed_round": completed_round, "reason": reason, "resumable": resumable}
+    temporary = Path(run_dir) / f".{STATUS_NAME}.tmp"
+    temporary.write_text(json.dumps(status, indent=1))
+    os.replace(temporary, Path(run_dir) / STATUS_NAME)  # readers never see a half-written file
 
 
 class RoundFailed(RuntimeError):
@@ -81,7 +94,14 @@ class RunRecorder:
         self.current: Optional[RoundRecord] = None
         self.started = time.perf_counter()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_config(config, self.run_dir)
+        if not (self.run_dir / "config.yaml").is_file():  # a resumed run keeps its original config (revisions beside it)
+            write_config(config, self.run_dir)
+
+    def write_status(self, state: str, reason: str = "", resumable: bool = False) -> None:
+        write_run_status(self.run_dir, state, self.completed_round(), reason, resumable)
+
+    def completed_round(self) -> int:
+        return max((h["round"] for h in self.history), default=0)
 
     def begin(self, round_number: int) -> RoundRecord:
         self.current = RoundRecord(round_number)
@@ -124,7 +144,10 @@ class RunRecorder:
 
     def _save_checkpoint(self, round_number: int, tensors: Mapping[str, torch.Tensor], strategy_state: dict[str, Any]) -> None:
         encoder = {k[len(ENCODER_PREFIX):]: v for k, v in tensors.items() if k.startswith(ENCODER_PREFIX)}
-        save_checkpoint(self.run_dir / CHECKPOINT_NAME, config=self.config, encoder_state=encoder,
+        latest = self.run_dir / CHECKPOINT_NAME
+        if latest.is_file():
+            os.replace(latest, self.run_dir / PREVIOUS_NAME)  # the last two rounds stay on disk
+        save_checkpoint(latest, config=self.config, encoder_state=encoder,
                         vae_state=dict(tensors) if self.config.federation.share == "vae" else None,
                         position={"round": round_number}, history=self.history,
                         extra={"shared": dict(tensors), "arm": "federated", "pretraining_images": self.pretraining_images,
@@ -150,9 +173,20 @@ class RunRecorder:
               f"{left_out}{monitor}", flush=True)
 
 
+def latest_checkpoint(run_dir: Path) -> dict[str, Any]:
+    """The run's latest readable checkpoint: checkpoint.pt, or the previous round's when it is torn (with a warning)."""
+    try:
+        return load_checkpoint(run_dir / CHECKPOINT_NAME)
+    except CheckpointError as exc:
+        if not (run_dir / PREVIOUS_NAME).is_file():
+            raise
+        log.warning("%s; falling back to the previous round's %s", exc, PREVIOUS_NAME)
+        return load_checkpoint(run_dir / PREVIOUS_NAME)
+
+
 def load_resume_point(run_dir: Path) -> dict[str, Any]:
     """The last completed round of a run folder: round, shared arrays, history, strategy state."""
-    payload = load_checkpoint(run_dir)
+    payload = latest_checkpoint(run_dir)
     strategy = {name: {k: v.numpy() for k, v in moments.items()}
                 for name, moments in payload["extra"].get("strategy", {}).items()}
     return {"round": int(payload["position"]["round"]), "shared": payload["extra"]["shared"],

@@ -24,7 +24,7 @@ from common.data.pipeline import prepare_data
 from server.deploy.registry import SiteRegistry
 from server.federation import federated_pretraining_images, plan_run
 from server.monitor import Monitor
-from server.rounds import RunRecorder
+from server.rounds import RoundFailed, RunRecorder, write_run_status
 from server.strategy import build_strategy
 
 log = logging.getLogger("dermfed.server")
@@ -37,7 +37,11 @@ def main(grid: Grid, context: Context) -> None:
     run_config = context.run_config
     config = load_config(str(run_config["config-preset"]), shlex.split(str(run_config.get("config-overrides", ""))))
     run_dir = Path(str(run_config.get("run-dir", "")) or Path(config.output_dir) / f"federated-{context.run_id}")
-    plan = plan_run(config, run_dir, bool(run_config.get("resume", False)))
+    try:
+        plan = plan_run(config, run_dir, bool(run_config.get("resume", False)))
+    except Exception as exc:
+        write_run_status(run_dir, "failed", 0, f"{type(exc).__name__}: {exc}")
+        raise
     registry_path = str(run_config.get("site-registry", ""))
     registry = SiteRegistry.load(registry_path) if registry_path else None
     stop_after = int(run_config.get("stop-after-round", 0))  # an interruption on purpose (tests, staged runs)
@@ -62,14 +66,23 @@ def main(grid: Grid, context: Context) -> None:
         return MetricRecord(metrics) if metrics else None
 
     config_json = config_to_json(config)  # every site builds the same model and training from it
-    strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(plan.initial_shared),
-        num_rounds=rounds,
-        timeout=config.federation.round_timeout,
-        train_config=ConfigRecord({"dermfed-config": config_json}),
-        evaluate_config=ConfigRecord({"dermfed-config": config_json}),
-        evaluate_fn=after_round,
-    )
-    print(f"federated pretraining finished: checkpoint {run_dir / 'checkpoint.pt'}, history {run_dir / 'history.json'}",
+    recorder.write_status("running")
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(plan.initial_shared),
+            num_rounds=rounds,
+            timeout=config.federation.round_timeout,
+            train_config=ConfigRecord({"dermfed-config": config_json}),
+            evaluate_config=ConfigRecord({"dermfed-config": config_json}),
+            evaluate_fn=after_round,
+        )
+    except Exception as exc:
+        # A round without enough valid updates can be repeated once the sites are fixed; other failures cannot.
+        recorder.write_status("failed", f"{type(exc).__name__}: {exc}", resumable=isinstance(exc, RoundFailed))
+        raise
+    finished = plan.round_offset + rounds >= config.federation.num_rounds
+    recorder.write_status("finished" if finished else "stopped")
+    print(f"federated pretraining {'finished' if finished else 'stopped as asked'} after round "
+          f"{plan.round_offset + rounds}: checkpoint {run_dir / 'checkpoint.pt'}, history {run_dir / 'history.json'}",
           flush=True)

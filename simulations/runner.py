@@ -4,12 +4,23 @@ It prepares the data once (synthetic generation, image checks, preprocessing cac
 the partitions, starts a private local SuperLink in simulation mode (its own FLWR_HOME,
 a free port, runtime dependency installation disabled so nothing is downloaded), points a
 `config.toml` connection at it with the number of virtual SuperNodes and per-client CPU and
-GPU resources, and runs this app with `flwr run . <connection> --stream`. The SuperLink is
-stopped when the run ends, whatever happens.
+GPU resources, and runs this app with `flwr run . <connection> --stream`.
+
+A run owns its processes: every one (SuperLink, SuperExec, the simulation, Ray's daemons and
+actors) carries the run's marker in its environment, and all of them are stopped when the run
+ends, when `dermfed simulate` gets SIGINT or SIGTERM (the run stays resumable), and, through a
+guard process (`simulations.reaper`), when `dermfed simulate` itself is killed. The run folder
+is locked while a run uses it: a second `simulate` or `--resume` is refused with a message.
+
+`--resume` checks the new config against the run's before writing anything (`resume_config`):
+changes that would corrupt the run are refused, the others are recorded as a new revision
+(`config.r2.yaml`, ...) beside the original `config.yaml`, which is never rewritten.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
 import os
 import shutil
@@ -20,21 +31,27 @@ import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 
-from common.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from common.config import PROJECT_ROOT, DermFedConfig, toml_string, write_config
+from common.checkpoint import CHECKPOINT_NAME
+from common.config import PROJECT_ROOT, DermFedConfig, flatten_config, load_config, toml_string, write_config
 from common.data.partition import partition_catalog
 from common.data.pipeline import prepare_data
+from common.processes import RUN_MARKER, die_with_parent, stop_marked
+from server.federation import ResumeError, initial_shared_weights
+from server.rounds import STATUS_NAME, latest_checkpoint
 
 log = logging.getLogger("dermfed.simulate")
 
 CONNECTION = "dermfed-simulation"
 STARTUP_TIMEOUT_S = 60.0
+LOCK_NAME = ".run.lock"
+SHUTDOWN_GRACE_S = 10.0  # after the ServerApp ended, how long the simulation may take to stop by itself
 
 
 class SimulationError(RuntimeError):
@@ -132,9 +149,111 @@ def _run_config(preset: Path, run_dir: Path, resume: bool, site_names: list[str]
 
 def completed_rounds(run_dir: Path) -> int:
     try:
-        return int(load_checkpoint(run_dir)["position"]["round"])
+        return int(latest_checkpoint(run_dir)["position"]["round"])
     except FileNotFoundError:
         return 0
+
+
+class SimulationInterrupted(SimulationError):
+    """SIGINT or SIGTERM reached `dermfed simulate`."""
+
+
+class RunRefused(SimulationError):
+    """The run was not started: its folder is in use, or a resume would change what cannot change."""
+
+
+@contextmanager
+def interrupts_raise() -> Iterator[None]:
+    """SIGINT/SIGTERM become SimulationInterrupted here, so that the run's processes are stopped in `finally`."""
+
+    def interrupted(signum, _frame):  # type: ignore[no-untyped-def]
+        raise SimulationInterrupted(f"interrupted by {signal.Signals(signum).name}")
+
+    previous = {sig: signal.signal(sig, interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class RunLock:
+    """An exclusive lock on a run folder for as long as a run (or its guard) lives."""
+
+    def __init__(self, run_dir: Path):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / LOCK_NAME
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self.path.read_text().strip() or "?"
+            os.close(self.fd)
+            raise RunRefused(f"{run_dir} is in use by a live run (dermfed simulate, pid {holder}); wait for it "
+                                  "to end or stop it (Ctrl-C or kill PID) before starting or resuming a run there") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, str(os.getpid()).encode())
+
+    def release(self) -> None:
+        os.close(self.fd)
+
+
+# What a resumed run may not change: the data, the split, the model's shapes, what is shared and how
+# it is aggregated, whether and how privacy is accounted. Everything else (rounds, schedules, timeouts,
+# monitor, ...) may change, and is recorded as a new revision of the run's config.
+LOCKED_KEYS = ("seed", "data.", "synth.", "model.encoder", "model.latent_dim", "model.decoder_width",
+               "model.drop_path_rate", "federation.share", "federation.strategy", "dp.enabled", "dp.accountant",
+               "dp.delta")
+FREE_KEYS = ("data.cache_dir", "data.use_cache", "output_dir", "run_name")
+
+
+def config_revisions(run_dir: Path) -> list[Path]:
+    """The run's configs in order: config.yaml (the original), then config.r2.yaml, config.r3.yaml, ..."""
+    revisions = sorted(run_dir.glob("config.r*.yaml"), key=lambda p: int(p.name[len("config.r"):-len(".yaml")]))
+    return [run_dir / "config.yaml", *revisions]
+
+
+def resume_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> DermFedConfig:
+    """The config a resumed run continues with: its latest revision plus `overrides`, checked against the original.
+
+    Refuses, listing them, changes that would corrupt the run's state; writes nothing.
+    """
+    revisions = config_revisions(run_dir)
+    if not revisions[0].is_file():
+        raise RunRefused(f"--resume {run_dir}: no config.yaml there (is it a dermfed simulate run folder?)")
+    original = flatten_config(load_config(revisions[0]))
+    config = load_config([p for p in revisions if p.is_file()][-1], overrides)
+    changed = {key: (original[key], value) for key, value in flatten_config(config).items()
+               if value != original.get(key) and key.startswith(LOCKED_KEYS) and not key.startswith(FREE_KEYS)}
+    if changed:
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        raise RunRefused(f"--resume {run_dir} cannot change {listed}: the run's checkpoints, site states and "
+                              "privacy ledgers were made with the original values. Start a new run for that")
+    return config
+
+
+def _write_revision(config: DermFedConfig, run_dir: Path) -> Path:
+    """The config this run segment uses: config.yaml for a new run, a new revision when a resume changed it."""
+    revisions = [p for p in config_revisions(run_dir) if p.is_file()]
+    if not revisions:
+        return write_config(config, run_dir, "config.yaml")
+    if load_config(revisions[-1]) == config:
+        return revisions[-1]
+    before, after = flatten_config(load_config(revisions[-1])), flatten_config(config)
+    path = write_config(config, run_dir, f"config.r{len(revisions) + 1}.yaml")
+    changes = ", ".join(f"{k}: {before.get(k)!r} -> {v!r}" for k, v in after.items() if before.get(k) != v)
+    print(f"this resume changes {changes}; recorded in {path.name} (config.yaml keeps the original)", flush=True)
+    return path
+
+
+def read_status(run_dir: Path) -> dict:
+    path = run_dir / STATUS_NAME
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _start_reaper(token: str, ray_tmp: Path, lock: RunLock) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "simulations.reaper", token, str(ray_tmp)], cwd=PROJECT_ROOT,
+                            pass_fds=[lock.fd], preexec_fn=die_with_parent)
 
 
 def run_simulation(config: DermFedConfig, run_dir: Path, resume: bool = False,
@@ -143,19 +262,35 @@ def run_simulation(config: DermFedConfig, run_dir: Path, resume: bool = False,
 
     `stop_after_round` runs only up to that round (the run can be resumed later): what an
     interrupted run looks like, on purpose. `fault_injection` ("SITE:KIND:ROUND", tests only)
-    makes one virtual hospital fail (`client.faults`).
+    makes one virtual hospital fail (`client.faults`). With `resume`, `config` must come from
+    `resume_config` (checked against the run's own).
     """
     run_dir = run_dir.resolve()
-    if resume and completed_rounds(run_dir) >= config.federation.num_rounds:
-        raise SimulationError(f"{run_dir} already completed federation.num_rounds={config.federation.num_rounds} rounds; "
+    lock = RunLock(run_dir)
+    try:
+        return _run_locked(config, run_dir, lock, resume, stop_after_round, fault_injection)
+    finally:
+        lock.release()
+
+
+def _run_locked(config: DermFedConfig, run_dir: Path, lock: RunLock, resume: bool, stop_after_round: Optional[int],
+                fault_injection: str) -> Path:
+    done = completed_rounds(run_dir) if resume else 0
+    if resume and done >= config.federation.num_rounds:
+        raise RunRefused(f"{run_dir} already completed federation.num_rounds={config.federation.num_rounds} rounds; "
                               "raise federation.num_rounds to continue it")
     prepared = prepare_data(config)  # generate/check/cache once, before N processes need it
     parts, names = partition_catalog(prepared.catalog, config.data.partition, config.data.num_partitions,
                                      config.data.dirichlet_alpha, config.seed)
     if len(parts) < config.federation.min_clients:
         raise SimulationError(f"{len(parts)} partitions but federation.min_clients={config.federation.min_clients}")
+    if config.federation.initial_checkpoint and not resume:
+        try:
+            initial_shared_weights(config)  # a torn or mismatched checkpoint is refused before any process starts
+        except ResumeError as exc:
+            raise RunRefused(str(exc)) from None
     target_rounds = min(stop_after_round or config.federation.num_rounds, config.federation.num_rounds)
-    preset = write_config(config, run_dir, "config.yaml")
+    preset = _write_revision(config, run_dir)
     print(f"simulating {len(parts)} hospitals ({config.data.partition}): "
           + ", ".join(f"{name} ({len(rows)} images)" for name, rows in zip(names, parts)), flush=True)
     gpu_fraction = config.federation.client_gpu_fraction
@@ -163,25 +298,66 @@ def run_simulation(config: DermFedConfig, run_dir: Path, resume: bool = False,
         gpu_fraction = (1.0 / len(parts)) if torch.cuda.is_available() else 0.0
     flwr_home = run_dir / ".flower"
     ray_tmp = Path(tempfile.mkdtemp(prefix="dermfed-ray-"))
-    env = simulation_environment(flwr_home, ray_tmp)
+    token = uuid.uuid4().hex
+    env = {**simulation_environment(flwr_home, ray_tmp), RUN_MARKER: token}
     port = config.federation.superlink_port or free_port()
     write_connection(flwr_home, port)
     command = [shutil.which("flwr", path=env["PATH"]) or "flwr", "run", str(PROJECT_ROOT), CONNECTION, "--stream",
                "--federation-config", federation_config(len(parts), config.federation.client_cpus, gpu_fraction),
                "--run-config", _run_config(preset.resolve(), run_dir, resume, names, stop_after_round or 0,
-                                                 fault_injection)]
+                                           fault_injection)]
+    (run_dir / STATUS_NAME).unlink(missing_ok=True)
+    reaper = _start_reaper(token, ray_tmp, lock)
+    ours = [str(ray_tmp)]  # Ray's workers rename themselves; they are found by their open files here
+    started = time.perf_counter()
     try:
-        with local_superlink(port, env, flwr_home / "superlink.log"):
-            started = time.perf_counter()
-            completed = subprocess.run(command, env=env, cwd=PROJECT_ROOT)
-            seconds = time.perf_counter() - started
+        with interrupts_raise(), local_superlink(port, env, flwr_home / "superlink.log"):
+            returncode = _follow(subprocess.Popen(command, env=env, cwd=PROJECT_ROOT), run_dir, token, ours)
+    except SimulationInterrupted as exc:
+        stop_marked(token, ours)
+        done = completed_rounds(run_dir)
+        raise SimulationInterrupted(f"{exc}: every process of the run was stopped after {done} completed round(s); "
+                                    f"continue with: dermfed simulate --resume {run_dir}") from None
     finally:
+        stop_marked(token, ours)  # whatever of the run is still alive: SuperExec, simulation, Ray
+        reaper.kill()
+        reaper.wait()
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    done = completed_rounds(run_dir)
-    if completed.returncode != 0 or done < target_rounds:
-        raise SimulationError(
-            f"the federated run stopped after {done} of {target_rounds} rounds (flwr exit code {completed.returncode}); "
-            f"see the log above and {flwr_home / 'superlink.log'}; resume with: dermfed simulate --resume {run_dir}")
-    print(f"{done} rounds in {seconds:.1f} s; checkpoint: {run_dir / CHECKPOINT_NAME}; "
+    seconds = time.perf_counter() - started
+    _report(run_dir, target_rounds, returncode, flwr_home / "superlink.log")
+    print(f"{completed_rounds(run_dir)} rounds in {seconds:.1f} s; checkpoint: {run_dir / CHECKPOINT_NAME}; "
           f"history: {run_dir / 'history.json'} and history.csv", flush=True)
     return run_dir
+
+
+def _follow(process: subprocess.Popen, run_dir: Path, token: str, directories: list[str]) -> int:
+    """Wait for `flwr run`; if the ServerApp has ended but the simulation does not stop (a virtual hospital
+    still busy, e.g. one that never answers), stop the run's processes after SHUTDOWN_GRACE_S."""
+    ended: Optional[float] = None
+    while process.poll() is None:
+        time.sleep(0.5)
+        if read_status(run_dir).get("state") in ("finished", "stopped", "failed"):
+            ended = ended or time.monotonic()
+            if time.monotonic() - ended > SHUTDOWN_GRACE_S:
+                log.warning("the ServerApp ended %.0f s ago but the simulation has not stopped (a hospital still "
+                            "busy?); stopping the run's processes", SHUTDOWN_GRACE_S)
+                stop_marked(token, directories)
+                break
+    return process.wait()
+
+
+def _report(run_dir: Path, target_rounds: int, flwr_code: int, superlink_log: Path) -> None:
+    """Say truthfully how the run ended; raise SimulationError unless it reached its target round."""
+    status, done = read_status(run_dir), completed_rounds(run_dir)
+    if status.get("state") in ("finished", "stopped") and done >= target_rounds:
+        return
+    kept = (f"the checkpoint of round {done} is kept ({run_dir / CHECKPOINT_NAME})" if done
+            else "no round completed")
+    if status.get("state") == "failed":
+        reason = status.get("reason", "unknown")
+        advice = (f"fix the sites and continue with: dermfed simulate --resume {run_dir}" if status.get("resumable")
+                  else "it cannot continue as configured")
+        raise SimulationError(f"the federated run failed in round {done + 1}: {reason}. {kept}; {advice}")
+    raise SimulationError(f"the federated run ended after {done} of {target_rounds} rounds without finishing "
+                          f"(flwr exit code {flwr_code}; the ServerApp {'never started' if not status else 'stopped'}); "
+                          f"{kept}; see the log above and {superlink_log}")

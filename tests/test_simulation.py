@@ -52,6 +52,7 @@ def test_two_rounds_with_three_virtual_hospitals(uninterrupted):
 
 
 def test_a_run_stopped_after_round_1_and_resumed_equals_the_uninterrupted_run(sim_config, uninterrupted, workdir):
+    """Also what reproducibility without DP means: two separate executions of one config, the same weights."""
     interrupted = workdir / "interrupted"
     run_simulation(sim_config, interrupted, stop_after_round=1)
     assert load_checkpoint(interrupted)["position"]["round"] == 1
@@ -61,12 +62,6 @@ def test_a_run_stopped_after_round_1_and_resumed_equals_the_uninterrupted_run(si
     assert [h["round"] for h in resumed["history"]] == [1, 2]
     for key, value in straight["encoder"].items():
         assert torch.equal(value, resumed["encoder"][key]), key
-
-
-def test_the_same_config_twice_gives_the_same_global_encoder(sim_config, uninterrupted, workdir):
-    again = load_checkpoint(run_simulation(sim_config, workdir / "again"))
-    straight = load_checkpoint(uninterrupted)
-    assert all(torch.equal(value, again["encoder"][key]) for key, value in straight["encoder"].items())
 
 
 @pytest.fixture(scope="module")
@@ -99,15 +94,3 @@ def test_the_same_dp_config_twice_gives_different_global_encoders(dp_config, wor
         else load_checkpoint(run_simulation(dp_config, workdir / "private"))
     second = load_checkpoint(run_simulation(dp_config, workdir / "private-again"))
     assert any(not torch.equal(value, second["encoder"][key]) for key, value in first["encoder"].items())
-
-
-def test_a_site_failing_mid_run_sends_no_file_name_and_the_round_goes_on(sim_config, workdir):
-    """Hospital 2's images become unreadable in round 2: its error reaches the server without its text."""
-    run = run_simulation(sim_config.model_copy(update={"federation": sim_config.federation.model_copy(
-        update={"min_clients": 2})}), workdir / "faulty", fault_injection="1:raise:2")
-    history = json.loads((run / "history.json").read_text())
-    assert sorted(s["site"] for s in history[1]["sites"]) == ["hospital_1", "hospital_3"]
-    (excluded,) = history[1]["excluded"]
-    assert "data-error" in excluded["reason"]
-    text = (run / "history.json").read_text() + (run / "history.csv").read_text()
-    assert ".jpg" not in text and str(workdir) not in text and "unreadable" not in text

@@ -15,6 +15,8 @@ from typing import Optional
 
 import pandas as pd
 
+from common.data.images import display_path
+
 log = logging.getLogger("dermfed.data")
 
 CATALOG_COLUMNS = ["image_id", "path", "site", "group", "label"]
@@ -80,21 +82,38 @@ class Catalog:
 def make_catalog(
     rows: pd.DataFrame, classes: list[str], source: str, root: Path, skipped: list[dict] | None = None
 ) -> Catalog:
-    """Build a catalog, moving rows whose file does not exist into `skipped`."""
+    """Build a catalog: rows whose file does not exist and exact duplicate rows move to `skipped`;
+    one image id with two different descriptions (lesion, label, site, file) is an error that lists them."""
     rows = rows.reset_index(drop=True)
     for column in CATALOG_COLUMNS:
         if column not in rows.columns:
             raise ValueError(f"catalog rows lack column {column!r}")
-    exists = rows["path"].map(lambda p: p is not None and Path(p).is_file())
-    missing = rows[~exists].assign(reason="image file missing")[SKIP_COLUMNS]
+    rows = rows.assign(image_id=rows["image_id"].astype(str))
+    described = rows[CATALOG_COLUMNS].astype(str)
+    repeated = described.duplicated(keep="first")
+    conflicting = sorted(set(described.loc[~repeated, "image_id"][described.loc[~repeated, "image_id"].duplicated()]))
+    if conflicting:
+        examples = "; ".join(_describe(rows[rows["image_id"] == i]) for i in conflicting[:3])
+        raise DataError(f"{source}: {len(conflicting)} image id(s) appear with different lesions, labels, sites or "
+                        f"files, e.g. {examples}. Fix the metadata so that each image is described once")
+    duplicates = rows[repeated].assign(reason="duplicate metadata row (kept once)")
+    rows = rows[~repeated].reset_index(drop=True)
+    exists = rows["path"].map(lambda p: p is not None and not pd.isna(p) and Path(p).is_file()).astype(bool)
+    missing = rows[~exists].assign(reason="image file missing")
     extra = pd.DataFrame(skipped or [], columns=SKIP_COLUMNS)
-    parts = [frame for frame in (missing, extra) if not frame.empty]
+    parts = [frame[SKIP_COLUMNS] for frame in (missing, duplicates, extra) if not frame.empty]
     all_skipped = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=SKIP_COLUMNS)
+    all_skipped["path"] = all_skipped["path"].map(lambda p: None if p is None or pd.isna(p) else display_path(p))
     if len(missing):
         log.warning("%s: %d metadata rows have no image file under %s (skipped)", source, len(missing), root)
     frame = rows[exists].reset_index(drop=True)
     frame["path"] = frame["path"].map(str)
     return Catalog(frame=frame, classes=classes, source=source, root=root, skipped=all_skipped)
+
+
+def _describe(rows: pd.DataFrame) -> str:
+    variants = ", ".join(f"{r.label} lesion {r.group} at {r.site}" for r in rows.itertuples())
+    return f"{rows['image_id'].iloc[0]} ({variants})"
 
 
 def summary_table(catalog: Catalog) -> pd.DataFrame:

@@ -7,6 +7,7 @@ file is checked once, up front, and either yields an RGB uint8 array or a short 
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,14 +102,79 @@ def decode_image(
         return DecodeResult(None, "corrupt")
 
 
-def index_image_files(root: str | Path) -> dict[str, Path]:
-    """Map file stem -> path for every image-suffixed file below `root` (any sub-folder).
+def display_path(path: str | Path) -> str:
+    """A path as text that can always be printed and written (undecodable bytes shown as \\xNN escapes)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _valid_name(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # bytes that are not UTF-8, carried by Python as surrogate escapes
+        return False
+
+
+def walk_files(root: str | Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Every file below `root` (hidden ones aside), symbolic links followed once.
+
+    Returns the files, in name order, and the (path, reason) of what could not be used: a link
+    that leads nowhere or loops, a folder reached twice through links (read once), a second
+    link to a file already found, a name that is not UTF-8, an unreadable folder.
+    """
+    files: list[Path] = []
+    problems: list[tuple[str, str]] = []
+    seen_dirs: set[str] = set()
+    seen_files: set[str] = set()
+
+    def visit(directory: Path) -> None:
+        real = os.path.realpath(directory)
+        if real in seen_dirs:
+            problems.append((display_path(directory), "symbolic link loop (folder already read)"))
+            return
+        seen_dirs.add(real)
+        try:
+            entries = sorted(os.scandir(directory), key=lambda entry: os.fsencode(entry.name))
+        except OSError as exc:
+            problems.append((display_path(directory), f"unreadable folder ({exc.strerror or type(exc).__name__})"))
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            if not _valid_name(entry.name):
+                problems.append((display_path(path), "name is not valid UTF-8: rename it"))
+                continue
+            if entry.is_symlink() and not os.path.exists(entry.path):
+                problems.append((display_path(path), "broken symbolic link (it leads nowhere, or loops)"))
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=True):
+                    visit(path)
+                elif entry.is_file(follow_symlinks=True):
+                    real_file = os.path.realpath(path)
+                    if real_file in seen_files:
+                        problems.append((display_path(path), "the same file as another path (symbolic link)"))
+                        continue
+                    seen_files.add(real_file)
+                    files.append(path)
+            except OSError:
+                problems.append((display_path(path), "broken symbolic link (it leads nowhere, or loops)"))
+
+    visit(Path(root))
+    return files, problems
+
+
+def index_image_files(root: str | Path) -> tuple[dict[str, Path], list[tuple[str, str]]]:
+    """Map file stem -> path for every image-suffixed file below `root` (any sub-folder, links followed).
 
     Official downloads split folders differently (HAM10000_images_part_1/_part_2,
     ISIC_2019_Training_Input/, jpeg/train/), so loaders find images by id, not by folder.
+    Also returns what `walk_files` could not use.
     """
+    files, problems = walk_files(root)
     found: dict[str, Path] = {}
-    for path in sorted(Path(root).rglob("*")):
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and not path.name.startswith("."):
+    for path in files:
+        if path.suffix.lower() in IMAGE_SUFFIXES:
             found.setdefault(path.stem, path)
-    return found
+    return found, problems

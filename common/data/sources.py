@@ -11,11 +11,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import pandas as pd
 
 from common.config import DataConfig
 from common.data.catalog import Catalog, DataError, make_catalog
-from common.data.images import IMAGE_SUFFIXES, index_image_files
+from common.data.images import IMAGE_SUFFIXES, index_image_files, walk_files
 from common.data.labels import (
     HAM10000_DX,
     ISIC2019_COLUMNS,
@@ -87,7 +88,15 @@ def _read_csv(path: Path, required: list[str], fmt: str) -> pd.DataFrame:
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise DataError(f"{fmt}: {path} lacks column(s) {missing}; it has {list(frame.columns)}")
+    if frame.empty:
+        raise DataError(f"{fmt}: {path} has a header but no rows; is it the complete file?")
     return frame
+
+
+def _walk_problems(problems: list[tuple[str, str]]) -> list[dict]:
+    """What the folder walk could not use, as skipped catalog rows (counted in the summary)."""
+    return [{"image_id": Path(path).name, "path": path, "site": None, "label": None, "reason": reason}
+            for path, reason in problems]
 
 
 def _paths(image_ids: pd.Series, index: dict[str, Path]) -> pd.Series:
@@ -100,7 +109,14 @@ def _group_or_image(groups: pd.Series, image_ids: pd.Series) -> pd.Series:
 
 
 def _one_hot_labels(frame: pd.DataFrame, columns: list[str], fmt: str, path: Path) -> pd.Series:
-    values = frame[columns].to_numpy(dtype=float)
+    numeric = frame[columns].apply(pd.to_numeric, errors="coerce")
+    bad = numeric.isna() & frame[columns].notna() | frame[columns].isna()
+    if bad.to_numpy().any():
+        row, column = next((r, c) for r, c in zip(*np.nonzero(bad.to_numpy())))
+        raise DataError(f"{fmt}: {path}: the class columns must hold numbers (1 for the image's class, 0 otherwise); "
+                        f"row {int(row) + 2} (image {frame['image'].iloc[row]!r}) has {frame[columns[column]].iloc[row]!r} "
+                        f"in column {columns[column]!r}")
+    values = numeric.to_numpy(dtype=float)
     hot = (values > 0.5).sum(axis=1)
     if (hot != 1).any():
         bad = frame.loc[hot != 1, "image"].head(5).tolist()
@@ -113,10 +129,15 @@ def load_ham_layout(cfg: DataConfig, csv_name: str, fmt: str) -> Catalog:
     root = _require_root(cfg)
     csv_path = _find_csv(root, cfg.metadata_csv, csv_name, fmt)
     meta = _read_csv(csv_path, ["lesion_id", "image_id", "dx", "dataset"], fmt)
-    unknown = sorted(set(meta["dx"]) - set(HAM10000_DX))
+    unknown = sorted(map(str, set(meta["dx"]) - set(HAM10000_DX)))
     if unknown:
         raise DataError(f"{fmt}: {csv_path}: unknown dx codes {unknown}; known: {sorted(HAM10000_DX)}")
-    index = index_image_files(root)
+    index, problems = index_image_files(root)
+    no_site = meta["dataset"].isna() | (meta["dataset"].astype(str).str.strip() == "")
+    skipped = [{"image_id": str(i), "path": None, "site": None, "label": HAM10000_DX.get(dx),
+                "reason": "no site in the metadata (empty `dataset`)"}
+               for i, dx in zip(meta.loc[no_site, "image_id"], meta.loc[no_site, "dx"])]
+    meta = meta[~no_site]
     rows = pd.DataFrame(
         {
             "image_id": meta["image_id"].astype(str),
@@ -129,7 +150,7 @@ def load_ham_layout(cfg: DataConfig, csv_name: str, fmt: str) -> Catalog:
     for extra in ("split", "shortcut_artifact", "artifacts"):
         if extra in meta.columns:
             rows[extra] = meta[extra].to_numpy()
-    catalog = make_catalog(rows, ordered_classes(rows["label"]), fmt, root)
+    catalog = make_catalog(rows, ordered_classes(rows["label"]), fmt, root, skipped + _walk_problems(problems))
     return replace(catalog, predefined_splits="split" in meta.columns)
 
 
@@ -172,10 +193,15 @@ def load_isic2019(cfg: DataConfig) -> Catalog:
         ham_meta = _read_csv(ham_path, ["image_id", "dataset"], "isic2019")
     elif cfg.ham_metadata_csv:
         raise DataError(f"isic2019: data.ham_metadata_csv={cfg.ham_metadata_csv} not found")
+    for frame, path in ((gt, gt_path), (meta, meta_path)):
+        twice = frame["image"][frame["image"].duplicated()].astype(str).unique().tolist()
+        if twice:
+            raise DataError(f"isic2019: {path} lists {len(twice)} image(s) more than once, e.g. {twice[:5]}; "
+                            "keep one row per image")
     merged = gt.merge(meta[["image", "lesion_id"]], on="image", how="left", validate="one_to_one")
     labels = _one_hot_labels(merged, list(ISIC2019_COLUMNS), "isic2019", gt_path).map(canonical_column_name)
     centre = _isic2019_centres(merged, ham_meta)
-    index = index_image_files(root)
+    index, problems = index_image_files(root)
     rows = pd.DataFrame(
         {
             "image_id": merged["image"].astype(str),
@@ -190,7 +216,7 @@ def load_isic2019(cfg: DataConfig) -> Catalog:
     skipped = skipped[["image_id", "path", "site", "label"]].assign(reason=skipped["reason"])
     rows = rows[~no_centre]
     classes = [c for c in ordered_classes(ISIC2019_COLUMNS.values()) if c in set(rows["label"])]
-    return make_catalog(rows, classes, "isic2019", root, skipped.to_dict("records"))
+    return make_catalog(rows, classes, "isic2019", root, skipped.to_dict("records") + _walk_problems(problems))
 
 
 def _lesion_groups(root: Path, csv_path: Path) -> Optional[pd.Series]:
@@ -228,7 +254,7 @@ def load_isic_gt(cfg: DataConfig) -> Catalog:
     labels = _one_hot_labels(gt, class_columns, "isic-gt", csv_path).map(canonical_column_name)
     groups = _lesion_groups(root, csv_path)
     lesion = gt["image"].map(groups) if groups is not None else pd.Series(None, index=gt.index)
-    index = index_image_files(root)
+    index, problems = index_image_files(root)
     rows = pd.DataFrame(
         {
             "image_id": gt["image"].astype(str),
@@ -239,7 +265,7 @@ def load_isic_gt(cfg: DataConfig) -> Catalog:
         }
     )
     classes = ordered_classes(canonical_column_name(c) for c in class_columns)
-    return make_catalog(rows, classes, "isic-gt", root)
+    return make_catalog(rows, classes, "isic-gt", root, _walk_problems(problems))
 
 
 def load_isic2020(cfg: DataConfig) -> Catalog:
@@ -250,7 +276,7 @@ def load_isic2020(cfg: DataConfig) -> Catalog:
     bad = sorted(set(meta["target"].unique()) - set(ISIC2020_TARGET))
     if bad:
         raise DataError(f"isic2020: {csv_path}: target must be 0 or 1, found {bad}")
-    index = index_image_files(root)
+    index, problems = index_image_files(root)
     rows = pd.DataFrame(
         {
             "image_id": meta["image_name"].astype(str),
@@ -260,19 +286,22 @@ def load_isic2020(cfg: DataConfig) -> Catalog:
             "label": meta["target"].map(ISIC2020_TARGET),
         }
     )
-    return make_catalog(rows, ordered_classes(ISIC2020_TARGET.values()), "isic2020", root)
+    return make_catalog(rows, ordered_classes(ISIC2020_TARGET.values()), "isic2020", root, _walk_problems(problems))
 
 
 def load_folder(cfg: DataConfig) -> Catalog:
-    """A hospital's plain, unlabelled image folder; first-level sub-folders become sites."""
+    """A hospital's plain, unlabelled image folder; first-level sub-folders become sites.
+
+    Symbolic links are followed once (`walk_files`); an image's id is its path below the root,
+    suffix included, so `a.jpg` and `a.png` are two images.
+    """
     root = _require_root(cfg)
-    rows, skipped = [], []
-    for path in sorted(root.rglob("*")):
-        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(root).parts):
-            continue
+    files, problems = walk_files(root)
+    rows, skipped = [], _walk_problems(problems)
+    for path in files:
         relative = path.relative_to(root)
         site = relative.parts[0] if len(relative.parts) > 1 else root.name
-        image_id = str(relative.with_suffix(""))
+        image_id = str(relative)
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             skipped.append({"image_id": image_id, "path": str(path), "site": site, "label": None, "reason": "not an image"})
             continue
@@ -295,8 +324,8 @@ def load_catalog(cfg: DataConfig) -> Catalog:
     """The whole catalog for `data.format` at `data.root` (every site: `data.site` is applied after splitting)."""
     catalog = LOADERS[cfg.format](cfg)
     if len(catalog) == 0:
-        raise DataError(
-            f"{cfg.format}: no image of the metadata was found under {catalog.root} "
-            f"({len(catalog.skipped)} rows skipped); expected {HOW_TO_GET[cfg.format]}"
-        )
+        reasons = ", ".join(f"{n} {reason}" for reason, n in catalog.skipped["reason"].value_counts().items())
+        found = "no image file was found under" if cfg.format == "folder" else "no image of the metadata was found under"
+        raise DataError(f"{cfg.format}: {found} {catalog.root} (skipped: {reasons or 'nothing'}); "
+                        f"expected {HOW_TO_GET[cfg.format]}")
     return catalog

@@ -1,0 +1,213 @@
+"""Faults of a running federation, tried for real: signals, a killed CLI, a resume that would corrupt the
+run, faulty hospitals inside a running simulation, torn checkpoints and site states."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.checkpoint import PREVIOUS_NAME, load_checkpoint
+from common.config import load_config
+from simulations.runner import SimulationError, run_simulation
+
+BIN = Path(sys.executable).parent
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return f"{pid}: " + Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+    except OSError:
+        return f"{pid}: (gone)"
+
+
+def _start(run: Path, workdir: Path, *overrides: str) -> subprocess.Popen:
+    """A simulation whose hospital 2 hangs in round 2: the signal surely arrives mid-run, all processes up."""
+    command = [str(BIN / "dermfed"), "simulate", "--config", "smoke", "--out", str(run), "--fault-injection", "1:hang:2",
+               f"data.root={workdir / 'data'}", f"data.cache_dir={workdir / 'cache'}", "federation.round_timeout=600",
+               *overrides]
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _wait_for_round(run: Path, process: subprocess.Popen, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not (run / "history.json").is_file():
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline, "round 1 did not complete"
+        time.sleep(0.5)
+
+
+def _resume(run: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run([str(BIN / "dermfed"), "simulate", "--resume", str(run), *overrides], env=env,
+                          capture_output=True, text=True, timeout=400)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_process_leaves_a_resumable_run_and_resume_cannot_corrupt_it(tmp_path):
+    run = tmp_path / "run"
+    cli = _start(run, tmp_path, "federation.num_rounds=3")
+    _wait_for_round(run, cli)
+    second = _resume(run)  # while the first lives
+    assert second.returncode == 2 and "in use by a live run" in second.stderr
+    time.sleep(3)  # round 2 under way: the hung hospital holds it open
+    processes = _descendants(cli.pid)
+    assert len(processes) >= 4  # SuperLink, SuperExec, simulation, Ray ...
+    os.kill(cli.pid, signal.SIGTERM)
+    assert cli.wait(timeout=30) == 130
+    assert "resume" in cli.stderr.read()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(pid) for pid in processes):
+        time.sleep(0.2)
+    assert not [_cmdline(pid) for pid in processes if _alive(pid)]
+    original = (run / "config.yaml").read_bytes()
+    refused = _resume(run, "model.encoder=convnext_tiny", "data.image_size=64")
+    assert refused.returncode == 2
+    assert "model.encoder: 'convnext_atto' -> 'convnext_tiny'" in refused.stderr and "data.image_size" in refused.stderr
+    assert (run / "config.yaml").read_bytes() == original and not list(run.glob("config.r*.yaml"))
+    resumed = _resume(run, "train.lr=0.002")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert load_checkpoint(run)["position"]["round"] == 3
+    assert (run / "config.yaml").read_bytes() == original  # the original is kept, the change is a revision
+    assert load_config(run / "config.r2.yaml").train.lr == 0.002 and load_config(run / "config.yaml").train.lr == 0.001
+    assert [h["round"] for h in json.loads((run / "history.json").read_text())] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_killed_cli_leaves_no_process_of_its_run_alive(tmp_path):
+    run = tmp_path / "run"
+    cli = _start(run, tmp_path, "federation.num_rounds=3")
+    _wait_for_round(run, cli)
+    time.sleep(3)
+    processes = _descendants(cli.pid)
+    assert len(processes) >= 4
+    assert cli.poll() is None  # still running: round 2 hangs
+    os.kill(cli.pid, signal.SIGKILL)
+    cli.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(pid) for pid in processes):
+        time.sleep(0.2)
+    assert not [_cmdline(pid) for pid in processes if _alive(pid)], "processes of the killed run are still alive"
+
+
+@pytest.mark.slow
+def test_faulty_hospitals_inside_a_running_federation_are_left_out_of_fedavg_and_send_no_file_name(tmp_path):
+    """Four hospitals: the fourth sends NaN weights from round 1, the second fails in round 2 with an error whose
+    text names one of its image files. The run finishes; the global weights are FedAvg of the healthy updates
+    only; no file name reaches the server's history."""
+    from client.site import SiteRunner, simulation_site_data
+    from server.federation import initial_shared_weights
+
+    config = load_config("smoke", [f"data.root={tmp_path / 'data'}", f"data.cache_dir={tmp_path / 'cache'}",
+                                   "synth.num_sites=4", "federation.num_rounds=2", "federation.min_clients=2"])
+    run = run_simulation(config, tmp_path / "run", fault_injection="3:nan:1,1:raise:2")
+    history = json.loads((run / "history.json").read_text())
+    healthy = {1: [0, 1, 2], 2: [0, 2]}
+    for entry in history:
+        assert sorted(s["site"] for s in entry["sites"]) == [f"hospital_{i + 1}" for i in healthy[entry["round"]]]
+        nan, *errors = sorted(entry["excluded"], key=lambda e: e["site"] != "hospital_4")
+        assert nan["site"] == "hospital_4" and "non-finite" in nan["reason"]
+        # an error reply carries no site index: the simulation names it by node
+        assert [e["reason"].split(":")[:2] for e in errors] == ([["client error", " data-error"]] if entry["round"] == 2 else [])
+    text = (run / "history.json").read_text() + (run / "history.csv").read_text()
+    assert ".jpg" not in text and str(tmp_path) not in text and "unreadable" not in text
+    runners = [SiteRunner(config, simulation_site_data(config, i, 4), tmp_path / f"plain{i}") for i in range(3)]
+    weights = initial_shared_weights(config)
+    for round_number in (1, 2):
+        outputs = [runners[i].train_round(round_number, weights) for i in healthy[round_number]]
+        total = sum(o.metrics["num-examples"] for o in outputs)
+        weights = {k: sum(o.shared[k] * (o.metrics["num-examples"] / total) for o in outputs) for k in weights}
+    final = load_checkpoint(run)["extra"]["shared"]
+    assert all(torch.allclose(final[k], weights[k].to(final[k].dtype), atol=1e-5) for k in final)
+
+
+@pytest.mark.slow
+def test_too_few_healthy_hospitals_fail_the_round_keep_the_last_checkpoint_and_say_so(tmp_path):
+    """Hospital 2 fails in round 2 and min_clients is 3: round 2 fails; round 1 stays the checkpoint."""
+    config = load_config("smoke", [f"data.root={tmp_path / 'data'}", f"data.cache_dir={tmp_path / 'cache'}",
+                                   "federation.num_rounds=2", "federation.min_clients=3"])
+    with pytest.raises(SimulationError) as failure:
+        run_simulation(config, tmp_path / "run", fault_injection="1:raise:2")
+    message = str(failure.value)
+    assert "failed in round 2" in message and "RoundFailed" in message and "data-error" in message
+    assert "the checkpoint of round 1 is kept" in message and "--resume" in message
+    assert load_checkpoint(tmp_path / "run")["position"]["round"] == 1
+    status = json.loads((tmp_path / "run" / "run-status.json").read_text())
+    assert status["state"] == "failed" and status["resumable"]
+
+
+def test_a_torn_latest_checkpoint_falls_back_to_the_previous_round(tmp_path, caplog):
+    from server.rounds import RunRecorder, load_resume_point
+
+    config = load_config("smoke")
+    recorder = RunRecorder(tmp_path, config)
+    for round_number in (1, 2):
+        recorder.record(round_number)
+        recorder.finish(round_number, {"encoder.w": torch.full((2,), float(round_number))}, {})
+    assert (tmp_path / PREVIOUS_NAME).is_file()
+    latest = tmp_path / "checkpoint.pt"
+    latest.write_bytes(latest.read_bytes()[:100])  # torn by a crash mid-write
+    point = load_resume_point(tmp_path)
+    assert point["round"] == 1 and torch.equal(point["shared"]["encoder.w"], torch.ones(2))
+    assert "falling back to the previous round" in caplog.text
+
+
+def test_a_torn_site_state_is_reported_not_silently_replaced(synthetic_root, tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from client.client_app import _RUNNERS, train
+    from common.config import config_to_json
+    from common.model import build_vae, shared_state
+    from tests.flower_helpers import train_message
+
+    config = load_config("smoke", [f"data.root={synthetic_root}", f"data.cache_dir={tmp_path / 'cache'}"])
+    shared = shared_state(build_vae(config.model, config.data.image_size), "encoder")
+
+    def ask(round_number, node_id):
+        context = Context(run_id=5, node_id=node_id, node_config={"partition-id": 0, "num-partitions": 3},
+                          state=RecordDict(), run_config={"run-dir": str(tmp_path / "run")})
+        return train(train_message(node_id, shared, {"server-round": round_number,
+                                                     "dermfed-config": config_to_json(config)}), context)
+
+    assert not ask(1, 71).has_error()
+    snapshot = tmp_path / "run" / "sites" / "hospital_1" / "round-0001.pt"
+    torn = snapshot.read_bytes()[: len(snapshot.read_bytes()) // 3]
+    snapshot.write_bytes(torn)
+    _RUNNERS.clear()  # a restarted daemon: it must read its state from disk
+    reply = ask(2, 72)
+    assert reply.has_error() and reply.error.reason.startswith("site-state-corrupt")
+    assert snapshot.read_bytes() == torn  # left as it was, for its operator
+    assert not (snapshot.parent / "round-0002.pt").exists()  # and no round was trained on a guessed state
+    _RUNNERS.clear()
