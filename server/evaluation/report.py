@@ -114,6 +114,21 @@ def _series(values: list[Optional[float]]) -> Optional[list[float]]:
     return [np.nan if v is None else v for v in values] if any(v is not None for v in values) else None
 
 
+def _lines_figure(x: list, lines: dict[str, Optional[list[float]]], title: str, xlabel: str, path: Path) -> Optional[Path]:
+    """One line per series that has a value; None when no series has one (nothing to draw)."""
+    lines = {label: values for label, values in lines.items() if values is not None}
+    if not lines:
+        return None
+    figure, axis = plt.subplots(figsize=(6, 3.6))
+    for label, values in lines.items():
+        axis.plot(x, values, marker="o", label=label)
+    axis.set_title(title)
+    axis.set_xlabel(xlabel)
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    return _save(figure, path)
+
+
 def figure_pretraining_loss(history: list[dict], path: Path) -> Optional[Path]:
     """Reconstruction loss per round (federated) or epoch (pooled/local); None when none was reported (DP sites send none)."""
     if not history:
@@ -126,17 +141,7 @@ def figure_pretraining_loss(history: list[dict], path: Path) -> Optional[Path]:
         lines["validation (sites)"] = _series([h.get("evaluate", {}).get("val-reconstruction") for h in history])
     else:
         lines["training"] = _series([h.get("reconstruction") for h in history])
-    lines = {k: v for k, v in lines.items() if v is not None}
-    if not lines:
-        return None
-    figure, axis = plt.subplots(figsize=(6, 3.6))
-    for label, values in lines.items():
-        axis.plot(x, values, marker="o", label=label)
-    axis.set_title("Pretraining: reconstruction loss per image")
-    axis.set_xlabel("round" if federated else "epoch")
-    axis.legend(fontsize=8)
-    axis.grid(alpha=0.3)
-    return _save(figure, path)
+    return _lines_figure(x, lines, "Pretraining: reconstruction loss per image", "round" if federated else "epoch", path)
 
 
 def figure_privacy(history: list[dict], path: Path) -> Optional[Path]:
@@ -151,17 +156,7 @@ def figure_privacy(history: list[dict], path: Path) -> Optional[Path]:
             lines[site] = _series([next((s.get("epsilon") for s in h["sites"] if s["site"] == site), None) for h in history])
     else:
         lines["pooled"] = _series([h.get("epsilon") for h in history])
-    lines = {k: v for k, v in lines.items() if v is not None}
-    if not lines:
-        return None
-    figure, axis = plt.subplots(figsize=(6, 3.6))
-    for label, values in lines.items():
-        axis.plot(x, values, marker="o", label=label)
-    axis.set_title("Privacy spent per site (epsilon)")
-    axis.set_xlabel("round" if federated else "epoch")
-    axis.legend(fontsize=8)
-    axis.grid(alpha=0.3)
-    return _save(figure, path)
+    return _lines_figure(x, lines, "Privacy spent per site (epsilon)", "round" if federated else "epoch", path)
 
 
 def _embed(path: Optional[Path], alt: str) -> str:
