@@ -50,6 +50,7 @@ class RobustAggregation:
         self.recorder, self.expected, self.min_clients = recorder, expected, min_clients
         self.round_offset, self.site_names, self.registry = round_offset, dict(site_names or {}), registry
         self._sent: list[int] = []
+        self._seen: dict[int, str] = {}  # node id -> the label of its last sound reply
 
     def site_label(self, index: Optional[float], node_id: int) -> str:
         if self.registry is not None:
@@ -58,6 +59,13 @@ class RobustAggregation:
         if index is not None and int(index) in self.site_names:
             return self.site_names[int(index)]
         return f"site-{int(index)}" if index is not None else f"node-{node_id}"
+
+    def silent_label(self, node_id: int) -> str:
+        """A node that sent an error or nothing reports no site index: name it by its key (a real
+        federation) or by what it was called in an earlier round (a simulation)."""
+        if self.registry is not None:
+            return self.site_label(None, node_id)
+        return self._seen.get(node_id, f"node-{node_id}")
 
     def site_order(self, index: Optional[float], node_id: int) -> float:
         if self.registry is not None:
@@ -100,7 +108,8 @@ class RobustAggregation:
         for message in replies:
             node = message.metadata.src_node_id
             if message.has_error():
-                record.excluded.append({"site": f"node-{node}", "node": node, "reason": f"client error: {message.error.reason}"})
+                record.excluded.append({"site": self.silent_label(node), "node": node,
+                                        "reason": f"client error: {message.error.reason}"})
                 continue
             reason, metrics, index = self._check(message)
             label = self.site_label(index, node)
@@ -110,11 +119,13 @@ class RobustAggregation:
                 record.excluded.append({"site": label, "node": node, "reason": reason})
                 continue
             record.sites.append({"site": label, "node": node, **metrics})
+            self._seen[node] = label
             good.append((self.site_order(index, node), node, message))
         answered = {m.metadata.src_node_id for m in replies}
         for node in self._sent:
             if node not in answered:
-                record.excluded.append({"site": f"node-{node}", "node": node, "reason": "no reply within federation.round_timeout"})
+                record.excluded.append({"site": self.silent_label(node), "node": node,
+                                        "reason": "no reply within federation.round_timeout"})
         if len(good) < self.min_clients:
             raise RoundFailed(
                 f"round {record.round}: only {len(good)} valid update(s), federation.min_clients={self.min_clients}; "

@@ -146,3 +146,17 @@ def test_with_a_registry_a_site_is_named_by_its_node_key_and_strangers_are_left_
     assert np.allclose(arrays["encoder.w"].numpy(), 1.5)  # the stranger's update is not averaged in
     kept = strategy._to_registered([train_message(10), train_message(99)], record)
     assert [m.metadata.dst_node_id for m in kept] == [10]  # nothing is sent to an unregistered node
+
+
+def test_a_registered_site_that_fails_or_stays_silent_is_recorded_under_its_registered_name(tmp_path):
+    from server.deploy.registry import RegisteredSite, SiteRegistry
+
+    config = load_config("smoke", ["federation.min_clients=1"])
+    strategy = build_strategy(config)
+    registry = SiteRegistry({10: RegisteredSite("clinic_a", 0, "k0"), 11: RegisteredSite("clinic_b", 1, "k1"),
+                             12: RegisteredSite("clinic_c", 2, "k2")})
+    strategy.attach(RunRecorder(tmp_path, config), EXPECTED, 1, registry=registry)
+    strategy._sent = [10, 11, 12]
+    strategy.aggregate_train(1, [reply(10, _arrays(1.0), _metrics(0, 10)), error_reply(11, "data-error")])
+    reasons = {e["site"]: e["reason"] for e in strategy.recorder.current.excluded}
+    assert reasons == {"clinic_b": "client error: data-error", "clinic_c": "no reply within federation.round_timeout"}
