@@ -133,7 +133,7 @@ def test_faulty_hospitals_inside_a_running_federation_are_left_out_of_fedavg_and
 
     config = load_config("smoke", [f"data.root={tmp_path / 'data'}", f"data.cache_dir={tmp_path / 'cache'}",
                                    "synth.num_sites=4", "federation.num_rounds=2", "federation.min_clients=1",
-                                   "federation.round_timeout=60"])  # round 1 takes about 20 s on 2 cores
+                                   "federation.round_timeout=40"])  # round 1 takes about 15 s on 2 cores
     run = run_simulation(config, tmp_path / "run", fault_injection="3:nan:1,1:raise:2,2:hang:2")
     history = json.loads((run / "history.json").read_text())
     healthy = {1: [0, 1, 2], 2: [0]}
