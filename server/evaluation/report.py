@@ -129,34 +129,39 @@ def _lines_figure(x: list, lines: dict[str, Optional[list[float]]], title: str, 
     return _save(figure, path)
 
 
+def _history_axis(history: list[dict]) -> tuple[bool, list[int], str]:
+    """A federated history is per round, a pooled or local one per epoch."""
+    federated = "round" in history[0]
+    unit = "round" if federated else "epoch"
+    return federated, [h[unit] for h in history], unit
+
+
 def figure_pretraining_loss(history: list[dict], path: Path) -> Optional[Path]:
     """Reconstruction loss per round (federated) or epoch (pooled/local); None when none was reported (DP sites send none)."""
     if not history:
         return None
-    federated = "round" in history[0]
-    x = [h["round" if federated else "epoch"] for h in history]
+    federated, x, unit = _history_axis(history)
     lines = {}
     if federated:
         lines["training (sites, weighted)"] = _series([h["train"].get("reconstruction") for h in history])
         lines["validation (sites)"] = _series([h.get("evaluate", {}).get("val-reconstruction") for h in history])
     else:
         lines["training"] = _series([h.get("reconstruction") for h in history])
-    return _lines_figure(x, lines, "Pretraining: reconstruction loss per image", "round" if federated else "epoch", path)
+    return _lines_figure(x, lines, "Pretraining: reconstruction loss per image", unit, path)
 
 
 def figure_privacy(history: list[dict], path: Path) -> Optional[Path]:
     """Epsilon spent per site and round; None without DP-SGD (there is nothing to draw)."""
     if not history:
         return None
-    federated = "round" in history[0]
-    x = [h["round" if federated else "epoch"] for h in history]
+    federated, x, unit = _history_axis(history)
     lines = {}
     if federated:
         for site in sorted({s["site"] for h in history for s in h["sites"]}):
             lines[site] = _series([next((s.get("epsilon") for s in h["sites"] if s["site"] == site), None) for h in history])
     else:
         lines["pooled"] = _series([h.get("epsilon") for h in history])
-    return _lines_figure(x, lines, "Privacy spent per site (epsilon)", "round" if federated else "epoch", path)
+    return _lines_figure(x, lines, "Privacy spent per site (epsilon)", unit, path)
 
 
 def _embed(path: Optional[Path], alt: str) -> str:
