@@ -312,9 +312,13 @@ def _run_locked(config: DermFedConfig, run_dir: Path, lock: RunLock, resume: boo
     started = time.perf_counter()
     try:
         with interrupts_raise(), local_superlink(port, env, flwr_home / "superlink.log"):
-            returncode = _follow(subprocess.Popen(command, env=env, cwd=PROJECT_ROOT), run_dir, token, ours)
+            try:
+                returncode = _follow(subprocess.Popen(command, env=env, cwd=PROJECT_ROOT), run_dir, token, ours)
+            except SimulationInterrupted:
+                # Stop everything at once, SuperLink included: its own orderly stop may take 20 s.
+                stop_marked(token, ours)
+                raise
     except SimulationInterrupted as exc:
-        stop_marked(token, ours)
         done = completed_rounds(run_dir)
         raise SimulationInterrupted(f"{exc}: every process of the run was stopped after {done} completed round(s); "
                                     f"continue with: dermfed simulate --resume {run_dir}") from None

@@ -78,7 +78,7 @@ def _resume(run: Path, *overrides: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_sigterm_stops_every_process_leaves_a_resumable_run_and_resume_cannot_corrupt_it(tmp_path):
     run = tmp_path / "run"
-    cli = _start(run, tmp_path, "federation.num_rounds=3")
+    cli = _start(run, tmp_path, "federation.num_rounds=2")
     _wait_for_round(run, cli)
     second = _resume(run)  # while the first lives
     assert second.returncode == 2 and "in use by a live run" in second.stderr
@@ -86,12 +86,11 @@ def test_sigterm_stops_every_process_leaves_a_resumable_run_and_resume_cannot_co
     processes = _descendants(cli.pid)
     assert len(processes) >= 4  # SuperLink, SuperExec, simulation, Ray ...
     os.kill(cli.pid, signal.SIGTERM)
-    assert cli.wait(timeout=30) == 130
-    assert "resume" in cli.stderr.read()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(_alive(pid) for pid in processes):
+    deadline = time.monotonic() + 10  # the CLI and every process of its run gone within 10 s of the signal
+    while time.monotonic() < deadline and (cli.poll() is None or any(_alive(pid) for pid in processes)):
         time.sleep(0.2)
     assert not [_cmdline(pid) for pid in processes if _alive(pid)]
+    assert cli.poll() == 130 and "resume" in cli.stderr.read()
     original = (run / "config.yaml").read_bytes()
     refused = _resume(run, "model.encoder=convnext_tiny", "data.image_size=64")
     assert refused.returncode == 2
@@ -99,10 +98,10 @@ def test_sigterm_stops_every_process_leaves_a_resumable_run_and_resume_cannot_co
     assert (run / "config.yaml").read_bytes() == original and not list(run.glob("config.r*.yaml"))
     resumed = _resume(run, "train.lr=0.002")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert load_checkpoint(run)["position"]["round"] == 3
+    assert load_checkpoint(run)["position"]["round"] == 2
     assert (run / "config.yaml").read_bytes() == original  # the original is kept, the change is a revision
     assert load_config(run / "config.r2.yaml").train.lr == 0.002 and load_config(run / "config.yaml").train.lr == 0.001
-    assert [h["round"] for h in json.loads((run / "history.json").read_text())] == [1, 2, 3]
+    assert [h["round"] for h in json.loads((run / "history.json").read_text())] == [1, 2]
 
 
 @pytest.mark.slow
@@ -115,8 +114,8 @@ def test_a_killed_cli_leaves_no_process_of_its_run_alive(tmp_path):
     assert len(processes) >= 4
     assert cli.poll() is None  # still running: round 2 hangs
     os.kill(cli.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10  # every process of the run gone within 10 s of the signal
     cli.wait(timeout=10)
-    deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(_alive(pid) for pid in processes):
         time.sleep(0.2)
     assert not [_cmdline(pid) for pid in processes if _alive(pid)], "processes of the killed run are still alive"
