@@ -75,13 +75,22 @@ def _resume(run: Path, *overrides: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=400)
 
 
+def _refused_resume(capsys, run: Path, *overrides: str) -> tuple[int, str]:
+    """A resume that must be refused before it starts anything: run in this process (no start-up cost)."""
+    from server.cli import main
+
+    capsys.readouterr()
+    code = main(["simulate", "--resume", str(run), *overrides])
+    return code, capsys.readouterr().err
+
+
 @pytest.mark.slow
-def test_sigterm_stops_every_process_leaves_a_resumable_run_and_resume_cannot_corrupt_it(tmp_path):
+def test_sigterm_stops_every_process_leaves_a_resumable_run_and_resume_cannot_corrupt_it(tmp_path, capsys):
     run = tmp_path / "run"
     cli = _start(run, tmp_path, "federation.num_rounds=2")
     _wait_for_round(run, cli)
-    second = _resume(run)  # while the first lives
-    assert second.returncode == 2 and "in use by a live run" in second.stderr
+    code, err = _refused_resume(capsys, run)  # while the first lives
+    assert code == 2 and "in use by a live run" in err
     time.sleep(3)  # round 2 under way: the hung hospital holds it open
     processes = _descendants(cli.pid)
     assert len(processes) >= 4  # SuperLink, SuperExec, simulation, Ray ...
@@ -92,9 +101,9 @@ def test_sigterm_stops_every_process_leaves_a_resumable_run_and_resume_cannot_co
     assert not [_cmdline(pid) for pid in processes if _alive(pid)]
     assert cli.poll() == 130 and "resume" in cli.stderr.read()
     original = (run / "config.yaml").read_bytes()
-    refused = _resume(run, "model.encoder=convnext_tiny", "data.image_size=64")
-    assert refused.returncode == 2
-    assert "model.encoder: 'convnext_atto' -> 'convnext_tiny'" in refused.stderr and "data.image_size" in refused.stderr
+    code, err = _refused_resume(capsys, run, "model.encoder=convnext_tiny", "data.image_size=64")
+    assert code == 2
+    assert "model.encoder: 'convnext_atto' -> 'convnext_tiny'" in err and "data.image_size" in err
     assert (run / "config.yaml").read_bytes() == original and not list(run.glob("config.r*.yaml"))
     resumed = _resume(run, "train.lr=0.002")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -108,11 +117,13 @@ def test_sigterm_stops_every_process_leaves_a_resumable_run_and_resume_cannot_co
 def test_a_killed_cli_leaves_no_process_of_its_run_alive(tmp_path):
     run = tmp_path / "run"
     cli = _start(run, tmp_path, "federation.num_rounds=3")
-    _wait_for_round(run, cli)
-    time.sleep(3)
+    deadline = time.monotonic() + 240
+    while not any("ClientAppActor" in _cmdline(pid) for pid in _descendants(cli.pid)):  # every kind of process up
+        assert cli.poll() is None, cli.stderr.read()
+        assert time.monotonic() < deadline, "no Ray actor started"
+        time.sleep(0.5)
     processes = _descendants(cli.pid)
     assert len(processes) >= 4
-    assert cli.poll() is None  # still running: round 2 hangs
     os.kill(cli.pid, signal.SIGKILL)
     deadline = time.monotonic() + 10  # every process of the run gone within 10 s of the signal
     cli.wait(timeout=10)
@@ -132,7 +143,7 @@ def test_faulty_hospitals_inside_a_running_federation_are_left_out_of_fedavg_and
 
     config = load_config("smoke", [f"data.root={tmp_path / 'data'}", f"data.cache_dir={tmp_path / 'cache'}",
                                    "synth.num_sites=4", "federation.num_rounds=2", "federation.min_clients=1",
-                                   "federation.round_timeout=40"])  # round 1 takes about 15 s on 2 cores
+                                   "federation.round_timeout=30"])  # round 1 takes about 15 s on 2 cores
     run = run_simulation(config, tmp_path / "run", fault_injection="3:nan:1,1:raise:2,2:hang:2")
     history = json.loads((run / "history.json").read_text())
     healthy = {1: [0, 1, 2], 2: [0]}
