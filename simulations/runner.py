@@ -314,16 +314,15 @@ def _run_locked(config: DermFedConfig, run_dir: Path, lock: RunLock, resume: boo
         with interrupts_raise(), local_superlink(port, env, flwr_home / "superlink.log"):
             try:
                 returncode = _follow(subprocess.Popen(command, env=env, cwd=PROJECT_ROOT), run_dir, token, ours)
-            except SimulationInterrupted:
-                # Stop everything at once, SuperLink included: its own orderly stop may take 20 s.
+            finally:
+                # However the run ends, whatever of it is still alive (SuperExec, simulation, Ray, the SuperLink
+                # itself) is stopped here at once, before the SuperLink's orderly stop, which may take 20 s.
                 stop_marked(token, ours)
-                raise
     except SimulationInterrupted as exc:
         done = completed_rounds(run_dir)
         raise SimulationInterrupted(f"{exc}: every process of the run was stopped after {done} completed round(s); "
                                     f"continue with: dermfed simulate --resume {run_dir}") from None
     finally:
-        stop_marked(token, ours)  # whatever of the run is still alive: SuperExec, simulation, Ray
         reaper.kill()
         reaper.wait()
         shutil.rmtree(ray_tmp, ignore_errors=True)
