@@ -19,6 +19,7 @@ from common.checkpoint import CHECKPOINT_NAME, save_vae_checkpoint
 from common.config import DermFedConfig, write_config
 from common.data.batches import ImageRows, read_batch, to_device_float
 from common.data.catalog import DataError
+from common.data.identity import IDENTITY_RULE, group_identities, image_identities
 from common.data.pipeline import PreparedData, prepare_data
 from common.model import ConvNeXtVAE, build_vae
 from common.training import EpochMetrics, LocalTrainer, SiteState, seed_everything
@@ -32,10 +33,12 @@ def pretraining_indices(prepared: PreparedData, splits: list[str]) -> np.ndarray
 
 
 def pretraining_record(prepared: PreparedData, splits: list[str]) -> dict[str, Any]:
-    """Which images a pretraining run saw, by id: stored in its checkpoint, so that evaluation can
-    refuse an arm that saw one of its validation or test images."""
-    rows = pretraining_indices(prepared, splits)
-    return {"image_ids": sorted(prepared.catalog.frame["image_id"].iloc[rows].astype(str).tolist())}
+    """Which images (and lesions or patients) a pretraining run saw, by normalised identity
+    (`common.data.identity`): stored in its checkpoint, so that evaluation can refuse an arm that saw
+    one of its validation or test images, or another image of a test lesion, whatever format reads them."""
+    frame = prepared.catalog.frame.iloc[pretraining_indices(prepared, splits)]
+    groups = group_identities(frame).dropna()
+    return {"identity": IDENTITY_RULE, "image_ids": sorted(set(image_identities(frame))), "groups": sorted(set(groups))}
 
 
 @torch.no_grad()

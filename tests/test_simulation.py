@@ -41,12 +41,15 @@ def test_two_rounds_with_three_virtual_hospitals(uninterrupted):
         assert entry["evaluate"]["val-reconstruction"] > 0
     backbone = timm.create_model("convnext_atto", num_classes=0)
     backbone.load_state_dict(payload["encoder"], strict=True)
+    from common.data.identity import group_identities, image_identities
     from common.data.pipeline import prepare_data
 
     frame = prepare_data(load_config("smoke", [f"data.root={uninterrupted.parent / 'data'}",
                                                 f"data.cache_dir={uninterrupted.parent / 'cache'}"])).catalog.frame
-    recorded = payload["extra"]["pretraining_images"]["image_ids"]  # for evaluation's leak check
-    assert recorded == sorted(frame.loc[frame["split"] == "train", "image_id"]) and len(recorded) > 0
+    recorded = payload["extra"]["pretraining_images"]  # for evaluation's leak check: identities, not names
+    train = frame[frame["split"] == "train"]
+    assert recorded["image_ids"] == sorted(set(image_identities(train))) and len(recorded["image_ids"]) > 0
+    assert recorded["groups"] == sorted(set(group_identities(train).dropna())) and len(recorded["groups"]) > 0
     assert (uninterrupted / "history.csv").read_text().startswith("round,")
     assert (uninterrupted / "config.yaml").is_file()
 

@@ -14,6 +14,9 @@ cares about:
 
 Output is HAM10000's layout (`synthetic_metadata.csv` with lesion_id, image_id, dx, dataset,
 ... and `images/*.jpg`), read by the same loader as HAM10000. Deterministic from the seed.
+Lesion and image ids carry the seed (`SYN3_0100002_1`: seed 3, site 1, lesion 2, image 1):
+data sets drawn with other seeds are other images, and the evaluation's leak guard, which
+compares ids, must see them as such (one can be an external test set of the other).
 """
 
 from __future__ import annotations
@@ -304,7 +307,7 @@ def generate(config: DermFedConfig, out: str | Path, progress: bool = True) -> p
         dxs = [cfg.classes[i] for i in rng.choice(len(cfg.classes), size=cfg.lesions_per_site, p=class_mix)]
         for lesion_index, (dx, split) in enumerate(zip(dxs, _lesion_splits(cfg.lesions_per_site, cfg, rng))):
             lesion = sample_lesion(dx, rng)
-            lesion_id = f"SYN_{site_index + 1:02d}{lesion_index:05d}"
+            lesion_id = f"SYN{config.seed}_{site_index + 1:02d}{lesion_index:05d}"
             age, sex, place = int(rng.integers(18, 90)), str(rng.choice(["male", "female"])), str(rng.choice(LOCALIZATIONS))
             for image_index in range(int(rng.integers(1, cfg.max_images_per_lesion + 1))):
                 artifacts = _choose_artifacts(profile, cfg, dx, split, rng)
