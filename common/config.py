@@ -9,6 +9,7 @@ back to a default. The resolved configuration is written next to every run's out
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Optional, Union, get_args, get_origin
@@ -213,6 +214,34 @@ class FederationConfig(_Section):
         return self
 
 
+EXTERNAL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class ExternalSetConfig(_Section):
+    """A labelled data set the heads are scored on but never trained or selected on: every image is test data."""
+
+    format: DataFormat = Field(description="layout of root (as data.format); must carry labels")
+    root: str = Field(description="folder with the images and metadata, as data.root")
+    name: Optional[str] = Field(None, pattern=EXTERNAL_NAME, description="how the report names it; default: root's folder name")
+    metadata_csv: Optional[str] = Field(None, description="as data.metadata_csv")
+    ham_metadata_csv: Optional[str] = Field(None, description="as data.ham_metadata_csv (isic2019)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_name(cls, values: Any) -> Any:
+        if isinstance(values, dict) and not values.get("name") and isinstance(values.get("root"), str):
+            folder = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(values["root"].rstrip("/\\")).name).lstrip("_.-")
+            values = {**values, "name": folder[:64] or "external"}
+        return values
+
+    @model_validator(mode="after")
+    def _labelled(self) -> "ExternalSetConfig":
+        if self.format == "folder":
+            raise ValueError(f"external set {self.name!r}: format folder holds no labels; an external test set needs them "
+                             "(ham10000, isic2019, isic-gt, isic2020 or synthetic)")
+        return self
+
+
 class EvaluationConfig(_Section):
     """Central evaluation: frozen encoders under identical classifier heads."""
 
@@ -239,6 +268,17 @@ class EvaluationConfig(_Section):
         description="arms to run when their inputs exist")
     feature_batch_size: int = Field(64, ge=1)
     imagenet_model: str = Field("convnext_tiny.fb_in1k", description="timm model (with tag) of the ImageNet arm")
+    external: list[ExternalSetConfig] = Field(default_factory=list, description=(
+        "labelled data sets scored as external test sets (heads trained and selected on data.* only); "
+        "`dermfed evaluate --external FORMAT:ROOT[:NAME]` adds entries"))
+
+    @model_validator(mode="after")
+    def _unique_external_names(self) -> "EvaluationConfig":
+        names = [entry.name for entry in self.external]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"external test sets must have distinct names; {twice} given twice (set each entry's name)")
+        return self
 
 
 class DermFedConfig(_Section):

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 from client.node import NodeError
 from common.checkpoint import CheckpointError
-from common.config import ConfigError, DermFedConfig, config_to_yaml, flatten_config, load_config, write_config
+from common.config import ConfigError, DermFedConfig, build_config, config_to_yaml, flatten_config, load_config, write_config
 from common.data.catalog import DataError, format_summary, summary_table
 from common.privacy import PrivacyBudgetExhausted
 from server.deploy import DeployError
@@ -191,12 +191,31 @@ def cmd_evaluate(args: argparse.Namespace, config: DermFedConfig) -> int:
     from server.evaluation.report import write_report
     from server.evaluation.run import run_evaluation
 
+    config = with_external_sets(config, args.external)
     folder = run_folder(config, "evaluation", args.out)
     metrics = run_evaluation(config, Path(args.checkpoint), folder, args.imagenet_weights, args.pooled, args.local)
     report = write_report(folder, metrics)
     print(f"metrics: {folder / 'metrics.json'}")
     print(f"report: {report.resolve()}")
     return 0
+
+
+def parse_external(spec: str) -> dict[str, str]:
+    """`FORMAT:ROOT[:NAME]` -> an `evaluation.external` entry (a ROOT holding ':' needs the config list)."""
+    fmt, _, rest = spec.partition(":")
+    root, name = rest.rsplit(":", 1) if ":" in rest else (rest, "")
+    if not fmt or not root:
+        raise ConfigError(f"--external {spec!r}: expected FORMAT:ROOT[:NAME], e.g. isic-gt:/data/isic2018-task3-test:isic2018")
+    return {"format": fmt, "root": root, **({"name": name} if name else {})}
+
+
+def with_external_sets(config: DermFedConfig, specs: Sequence[str]) -> DermFedConfig:
+    """The config's `evaluation.external` list (its one owner), extended by `--external` flags and validated."""
+    if not specs:
+        return config
+    tree = config.model_dump(mode="json")
+    tree["evaluation"]["external"] = [*tree["evaluation"]["external"], *(parse_external(spec) for spec in specs)]
+    return build_config(tree)
 
 
 def cmd_report(args: argparse.Namespace, config: DermFedConfig) -> int:
@@ -307,11 +326,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="frozen encoders against ImageNet ConvNeXt-Tiny under identical heads",
                               formatter_class=fmt)
     evaluate.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
-                          help="pretraining run folder or checkpoint.pt (arm A: the federated encoder)")
+                          help="pretraining run folder or checkpoint.pt (arm A, the encoder under study: a federated "
+                               "run, or any pretraining run, labelled by what its checkpoint records)")
     evaluate.add_argument("--imagenet-weights", default=None, metavar="FILE",
                           help="arm B's ImageNet weights file (default: the Hugging Face cache, offline)")
     evaluate.add_argument("--pooled", default=None, metavar="RUN_DIR", help="arm D: a pooled `dermfed pretrain` run")
     evaluate.add_argument("--local", default=None, metavar="RUN_DIR", help="arm E: a local-only `dermfed pretrain` run")
+    evaluate.add_argument("--external", action="append", default=[], metavar="FORMAT:ROOT[:NAME]",
+                          help="also score the heads on this labelled data set, all of it test data (repeat; "
+                               "adds to evaluation.external)")
     evaluate.add_argument("--out", default=None, help="run folder (default: output_dir/run_name)")
     _add_common(evaluate)
     evaluate.set_defaults(handler=cmd_evaluate)

@@ -7,7 +7,7 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from common.config import load_config
 from server.evaluation.heads import train_head
-from server.evaluation.metrics import classification_metrics, macro_auroc, mean_ci
+from server.evaluation.metrics import classification_metrics, macro_auroc, seed_spread, wilson_interval
 
 CLASSES = ["MEL", "NV", "BKL"]
 
@@ -68,13 +68,23 @@ def test_absent_classes_are_reported_not_hidden():
     assert np.isnan(macro_auroc(np.array([1, 1]), proba[:2]))
 
 
-def test_mean_and_95_percent_interval_over_seeds():
-    ci = mean_ci([0.6, 0.7, 0.8])
-    half = stats.t.ppf(0.975, 2) * 0.1 / np.sqrt(3)
-    assert ci["mean"] == pytest.approx(0.7) and ci["low"] == pytest.approx(0.7 - half) and ci["high"] == pytest.approx(0.7 + half)
-    assert mean_ci([0.6, 0.7, 0.8], bounds=(0, 0.75))["high"] == 0.75
-    assert mean_ci([0.5]) == {"mean": 0.5, "low": 0.5, "high": 0.5, "n": 1}
-    assert mean_ci([float("nan"), None])["mean"] is None
+def test_per_class_recall_interval_is_wilson_over_the_class_images():
+    """7 of 9 images: about 0.45-0.94 (the issue's case, printed before as 0.78 [0.78, 0.78] from three equal seeds)."""
+    for k, n in ((7, 9), (9, 9), (0, 4), (30, 41)):
+        reference = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        ci = wilson_interval(k / n, n)
+        assert ci["low"] == pytest.approx(reference.low, abs=1e-12) and ci["high"] == pytest.approx(reference.high, abs=1e-12)
+        assert ci["n"] == n and "Wilson" in ci["covers"]
+    assert wilson_interval(7 / 9, 9)["low"] == pytest.approx(0.453, abs=1e-3)
+    assert wilson_interval(1.0, 9)["high"] == 1.0 and wilson_interval(1.0, 9)["low"] < 0.75  # not a point at 1
+    assert wilson_interval(None, 0)["mean"] is None
+
+
+def test_the_seeds_spread_says_it_covers_head_seeds_only():
+    spread = seed_spread([0.6, 0.7, 0.8, None])
+    assert spread["mean"] == pytest.approx(0.7) and (spread["min"], spread["max"], spread["n"]) == (0.6, 0.8, 3)
+    assert spread["covers"].startswith("head seeds only")
+    assert seed_spread([float("nan")])["mean"] is None
 
 
 def _separable(n, rng, shift):
@@ -95,7 +105,9 @@ def test_head_learns_and_the_best_epoch_is_chosen_on_validation_only():
         scores = [h["val_balanced_accuracy"] for h in run.history]  # the default: the headline metric
         assert run.best_epoch == int(np.argmax(scores)) + 1
         for h in run.history:
-            assert h["gap"] == pytest.approx(h["train_accuracy"] - h["val_accuracy"])
+            assert h["gap_accuracy"] == pytest.approx(h["train_accuracy"] - h["val_accuracy"])
+            assert h["gap_balanced_accuracy"] == pytest.approx(h["train_balanced_accuracy"] - h["val_balanced_accuracy"])
+            assert h["gap_loss"] == pytest.approx(h["val_loss"] - h["train_loss"])
     by_loss = load_config("smoke", ["evaluation.epochs=12", "evaluation.lr=0.01", "evaluation.select_on=val_loss"]).evaluation
     run = train_head(by_loss, lambda epoch: x_train, y_train, x_val, y_val, 3, seed=0)
     val_losses = [h["val_loss"] for h in run.history]

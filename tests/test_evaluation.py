@@ -114,7 +114,14 @@ def test_small_evaluation_on_real_ham10000(ham_evaluation):
         assert 0 <= summary["low"] <= summary["mean"] <= summary["high"] <= 1
         assert np.array(arm["confusion_matrix"]).sum() == 2 * metrics["data"]["split_sizes"]["test"]
         assert all(1 <= s["best_epoch"] <= 4 for s in arm["seeds"])
-        assert set(arm["gap"]) == {"at_best_epoch", "at_last_epoch"}
+        assert arm["gap"]["metric"] == "balanced_accuracy"  # the metric heads are selected on (the default)
+        for where in ("at_chosen_epoch", "at_last_epoch"):
+            assert arm["gap"][where]["covers"].startswith("head seeds only") and arm["gap"][where]["n"] == 2
+        chosen = [s["gap_at_chosen"]["balanced_accuracy"] for s in arm["seeds"]]
+        assert arm["gap"]["at_chosen_epoch"]["mean"] == pytest.approx(np.mean(chosen))
+        assert len(arm["curves"]["val_balanced_accuracy"]) == 4  # the training curves carry the selection metric
+        recall = arm["per_class_recall"]["DF"]  # a Wilson interval over the class's test images, not over 2 seeds
+        assert "Wilson" in recall["covers"] and recall["n"] > 0 and recall["low"] < recall["high"]
         assert arm["pretraining_overlap"]["val"] == arm["pretraining_overlap"]["test"] == 0
     assert arms["federated"]["pretraining_overlap"]["train"] == arms["federated"]["pretraining_overlap"]["pretraining_images"] > 0
     vienna = arms["federated"]["per_site"]["vienna_dias"]["classes_present"]
@@ -166,6 +173,8 @@ def test_report_renders_in_headless_chromium(ham_evaluation, tmp_path):
     federated = next(arm for arm in metrics["arms"] if arm["key"] == "federated")
     assert f"{federated['summary']['balanced_accuracy']['mean']:.3f}" in dom
     assert "vienna_dias" in dom and "Arm imagenet did not run" in dom
+    assert "What it cannot mean on its own" in dom and "(seeds: " in dom and "Wilson" in dom  # what each interval covers
+    assert "generalisation to external" not in dom  # no external set: the source's answer comes first
     assert "DP-SGD off." in dom and not (run / "figures" / "privacy.png").exists()  # words, not an empty chart
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', dom)
     assert len(images) == 4  # curves, gap, confusion matrices, pretraining loss
@@ -188,7 +197,12 @@ def test_pooled_and_local_control_arms(tmp_path, synthetic_root):
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert [arm["key"] for arm in metrics["arms"]] == ["federated", "random", "pooled", "local"]
     assert "data.site" not in metrics["arms"][3]["source"] and "local" in metrics["arms"][3]["source"]
-    assert (tmp_path / "eval" / "report.html").read_text().count("E: local-only VAE encoder") >= 2
+    report = (tmp_path / "eval" / "report.html").read_text()
+    assert report.count("E: local-only VAE encoder (hospital_1, 1 epoch, DP-SGD off)") >= 2
+    # a pooled run passed as --checkpoint is named pooled, in every heading and verdict: never "federated"
+    assert metrics["arms"][0]["label"] == "A: pooled VAE encoder (1 epoch, DP-SGD off)"
+    assert metrics["arms"][0]["provenance"]["kind"] == "pooled" and "A: federated" not in report
+    assert all(c["words"].startswith("A: pooled VAE encoder (1 epoch, DP-SGD off) minus ") for c in metrics["comparisons"])
 
 
 def test_the_local_only_arm_never_pretrained_on_an_evaluation_image(ham_sample, tmp_path):
@@ -217,8 +231,8 @@ def test_a_checkpoint_pretrained_on_another_split_is_refused(ham_sample, tmp_pat
                  *common, "seed=0", "evaluation.epochs=1", "evaluation.seeds=[0]"])
     message = capsys.readouterr().err
     assert code == 2
-    assert re.search(r"arm federated \(A: federated VAE encoder\) pretrained on [1-9]\d* test and \d+ validation images",
-                     message), message
+    assert re.search(r"arm federated \(A: pooled VAE encoder \(1 epoch, DP-SGD off\)\) pretrained on [1-9]\d* test and "
+                     r"\d+ validation images", message), message
     assert not (tmp_path / "eval" / "metrics.json").exists()
 
 
@@ -252,4 +266,5 @@ def test_an_older_checkpoint_without_a_record_is_rebuilt_from_its_config(synthet
     del payload["extra"]["pretraining_images"]
     rebuilt = pretraining_images(payload)
     assert rebuilt.image_ids == recorded.image_ids and len(recorded.image_ids) > 0
+    assert rebuilt.groups == recorded.groups and len(recorded.groups) > 0
     assert rebuilt.source.startswith("rebuilt") and recorded.source.startswith("recorded")

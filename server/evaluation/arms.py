@@ -1,10 +1,14 @@
 """The arms of the study: each a frozen encoder feeding an identical head.
 
-A  federated: the global encoder of a `dermfed simulate` checkpoint
+A  federated: the encoder under study, `--checkpoint` (a `dermfed simulate` run, or any pretraining run)
 B  imagenet:  ConvNeXt-Tiny with ImageNet weights (timm): --imagenet-weights, the HF cache, or the Hub when online
 C  random:    the same architecture as A, randomly initialised (what pretraining adds at all)
-D  pooled:    a centrally pretrained VAE encoder (`dermfed pretrain`)
-E  local:     one site's local-only VAE encoder (`dermfed pretrain data.site=NAME`)
+D  pooled:    a centrally pretrained encoder (`dermfed pretrain`)
+E  local:     one site's local-only encoder (`dermfed pretrain data.site=NAME`)
+
+The key names the slot (the command-line option); a checkpoint arm's label names what its
+checkpoint records it is (`provenance.py`): "A: pooled VAE encoder (2 epochs, DP-SGD off)" for a
+pooled run passed as `--checkpoint`.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 from typing import Optional
 from urllib.parse import urlparse
@@ -22,14 +27,14 @@ from torch import nn
 
 from common.checkpoint import frozen_encoder, load_checkpoint
 from server.evaluation.leakage import EXTERNAL, NO_PRETRAINING, PretrainingImages, pretraining_images
+from server.evaluation.provenance import checkpoint_provenance
 
 ARM_LABELS = {
-    "federated": "A: federated VAE encoder",
     "imagenet": "B: ImageNet ConvNeXt-Tiny",
     "random": "C: random init (control)",
-    "pooled": "D: pooled VAE encoder (control)",
-    "local": "E: local-only VAE encoder (control)",
 }
+CHECKPOINT_LETTERS = {"federated": "A", "pooled": "D", "local": "E"}
+EXPECTED_KIND = {"federated": "federated", "pooled": "pooled", "local": "local-only"}
 
 
 class ArmUnavailable(RuntimeError):
@@ -43,6 +48,7 @@ class Arm:
     encoder: nn.Module
     source: str
     pretraining: PretrainingImages = NO_PRETRAINING  # which images it pretrained on (leak check)
+    provenance: Optional[dict[str, Any]] = None  # checkpoint arms: what the checkpoint records it is
 
 
 def _frozen(model: nn.Module) -> nn.Module:
@@ -50,9 +56,14 @@ def _frozen(model: nn.Module) -> nn.Module:
 
 
 def checkpoint_arm(key: str, path: str | Path) -> Arm:
+    """A pretraining run's encoder, labelled by its slot's letter and what the checkpoint records it is."""
     payload = load_checkpoint(path)  # read once: federated checkpoints are large
-    return Arm(key, ARM_LABELS[key], frozen_encoder(payload),
-               f"{payload['encoder_name']} from {Path(path)} ({payload['position']})", pretraining_images(payload))
+    provenance = checkpoint_provenance(payload)
+    if provenance.kind != EXPECTED_KIND[key]:
+        print(f"note: the {key} slot holds a {provenance.kind} checkpoint ({path}); it is labelled as what it is", flush=True)
+    return Arm(key, f"{CHECKPOINT_LETTERS[key]}: {provenance.describe()}", frozen_encoder(payload),
+               f"{payload['encoder_name']} from {Path(path)} ({payload['position']})", pretraining_images(payload),
+               provenance.as_dict())
 
 
 def random_arm(encoder_name: str, seed: int) -> Arm:

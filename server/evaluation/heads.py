@@ -3,10 +3,12 @@
 Per epoch it records, on the training and validation sets (evaluated after the epoch, in eval
 mode): the loss the head is trained on (class-weighted cross-entropy, unless
 `evaluation.imbalance=none`; the same weighting on both sets, so the two are comparable),
-accuracy, balanced accuracy (ISIC definition), and the overfitting gap (training minus
-validation accuracy). The best epoch is chosen on validation data only
-(`evaluation.select_on`: balanced accuracy by default, the study's headline metric, or the
-loss); test data never influences training or selection.
+accuracy, balanced accuracy (ISIC definition), and the overfitting gap in each of the three
+(`gap_accuracy`, `gap_balanced_accuracy`: training minus validation; `gap_loss`: validation minus
+training, so that a positive gap always means the head does better on its training images). The
+best epoch is chosen on validation data only (`evaluation.select_on`: balanced accuracy by
+default, the study's headline metric, or the loss); test data never influences training or
+selection.
 """
 
 from __future__ import annotations
@@ -59,6 +61,16 @@ def _evaluate(head: nn.Module, x: torch.Tensor, y: torch.Tensor, weights: torch.
             "balanced_accuracy": balanced_accuracy(truth, pred, len(weights))}
 
 
+SELECTION_METRIC = {"val_balanced_accuracy": "balanced_accuracy", "val_loss": "loss"}
+
+
+def gaps(train: dict[str, float], val: dict[str, float]) -> dict[str, float]:
+    """How much better the head does on its training images than on validation ones, in each metric."""
+    return {"gap_accuracy": train["accuracy"] - val["accuracy"],
+            "gap_balanced_accuracy": train["balanced_accuracy"] - val["balanced_accuracy"],
+            "gap_loss": val["loss"] - train["loss"]}
+
+
 def objective_weights(cfg: EvaluationConfig, train_labels: np.ndarray, num_classes: int) -> torch.Tensor:
     """Per-class weights of the loss the head optimises (and is selected and reported on)."""
     weights = torch.ones(num_classes)
@@ -103,7 +115,7 @@ def train_head(cfg: EvaluationConfig, train_features: Callable[[int], np.ndarray
         train = _evaluate(head, x_train, y_train, weights)
         val = _evaluate(head, x_val, y_val, weights)
         run.history.append({"epoch": epoch + 1, **{f"train_{k}": v for k, v in train.items()},
-                            **{f"val_{k}": v for k, v in val.items()}, "gap": train["accuracy"] - val["accuracy"]})
+                            **{f"val_{k}": v for k, v in val.items()}, **gaps(train, val)})
         score = -val["loss"] if cfg.select_on == "val_loss" else val["balanced_accuracy"]
         if best_score is None or score > best_score:
             best_score, best_state, run.best_epoch = score, copy.deepcopy(head.state_dict()), epoch + 1

@@ -1,4 +1,4 @@
-"""Classification metrics as the ISIC challenge scorer defines them, and intervals over seeds.
+"""Classification metrics as the ISIC challenge scorer defines them; per-class recall's Wilson interval; the seeds' spread.
 
 The ISIC scorer (`isic-challenge-scoring`) computes, per diagnostic category, one-vs-rest AUROC
 on that category's raw probability column, and averages over the categories; balanced accuracy
@@ -65,18 +65,27 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: Seque
         }
 
 
-def mean_ci(values: Sequence[Optional[float]], confidence: float = 0.95,
-            bounds: tuple[float, float] = (-np.inf, np.inf)) -> dict:
-    """Mean and a t-distribution interval over seeds (finite values only), clipped to `bounds`.
+COVERS_WILSON = "test images of the class: Wilson score interval (recall averaged over head seeds; head seeds not covered)"
+COVERS_SEEDS = "head seeds only: mean, lowest and highest (test and validation images fixed; not a confidence interval)"
 
-    Used for quantities that only the seeds vary (e.g. the best epoch's gap); test metrics get
-    bootstrap intervals over images and seeds (`uncertainty.py`).
-    """
+
+def wilson_interval(recall: Optional[float], n: float, confidence: float = 0.95) -> dict:
+    """Wilson score interval of a proportion `recall` over `n` images: honest at 0 and 1 and for a handful of
+    images, where a bootstrap or a t-interval over seeds collapses to a point."""
+    if recall is None or not np.isfinite(recall) or n <= 0:
+        return {"mean": None, "low": None, "high": None, "n": int(round(n)), "covers": COVERS_WILSON}
+    z = float(stats.norm.ppf(0.5 + confidence / 2))
+    centre = (recall + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(recall * (1 - recall) / n + z * z / (4 * n * n))
+    return {"mean": float(recall), "low": float(max(0.0, centre - half)), "high": float(min(1.0, centre + half)),
+            "n": int(round(n)), "covers": COVERS_WILSON}
+
+
+def seed_spread(values: Sequence[Optional[float]]) -> dict:
+    """Mean, lowest and highest over head seeds, for quantities only the seeds vary (e.g. the overfitting gap);
+    test metrics get bootstrap intervals over test lesions and seeds (`uncertainty.py`)."""
     array = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
     if len(array) == 0:
-        return {"mean": None, "low": None, "high": None, "n": 0}
-    mean = float(array.mean())
-    if len(array) < 2:
-        return {"mean": mean, "low": mean, "high": mean, "n": 1}
-    half = float(stats.t.ppf(0.5 + confidence / 2, len(array) - 1) * array.std(ddof=1) / np.sqrt(len(array)))
-    return {"mean": mean, "low": max(bounds[0], mean - half), "high": min(bounds[1], mean + half), "n": int(len(array))}
+        return {"mean": None, "min": None, "max": None, "n": 0, "covers": COVERS_SEEDS}
+    return {"mean": float(array.mean()), "min": float(array.min()), "max": float(array.max()), "n": int(len(array)),
+            "covers": COVERS_SEEDS}

@@ -1,10 +1,13 @@
 """The evaluation report: one self-contained HTML file (figures embedded), with PNGs and JSON beside it.
 
-Laid out for a clinician or reviewer: the answer first (paired differences between the federated
-arm and each control on the same test images, with bootstrap intervals, in words), then every
-arm's final metrics, the training curves as in the paper's Figure 2 (loss on top, accuracy below, one column
-per arm), the overfitting gap, the shortcut test, per-site results, confusion matrices, the
-pretraining history (reconstruction loss per round, epsilon per site) and the exact config.
+Laid out for a clinician or reviewer: the answer first. With external test sets, that is each
+external set's result (the generalisation answer: paired differences between arm A and each
+other arm on the same images, every arm's metrics, per site, per class), then the same for the
+source's own test split; without, the source's. Then the heads' training: the chosen epochs and
+the overfitting gap in the metric heads are selected on, the curves as in the paper's Figure 2
+(loss, accuracy and the selection metric, one column per arm), the shortcut test, confusion
+matrices, the pretraining history (reconstruction loss per round, epsilon per site) and the
+exact config. Every interval says what it covers.
 """
 
 from __future__ import annotations
@@ -27,11 +30,28 @@ COLOURS = {"train": "#1f77b4", "val": "#d62728"}
 
 
 def _fmt(ci: Optional[dict], digits: int = 3) -> str:
+    """A bootstrap interval: mean [low, high]."""
     if not ci or ci.get("mean") is None:
         return "n/a"
     if ci["n"] < 2:
         return f"{ci['mean']:.{digits}f}"
     return f"{ci['mean']:.{digits}f} [{ci['low']:.{digits}f}, {ci['high']:.{digits}f}]"
+
+
+def _fmt_wilson(ci: Optional[dict]) -> str:
+    """A Wilson interval over a class's test images: mean [low, high] of n images."""
+    if not ci or ci.get("mean") is None:
+        return "n/a"
+    return f"{ci['mean']:.2f} [{ci['low']:.2f}, {ci['high']:.2f}] of {ci['n']}"
+
+
+def _fmt_spread(spread: Optional[dict]) -> str:
+    """The spread over head seeds only: mean (seeds: lowest to highest)."""
+    if not spread or spread.get("mean") is None:
+        return "n/a"
+    if spread["n"] < 2:
+        return f"{spread['mean']:+.3f} (one seed)"
+    return f"{spread['mean']:+.3f} (seeds: {spread['min']:+.3f} to {spread['max']:+.3f})"
 
 
 def _fmt_diff(diff: dict) -> str:
@@ -41,11 +61,22 @@ def _fmt_diff(diff: dict) -> str:
 
 
 def _overlap(counts: dict) -> str:
-    if "train" not in counts:  # several split seeds: one entry each
+    """Pretraining images in train / val / test, then other images of pretrained lesions in val / test."""
+    if "source" not in counts:  # several split seeds: one entry each
         return "; ".join(f"split {seed}: {_overlap(c)}" for seed, c in counts.items())
     if counts.get("pretraining_images") is None:
         return f"not known ({counts.get('source', '')})"
-    return f"{counts['train']} / {counts['val']} / {counts['test']}"
+    images = f"{counts['train']} / {counts['val']} / {counts['test']}"
+    if counts.get("pretraining_groups") is None:
+        return f"{images}; lesions not recorded"
+    return f"{images}; same lesion: {counts.get('val_same_lesion')} / {counts.get('test_same_lesion')}"
+
+
+def _external_overlap(counts: dict) -> str:
+    if counts.get("pretraining_images") is None:
+        return f"not known ({counts.get('source', '')})"
+    lesions = "lesions not recorded" if counts.get("pretraining_groups") is None else f"same lesion: {counts['test_same_lesion']}"
+    return f"{counts['test']}; {lesions}"
 
 
 def _save(figure: plt.Figure, path: Path) -> Path:
@@ -55,40 +86,50 @@ def _save(figure: plt.Figure, path: Path) -> Path:
     return path
 
 
-def figure_curves(arms: list[dict], path: Path) -> Path:
-    """Figure 2 layout: loss (top) and accuracy (bottom), one column per arm, train vs validation."""
-    figure, axes = plt.subplots(2, len(arms), figsize=(4.2 * len(arms), 6.4), squeeze=False, sharex=True)
+CURVE_ROWS = (("loss", "cross-entropy loss"), ("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"))
+SELECTED = {"val_balanced_accuracy": "balanced_accuracy", "val_loss": "loss"}
+
+
+def figure_curves(arms: list[dict], select_on: str, path: Path) -> Path:
+    """Figure 2 layout plus the selection metric: loss, accuracy and balanced accuracy (rows), one column per arm,
+    training vs validation; dotted lines at the epochs the head seeds chose."""
+    selected = SELECTED.get(select_on, "balanced_accuracy")
+    figure, axes = plt.subplots(len(CURVE_ROWS), len(arms), figsize=(4.2 * len(arms), 9.0), squeeze=False, sharex=True)
     for column, arm in enumerate(arms):
         curves = arm["curves"]
         epochs = np.array(curves["epoch"])
-        for row, metric in enumerate(("loss", "accuracy")):
+        for row, (metric, name) in enumerate(CURVE_ROWS):
             axis = axes[row][column]
             for split in ("train", "val"):
                 mean = np.array(curves[f"{split}_{metric}"])
                 std = np.array(curves[f"{split}_{metric}_std"])
                 axis.plot(epochs, mean, color=COLOURS[split], label="training" if split == "train" else "validation")
                 axis.fill_between(epochs, mean - std, mean + std, color=COLOURS[split], alpha=0.15)
-            axis.set_ylabel("cross-entropy loss" if metric == "loss" else "accuracy")
+            for epoch in sorted({s["best_epoch"] for s in arm["seeds"]}):
+                axis.axvline(epoch, color="#555", linestyle=":", linewidth=0.9)
+            axis.set_ylabel(f"{name}\n(selects the epoch)" if metric == selected else name)
             axis.grid(alpha=0.3)
             if row == 0:
-                axis.set_title(arm["label"], fontsize=10)
-            else:
-                axis.set_xlabel("epoch")
+                axis.set_title(arm["label"], fontsize=9)
+            if row == len(CURVE_ROWS) - 1:
+                axis.set_xlabel("epoch (dotted: chosen epochs)")
         axes[0][column].legend(fontsize=8)
     return _save(figure, path)
 
 
-def figure_gap(arms: list[dict], path: Path) -> Path:
+def figure_gap(arms: list[dict], select_on: str, path: Path) -> Path:
+    """The overfitting gap per epoch in the selection metric, all arms together."""
+    selected = SELECTED.get(select_on, "balanced_accuracy")
     figure, axis = plt.subplots(figsize=(7, 3.6))
     for arm in arms:
         curves = arm["curves"]
-        axis.plot(curves["epoch"], curves["gap"], label=arm["label"])
+        axis.plot(curves["epoch"], curves[f"gap_{selected}"], label=arm["label"])
     axis.axhline(0, color="black", linewidth=0.8)
     axis.set_xlabel("epoch")
-    axis.set_ylabel("training - validation accuracy")
-    axis.set_title("Overfitting gap")
+    axis.set_ylabel("validation - training loss" if selected == "loss" else f"training - validation\n{METRIC_NAMES[selected]}")
+    axis.set_title(f"Overfitting gap in {'the loss' if selected == 'loss' else METRIC_NAMES[selected]} (heads are selected on it)")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=7)
     return _save(figure, path)
 
 
@@ -183,8 +224,71 @@ h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-to
 table{border-collapse:collapse;margin:.8em 0;font-size:.92em}th,td{border:1px solid #ccc;padding:.35em .6em;text-align:left}
 th{background:#f3f3f3}figure{margin:1em 0}img{max-width:100%}figcaption{color:#555;font-size:.85em}
 pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:.8em}.note{background:#fff8e1;border-left:4px solid #f0b400;padding:.6em 1em}
-.muted{color:#666;font-size:.9em}
+.muted{color:#666;font-size:.9em}.caption{color:#333;font-size:.9em;background:#f7f7f7;padding:.6em 1em}
 """
+
+
+def _comparisons_html(arms: list[dict], comparisons: list[dict], replicates: Any, where: str) -> str:
+    """The paired differences on one test set: verdicts in words, then the table."""
+    labels = {arm["key"]: arm["label"] for arm in arms}
+    rows = [[f"{labels[c['a']]} minus {labels[c['b']]}", METRIC_NAMES.get(c["metric"], c["metric"]), _fmt_diff(c),
+             "yes" if c["excludes_zero"] else "no"] for c in comparisons]
+    verdicts = "".join(f"<li>{html.escape(c['words'])}</li>" for c in comparisons)
+    caveats = sorted({caveat for c in comparisons for caveat in c.get("caveats", [])})
+    qualified = "".join(f'<p class="note"><b>Qualified verdicts.</b> {html.escape(c)}.</p>' for c in caveats)
+    return f"""<p>Each row compares two arms on the <em>same</em> {html.escape(where)}: the difference of their metric (mean over
+head seeds) and its 95% interval from a paired bootstrap ({replicates} replicates) that redraws these test lesions (or patients;
+an image without either alone) with replacement and, for each arm, its head seeds. An interval that excludes 0 is a difference
+these test images support; one that includes 0 is not, whatever the two means.</p>
+{qualified}
+<ul class="verdicts">{verdicts}</ul>
+{_table(["comparison", "metric", "difference [95% bootstrap interval]", "interval excludes 0"], rows, "comparisons")}"""
+
+
+def _scored_html(arms: list[dict], classes: list[str], title: str, overlap_header: str, overlap_cell: Any,
+                 overlap_note: str) -> str:
+    """Every arm's metrics on one test set: pooled, per site, per class."""
+    final_rows = [[arm["label"], _fmt(arm["summary"]["accuracy"]), _fmt(arm["summary"]["balanced_accuracy"]),
+                   _fmt(arm["summary"]["macro_auroc"]), overlap_cell(arm)] for arm in arms]
+    site_rows = [[site, values.get("n", ""), ", ".join(values.get("classes_present", [])), arm["label"],
+                  _fmt(values["balanced_accuracy"]), _fmt(values["accuracy"]), _fmt(values["macro_auroc"])]
+                 for arm in arms for site, values in arm["per_site"].items()]
+    recall_rows = [[arm["label"], *[_fmt_wilson(arm["per_class_recall"][c]) for c in classes]] for arm in arms]
+    return f"""<h3>{html.escape(title)}</h3>
+<p>Mean over head seeds, with the 95% bootstrap interval over these test lesions (or patients) and the head seeds. Balanced
+accuracy (mean recall over the classes present) and macro AUROC (mean one-vs-rest AUROC over the classes present, on the raw
+probabilities) are the ISIC challenge scorer's definitions.</p>
+{_table(["arm", "accuracy", "balanced accuracy", "macro AUROC", overlap_header], final_rows, "final")}
+<p>{overlap_note}</p>
+<h3>Per-site results</h3>
+<p>Metrics over each site's test images, averaged over the classes present there (listed); intervals as above.</p>
+{_table(["site", "test images", "classes present", "arm", "balanced accuracy", "accuracy", "macro AUROC"], site_rows)}
+<h3>Per-class recall</h3>
+<p>Recall of each class, averaged over head seeds, with a 95% Wilson score interval over that class's test images (their number
+follows "of"). It covers the test images, not the head seeds; a class with few images has a wide interval, as it should.</p>
+{_table(["arm", *classes], recall_rows, "recall")}"""
+
+
+SOURCE_OVERLAP_NOTE = (
+    "The last column counts the arm's pretraining images in the evaluation's train / validation / test splits (validation "
+    "and test must be 0; images are compared by file stem, case-insensitive, whatever format read them), then the validation "
+    "and test images it did not pretrain on whose lesion (or patient) it pretrained on through another image (must be 0).")
+EXTERNAL_OVERLAP_NOTE = (
+    "The last column counts the arm's pretraining images found in this set (must be 0; compared by file stem, "
+    "case-insensitive), then this set's images whose lesion (or patient) the arm pretrained on through another image (must be 0).")
+
+
+def _gap_caption(metric: str) -> str:
+    name = "loss (validation minus training)" if metric == "loss" else f"{METRIC_NAMES[metric]} (training minus validation)"
+    return f"""<p class="caption">The overfitting gap is the head's {html.escape(name)}, in the metric the heads are
+selected on, at each seed's chosen epoch and at its last epoch: the mean, with the lowest and highest over head seeds (only the
+seeds vary it, so this is their spread, not a confidence interval). <b>What it can mean:</b> how much better the head fits this
+arm's frozen features on its training images than on held-out ones; the gap at the chosen epoch is the one of the heads that are
+scored. <b>What it cannot mean on its own:</b> which encoder generalises better. A head can fit its training images more closely
+and still do better on new ones, and the last epoch's gap belongs to heads nobody scores: on the real HAM10000 sample (issue 19)
+random init had the larger last-epoch accuracy gap (0.373 against 0.187 for the VAE encoder) and the higher balanced accuracy,
+while at each head's chosen epoch the gaps were equal (0.128 and 0.130). Compare encoders by the test metrics and the paired
+differences.</p>"""
 
 
 def write_report(run_dir: Path, metrics: Optional[dict[str, Any]] = None) -> Path:
@@ -197,26 +301,39 @@ def write_report(run_dir: Path, metrics: Optional[dict[str, Any]] = None) -> Pat
         metrics = json.loads(source.read_text())
     figures = run_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    arms, data = metrics["arms"], metrics["data"]
+    arms, data, head = metrics["arms"], metrics["data"], metrics["head"]
     classes = data["classes"]
-    curves = figure_curves(arms, figures / "curves.png")
-    gap = figure_gap(arms, figures / "overfitting_gap.png")
+    select_on = head.get("select_on", "val_balanced_accuracy")
+    selected = SELECTED.get(select_on, "balanced_accuracy")
+    curves = figure_curves(arms, select_on, figures / "curves.png")
+    gap = figure_gap(arms, select_on, figures / "overfitting_gap.png")
     confusion = figure_confusion(arms, classes, figures / "confusion_matrices.png")
     history = metrics["pretraining"]["history"]
     loss = figure_pretraining_loss(history, figures / "pretraining_loss.png")
     privacy = figure_privacy(history, figures / "privacy.png")
+    replicates = head.get("bootstrap_replicates", "")
 
-    comparison_rows = [[c["words"].split(",")[0], METRIC_NAMES.get(c["metric"], c["metric"]), _fmt_diff(c),
-                        "yes" if c["excludes_zero"] else "no"] for c in metrics.get("comparisons", [])]
-    verdicts = "".join(f"<li>{html.escape(c['words'])}</li>" for c in metrics.get("comparisons", []))
-    final_rows = [[arm["label"], _fmt(arm["summary"]["accuracy"]), _fmt(arm["summary"]["balanced_accuracy"]),
-                   _fmt(arm["summary"]["macro_auroc"]), _fmt(arm["gap"]["at_best_epoch"]), _fmt(arm["gap"]["at_last_epoch"]),
-                   ", ".join(str(s["best_epoch"]) for s in arm["seeds"]), _overlap(arm["pretraining_overlap"])]
-                  for arm in arms]
-    site_rows = [[site, ", ".join(values.get("classes_present", [])), arm["label"], _fmt(values["balanced_accuracy"]),
-                  _fmt(values["accuracy"]), _fmt(values["macro_auroc"])]
-                 for arm in arms for site, values in arm["per_site"].items()]
-    recall_rows = [[arm["label"], *[_fmt(arm["per_class_recall"][c], 2) for c in classes]] for arm in arms]
+    external_html = ""
+    for number, (name, ext) in enumerate(metrics.get("external", {}).items()):
+        matrices = figure_confusion(ext["arms"], classes, figures / f"confusion_matrices_external_{number}.png")
+        excluded = ", ".join(f"{k}: {v}" for k, v in ext["excluded_classes"].items()) or "none"
+        skipped_images = ", ".join(f"{k}: {v}" for k, v in ext["skipped"].items()) or "none"
+        external_html += f"""
+<h2>The answer: generalisation to external test set {html.escape(name)}</h2>
+<p>{ext['images']} images ({html.escape(ext['format'])} at <code>{html.escape(str(ext['root']))}</code>; {ext['groups']}
+lesions or patients; sites {html.escape(', '.join(ext['sites']))}; classes present {html.escape(', '.join(ext['classes_present']))}).
+Every image of this set is test data: the heads were trained and selected on the source's training and validation splits only,
+and no image here shares an identity or a lesion with the source. The bootstrap resamples {html.escape(ext['resampled'])}.
+Images of classes the heads were not trained on are excluded, not scored: {html.escape(excluded)}. Images that could not be used:
+{html.escape(skipped_images)}.</p>
+{_comparisons_html(ext['arms'], ext['comparisons'], replicates, f"images of {name}")}
+{_scored_html(ext['arms'], classes, f"Test metrics on {name}", "pretraining images here; same lesion",
+              lambda arm: _external_overlap(arm["pretraining_overlap"]), EXTERNAL_OVERLAP_NOTE)}
+{_embed(matrices, f"Confusion matrices on {name}, summed over seeds (colour: row-normalised)")}"""
+    source_title = ("In distribution: the source's test split" if external_html
+                    else "The answer: paired differences")
+    training_rows = [[arm["label"], ", ".join(str(s["best_epoch"]) for s in arm["seeds"]),
+                      _fmt_spread(arm["gap"]["at_chosen_epoch"]), _fmt_spread(arm["gap"]["at_last_epoch"])] for arm in arms]
     shortcut_html = ""
     if data.get("shortcut"):
         sc = data["shortcut"]
@@ -225,7 +342,8 @@ def write_report(run_dir: Path, metrics: Optional[dict[str, Any]] = None) -> Pat
         shortcut_html = (f"<h2>Shortcut test</h2><p>In the training and validation images the non-clinical artefact "
                          f"<b>{html.escape(sc['artifact'])}</b> tracks class <b>{html.escape(sc['class'])}</b>; in the test "
                          "images it does not. An encoder whose features carry the artefact rather than the lesion loses "
-                         "accuracy on the test images where artefact and class disagree.</p>"
+                         "accuracy on the test images where artefact and class disagree. Intervals: bootstrap over test "
+                         "lesions and head seeds.</p>"
                          + _table(["arm", "test accuracy, artefact agrees with class", "test accuracy, artefact disagrees"], rows))
     skipped = "".join(f'<p class="note"><b>Arm {html.escape(k)} did not run.</b> {html.escape(v)}</p>'
                       for k, v in metrics.get("skipped_arms", {}).items())
@@ -234,58 +352,52 @@ def write_report(run_dir: Path, metrics: Optional[dict[str, Any]] = None) -> Pat
                     "updates carry no formal privacy guarantee.</p>")
     loss_html = _embed(loss, "Reconstruction loss during pretraining") if loss else (
         '<p class="muted">No reconstruction loss was reported: under DP-SGD the sites send only their privacy status.</p>')
-    config_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else json.dumps(metrics["head"], indent=1)
-    head = metrics["head"]
+    config_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else json.dumps(head, indent=1)
     position = metrics["pretraining"]["position"]
-    replicates = head.get("bootstrap_replicates", "")
+    gap_name = "validation minus training loss" if selected == "loss" else f"training minus validation {METRIC_NAMES[selected]}"
     body = f"""
 <h1>DermFed evaluation report</h1>
-<p class="muted">Pretrained encoder: {html.escape(metrics['pretraining']['encoder'])} from
-<code>{html.escape(metrics['checkpoint'])}</code> ({html.escape(json.dumps(position))}).
-Labelled data: {html.escape(data['format'])} at <code>{html.escape(str(data['root']))}</code>, {data['image_size']}x{data['image_size']} px,
-classes {html.escape(', '.join(classes))}; split sizes {html.escape(json.dumps(data['split_sizes']))}
+<p class="muted">The encoder under study, arm {html.escape(arms[0]['label'] if arms and arms[0]['key'] == 'federated' else 'A: did not run')},
+{html.escape(metrics['pretraining']['encoder'])} from <code>{html.escape(metrics['checkpoint'])}</code> ({html.escape(json.dumps(position))}).
+Source (heads trained, selected and first tested here): {html.escape(data['format'])} at <code>{html.escape(str(data['root']))}</code>,
+{data['image_size']}x{data['image_size']} px, classes {html.escape(', '.join(classes))}; split sizes {html.escape(json.dumps(data['split_sizes']))}
 ({data.get('test_groups', '?')} test lesions; split seeds {html.escape(str(data.get('split_seeds', [])))}).
+External test sets: {html.escape(', '.join(metrics.get('external', {})) or 'none')}.
 Every arm is a frozen encoder feeding the same {html.escape(head['head'])} head ({head['epochs']} epochs, lr {head['lr']},
 imbalance: {html.escape(head['imbalance'])}), trained with head seeds {html.escape(str(head['seeds']))}.</p>
-<h2>The answer: paired differences</h2>
-<p>Each row compares two arms on the <em>same</em> test images: the difference of their metric (mean over head seeds) and
-its 95% interval from a paired bootstrap ({replicates} replicates) that redraws test lesions with replacement and, for
-each arm, its head seeds. An interval that excludes 0 is a difference these test images support; one that includes 0
-is not, whatever the two means.</p>
-<ul class="verdicts">{verdicts}</ul>
-{_table(["comparison", "metric", "difference [95% interval]", "interval excludes 0"], comparison_rows, "comparisons")}
+<p class="muted">Intervals: <b>[low, high]</b> after a metric is a 95% bootstrap interval over the test lesions (or patients) and
+the head seeds; per-class recall's <b>[low, high] of n</b> is a 95% Wilson interval over the class's n test images;
+<b>(seeds: low to high)</b> is the spread over head seeds only, not a confidence interval.</p>
 {skipped}
-<h2>Final test metrics</h2>
-<p>Mean over head seeds, with the 95% bootstrap interval over test lesions and seeds. Balanced accuracy (mean recall over
-the classes present) and macro AUROC (mean one-vs-rest AUROC over the classes present, on the raw probabilities) are the
-ISIC challenge scorer's definitions. Each seed's best epoch was chosen on validation data ({html.escape(str(head.get('select_on')))}),
-never on test data; the overfitting gap (training minus validation accuracy) is given at that epoch and at the last one.
-The last column counts the arm's pretraining images in the evaluation's train / validation / test splits
-(validation and test must be 0).</p>
-{_table(["arm", "accuracy", "balanced accuracy", "macro AUROC", "gap at chosen epoch", "gap at last epoch",
-         "best epoch per seed", "pretraining images in train / val / test"], final_rows, "final")}
+{external_html}
+<h2>{html.escape(source_title)}</h2>
+{_comparisons_html(arms, metrics.get("comparisons", []), replicates, "test images of the source")}
+{_scored_html(arms, classes, "Final test metrics", "pretraining images in train / val / test; same lesion in val / test",
+              lambda arm: _overlap(arm["pretraining_overlap"]), SOURCE_OVERLAP_NOTE)}
+{_embed(confusion, "Confusion matrices on the source's test set, summed over seeds (colour: row-normalised)")}
+<h2>Head training: chosen epochs and the overfitting gap</h2>
+<p>Each seed's best epoch was chosen on the source's validation data ({html.escape(select_on)}), never on test data.</p>
+{_table(["arm", "chosen epoch per seed", f"gap at chosen epoch ({gap_name})", f"gap at last epoch ({gap_name})"],
+        training_rows, "training")}
+{_gap_caption(selected)}
 <h2>Training dynamics (as in the paper's Figure 2)</h2>
-<p>Top: the head's loss; bottom: accuracy; blue training, red validation; bands are one standard deviation over seeds.
-A validation curve that stalls while the training curve keeps improving is overfitting.</p>
-{_embed(curves, "Loss (top) and accuracy (bottom) per epoch, one column per arm")}
-{_embed(gap, "Overfitting gap per epoch")}
+<p>Top: the head's loss; then accuracy; then balanced accuracy; blue training, red validation; bands are one standard deviation
+over seeds; dotted lines mark the epochs the seeds chose (on {html.escape(select_on)}, the row marked "selects the epoch").</p>
+{_embed(curves, "Loss, accuracy and balanced accuracy per epoch, one column per arm")}
+{_embed(gap, "Overfitting gap per epoch, in the metric heads are selected on")}
 {shortcut_html}
-<h2>Per-site results</h2>
-<p>Metrics over each site's test images, averaged over the classes present there (listed).</p>
-{_table(["site", "classes present", "arm", "balanced accuracy", "accuracy", "macro AUROC"], site_rows)}
-<h2>Per-class recall and confusion matrices</h2>
-{_table(["arm", *classes], recall_rows)}
-{_embed(confusion, "Confusion matrices on the test set, summed over seeds (colour: row-normalised)")}
 <h2>Pretraining history</h2>
 {loss_html}
 {privacy_html}
 <h2>How to read this report</h2>
 <ul>
-<li>Start with the paired differences: they answer whether arm A beats the others on these patients' lesions.
-An interval that includes 0 means no difference was shown, even if one mean is higher.</li>
-<li>A: the federated self-supervised encoder; B: ImageNet; C: random weights, the floor that says what any pretraining adds;
-D and E (when present): centrally pooled and single-site pretraining.</li>
-<li>A large or growing overfitting gap means the head learns the training images rather than the disease.</li>
+<li>Start with the paired differences, on the external test sets first when there are any (the generalisation answer), then on
+the source's test split. An interval that includes 0 means no difference was shown, even if one mean is higher. A verdict about
+an arm whose pretraining images are not known is qualified: they could not be checked against the test images.</li>
+<li>A is the encoder under study (<code>--checkpoint</code>), named by what its checkpoint records (federated, pooled or
+local-only; rounds or epochs; objective; DP-SGD); B: ImageNet; C: random weights, the floor that says what any pretraining adds;
+D and E (when present): the pooled and local-only controls, also named by their checkpoints.</li>
+<li>The overfitting gap alone does not rank encoders (see its caption); the test metrics and paired differences do.</li>
 <li>Epsilon is the privacy budget each site spent (with delta in the config); without DP-SGD there is no formal guarantee.</li>
 </ul>
 <h2>Exact configuration</h2>

@@ -1,12 +1,14 @@
 """`dermfed evaluate`: every available arm, identical heads, several seeds, paired uncertainty, one metrics.json.
 
-For each arm: no image it pretrained on may be in the validation or test split (`leakage.py`);
-features of every image are computed once (or every epoch for the training images when
-`evaluation.augment`); for each split seed and head seed a head is trained, its best epoch
-chosen on validation data, and the test set is scored pooled, per site and (synthetic data with
-the shortcut switch) where the artefact no longer matches the class. Then the paired bootstrap
-(`uncertainty.py`) gives every arm's interval and, the study's answer, each difference between
-the federated arm and the others on the same test images.
+For each arm: no image it pretrained on (nor another image of its lesion) may be in the
+validation or test split or in an external test set (`leakage.py`); features of every image are
+computed once (or every epoch for the training images when `evaluation.augment`); for each split
+seed and head seed a head is trained on the source's training split, its best epoch chosen on the
+source's validation split, and it is scored on every test set: the source's test split (pooled,
+per site and, synthetic data with the shortcut switch, where the artefact no longer matches the
+class) and each external set (`external.py`), all of whose images are test data. Then, per test
+set, the paired bootstrap over that set's lesions (`uncertainty.py`) gives every arm's interval
+and, the study's answer, each difference between arm A and the others on the same test images.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -28,13 +30,16 @@ from common.data.pipeline import PreparedData, prepare_data
 from common.data.splits import assign_splits, split_indices
 from common.data.synthetic import shortcut_matches_class
 from server.evaluation.arms import Arm, ArmUnavailable, checkpoint_arm, imagenet_arm, random_arm
+from server.evaluation.external import ExternalSet, load_external
 from server.evaluation.features import FeatureExtractor
-from server.evaluation.heads import train_head
-from server.evaluation.leakage import overlap, refuse_leaks
-from server.evaluation.metrics import classification_metrics, mean_ci
+from server.evaluation.heads import SELECTION_METRIC, train_head
+from server.evaluation.leakage import external_overlap, overlap, refuse_external_leaks, refuse_leaks
+from server.evaluation.metrics import classification_metrics, seed_spread, wilson_interval
 from server.evaluation.uncertainty import (
+    COVERS_BOOTSTRAP,
     METRICS,
     ArmReplicates,
+    Metric,
     arm_replicates,
     cluster_weights,
     difference,
@@ -46,7 +51,8 @@ log = logging.getLogger("dermfed.evaluate")
 
 SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "macro_auroc")
 COMPARED_METRICS = ("balanced_accuracy", "macro_auroc")
-REFERENCE_ARM = "federated"
+REFERENCE_ARM = "federated"  # the --checkpoint slot: arm A, whatever its checkpoint records it is
+GAP_METRICS = ("accuracy", "balanced_accuracy", "loss")
 PREDICTIONS_NAME = "predictions.npz"
 
 
@@ -114,20 +120,56 @@ def _curves(histories: list[list[dict[str, float]]]) -> dict[str, list[float]]:
     return curves
 
 
+@dataclass
+class TestSet:
+    """Images the heads are scored on: the source's test split (other rows for each split seed) or an external
+    set (all of its images, the same for every split seed), with its bootstrap weights over its lesions."""
+
+    name: str  # "source", or the external set's name
+    labels: np.ndarray  # class index per row of its catalog
+    sites: np.ndarray
+    rows: dict[int, np.ndarray]  # per split seed: the scored rows
+    weights: dict[int, np.ndarray]  # per split seed: replicates x scored rows
+    shortcut: Optional[np.ndarray] = None  # per row: the artefact agrees with the class (synthetic data, shortcut on)
+
+    def truth(self, split_seed: int) -> np.ndarray:
+        return self.labels[self.rows[split_seed]]
+
+
+def source_test_set(prepared: PreparedData, splits: list[Split], labels: np.ndarray,
+                    shortcut_mask: Optional[np.ndarray]) -> TestSet:
+    return TestSet("source", labels, prepared.catalog.frame["site"].to_numpy(), {s.seed: s.rows["test"] for s in splits},
+                   {s.seed: s.weights for s in splits}, shortcut_mask)
+
+
+def external_test_set(external: ExternalSet, splits: list[Split], replicates: int, rng: np.random.Generator) -> TestSet:
+    rows = np.arange(len(external.catalog))
+    groups = external.catalog.frame["group"].to_numpy()
+    return TestSet(external.name, external.labels, external.catalog.frame["site"].to_numpy(),
+                   {s.seed: rows for s in splits}, {s.seed: cluster_weights(groups, replicates, rng) for s in splits})
+
+
 def evaluate_arm(arm: Arm, config: DermFedConfig, prepared: PreparedData, splits: list[Split], labels: np.ndarray,
-                 sites: np.ndarray, shortcut_mask: Optional[np.ndarray]) -> tuple[dict[str, Any], dict[int, list[np.ndarray]]]:
-    """Heads for every split and seed; returns the arm's results and its test probabilities per split."""
+                 externals: list[ExternalSet]) -> tuple[dict[str, Any], dict[str, dict[int, list[np.ndarray]]]]:
+    """Heads for every split and seed, trained and selected on the source only; returns the arm's training results
+    and its probabilities on every test set (`source` and each external set's name) per split seed."""
     cfg = config.evaluation
     leaks = {split.seed: overlap(arm.pretraining, split.catalog) for split in splits}
     for counts in leaks.values():
         refuse_leaks(arm.key, arm.label, counts)
+    external_leaks = {ext.name: external_overlap(arm.pretraining, ext.catalog.frame) for ext in externals}
+    for name, counts in external_leaks.items():
+        refuse_external_leaks(arm.key, arm.label, name, counts)
     extract = FeatureExtractor(arm.encoder, prepared.store, cfg.feature_batch_size)
     started = time.perf_counter()
     features = extract(np.arange(len(prepared.catalog)), desc=f"{arm.key} features")  # every image, once
+    external_features = {ext.name: FeatureExtractor(arm.encoder, ext.store, cfg.feature_batch_size)(
+        np.arange(len(ext.catalog)), desc=f"{arm.key} features of {ext.name}") for ext in externals}
     feature_seconds = time.perf_counter() - started
     augment = build_augmentation(config.train.augment) if cfg.augment else None
-    classes = prepared.catalog.classes
-    per_seed, histories, probabilities = [], [], {}
+    selected = SELECTION_METRIC[cfg.select_on]
+    per_seed, histories = [], []
+    probabilities: dict[str, dict[int, list[np.ndarray]]] = {"source": {}, **{ext.name: {} for ext in externals}}
     for split in splits:
         rows = split.rows
 
@@ -136,85 +178,134 @@ def evaluate_arm(arm: Arm, config: DermFedConfig, prepared: PreparedData, splits
                 return features[rows["train"]]
             return extract(rows["train"], transform=augment, desc=f"{arm.key} augmented features")
 
-        probabilities[split.seed] = []
+        for name in probabilities:
+            probabilities[name][split.seed] = []
         for seed in cfg.seeds:
             run = train_head(cfg, train_features, labels[rows["train"]], features[rows["val"]], labels[rows["val"]],
-                             len(classes), seed)
+                             len(prepared.catalog.classes), seed)
             histories.append(run.history)
-            proba = run.predict_proba(features[rows["test"]])
-            probabilities[split.seed].append(proba)
-            truth, test_sites = labels[rows["test"]], sites[rows["test"]]
-            result = {"split_seed": split.seed, "seed": seed, "best_epoch": run.best_epoch,
-                      "gap_at_best": run.history[run.best_epoch - 1]["gap"], "gap_last": run.history[-1]["gap"],
-                      **classification_metrics(truth, proba, classes)}
-            result["per_site"] = {site: classification_metrics(truth[test_sites == site], proba[test_sites == site], classes)
-                                  for site in sorted(set(test_sites))}
-            per_seed.append(result)
+            probabilities["source"][split.seed].append(run.predict_proba(features[rows["test"]]))
+            for name, values in external_features.items():
+                probabilities[name][split.seed].append(run.predict_proba(values))
+            chosen, last = run.history[run.best_epoch - 1], run.history[-1]
+            per_seed.append({"split_seed": split.seed, "seed": seed, "best_epoch": run.best_epoch,
+                             "gap_at_chosen": {m: chosen[f"gap_{m}"] for m in GAP_METRICS},
+                             "gap_last": {m: last[f"gap_{m}"] for m in GAP_METRICS}})
     out: dict[str, Any] = {
-        "key": arm.key, "label": arm.label, "source": arm.source, "feature_dim": int(features.shape[1]),
-        "feature_seconds": feature_seconds, "curves": _curves(histories), "seeds": per_seed,
+        "key": arm.key, "label": arm.label, "source": arm.source, "provenance": arm.provenance,
+        "feature_dim": int(features.shape[1]), "feature_seconds": feature_seconds, "curves": _curves(histories),
+        "seeds": per_seed,
         "pretraining_overlap": leaks[splits[0].seed] if len(splits) == 1 else {str(k): v for k, v in leaks.items()},
-        "confusion_matrix": np.sum([r["confusion_matrix"] for r in per_seed], axis=0).tolist(),
-        "per_class_recall": {c: mean_ci([r["per_class_recall"][c] for r in per_seed], bounds=(0.0, 1.0)) for c in classes},
-        "gap": {"at_best_epoch": mean_ci([r["gap_at_best"] for r in per_seed], bounds=(-1.0, 1.0)),
-                "at_last_epoch": mean_ci([r["gap_last"] for r in per_seed], bounds=(-1.0, 1.0))},
+        "external_overlap": external_leaks,
+        "gap": {"metric": selected,
+                "at_chosen_epoch": seed_spread([r["gap_at_chosen"][selected] for r in per_seed]),
+                "at_last_epoch": seed_spread([r["gap_last"][selected] for r in per_seed])},
     }
     return out, probabilities
 
 
-def _replicates(metric: str, probabilities: dict[int, list[np.ndarray]], splits: list[Split], labels: np.ndarray,
-                rng: np.random.Generator, mask_of=None) -> ArmReplicates:
-    """One arm's metric over all splits: the mean of the splits' points, their replicates side by side."""
+def _replicates(metric: Metric, test: TestSet, probabilities: dict[int, list[np.ndarray]], rng: np.random.Generator,
+                mask_of: Optional[Callable[[int], np.ndarray]] = None) -> ArmReplicates:
+    """One arm's metric over all split seeds: the mean of the splits' points, their replicates side by side."""
     parts = []
-    for split in splits:
-        mask = mask_of(split) if mask_of else None
-        parts.append(arm_replicates(METRICS[metric], labels[split.rows["test"]], probabilities[split.seed],
-                                    split.weights, rng, mask))
+    for split_seed, probas in probabilities.items():
+        mask = mask_of(split_seed) if mask_of else None
+        parts.append(arm_replicates(metric, test.truth(split_seed), probas, test.weights[split_seed], rng, mask))
     return ArmReplicates(nanmean([p.point for p in parts]), np.concatenate([p.replicates for p in parts]))
 
 
-def add_uncertainty(results: list[dict[str, Any]], probabilities: dict[str, dict[int, list[np.ndarray]]],
-                    splits: list[Split], labels: np.ndarray, sites: np.ndarray, shortcut_mask: Optional[np.ndarray],
-                    seed: int) -> list[dict[str, Any]]:
-    """Bootstrap intervals for every arm (pooled, per site, shortcut subsets) and the paired differences."""
+def _per_seed_metrics(test: TestSet, probabilities: dict[int, list[np.ndarray]], classes: list[str]) -> list[dict[str, Any]]:
+    """The ISIC scorer's metrics of every (split seed, head seed), pooled and per site, in the order heads were trained."""
+    results = []
+    for split_seed, probas in probabilities.items():
+        truth, sites = test.truth(split_seed), test.sites[test.rows[split_seed]]
+        for proba in probas:
+            result = classification_metrics(truth, proba, classes)
+            result["per_site"] = {site: classification_metrics(truth[sites == site], proba[sites == site], classes)
+                                  for site in sorted(set(sites))}
+            results.append(result)
+    return results
+
+
+def _class_recall(test: TestSet, per_seed: list[dict[str, Any]], classes: list[str]) -> dict[str, dict[str, Any]]:
+    """Per-class recall, averaged over seeds, with a Wilson interval over the class's test images."""
+    recall = {}
+    for index, name in enumerate(classes):
+        images = float(np.mean([np.sum(test.truth(s) == index) for s in test.rows]))
+        recall[name] = wilson_interval(nanmean([r["per_class_recall"][name] if r["per_class_recall"][name] is not None
+                                                else float("nan") for r in per_seed]), images)
+    return recall
+
+
+def score(test: TestSet, arms: list[dict[str, Any]], probabilities: dict[str, dict[int, list[np.ndarray]]],
+          classes: list[str], seed: int, stream: int = 0) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """Every arm's metrics on one test set, with bootstrap intervals over its lesions and head seeds (pooled, per site,
+    shortcut subsets), per-class recall with Wilson intervals, and the paired differences: the reference arm (A)
+    minus each other arm, on the same images."""
+    scored: dict[str, dict[str, Any]] = {}
     replicates: dict[str, dict[str, ArmReplicates]] = {}
-    for number, arm in enumerate(results):
+    first = next(iter(test.rows))
+    for number, arm in enumerate(arms):
         key = arm["key"]
-        rng = np.random.default_rng([seed, number])
-        replicates[key] = {m: _replicates(m, probabilities[key], splits, labels, rng) for m in SUMMARY_METRICS}
-        arm["summary"] = {m: interval(r.point, r.replicates) for m, r in replicates[key].items()}
-        test_sites = {s.seed: sites[s.rows["test"]] for s in splits}
-        arm["per_site"] = {}
-        for site in sorted(set(sites[splits[0].rows["test"]])):
-            site_rows = {m: _replicates(m, probabilities[key], splits, labels, rng,
-                                        lambda split, site=site: test_sites[split.seed] == site) for m in SUMMARY_METRICS}
-            present = sorted({c for r in arm["seeds"] for c in r["per_site"].get(site, {}).get("classes_present", [])})
-            arm["per_site"][site] = {**{m: interval(r.point, r.replicates) for m, r in site_rows.items()},
-                                     "classes_present": present}
-        if shortcut_mask is not None:
-            matches = {s.seed: shortcut_mask[s.rows["test"]] for s in splits}
-            arm["shortcut"] = {}
+        probas = probabilities[key]
+        rng = np.random.default_rng([seed, number, stream])
+        per_seed = _per_seed_metrics(test, probas, classes)
+        replicates[key] = {m: _replicates(METRICS[m], test, probas, rng) for m in SUMMARY_METRICS}
+        result: dict[str, Any] = {
+            "seeds": per_seed,
+            "summary": {m: interval(r.point, r.replicates) for m, r in replicates[key].items()},
+            "confusion_matrix": np.sum([r["confusion_matrix"] for r in per_seed], axis=0).tolist(),
+            "per_class_recall": _class_recall(test, per_seed, classes),
+            "per_site": {},
+        }
+        for site in sorted(set(test.sites[test.rows[first]])):
+            site_rows = {m: _replicates(METRICS[m], test, probas, rng,
+                                        lambda s, site=site: test.sites[test.rows[s]] == site) for m in SUMMARY_METRICS}
+            present = sorted({c for r in per_seed for c in r["per_site"].get(site, {}).get("classes_present", [])},
+                             key=classes.index)
+            result["per_site"][site] = {**{m: interval(r.point, r.replicates) for m, r in site_rows.items()},
+                                        "classes_present": present,
+                                        "n": int(np.sum(test.sites[test.rows[first]] == site))}
+        if test.shortcut is not None:
+            result["shortcut"] = {}
             for name, agree in (("artefact_matches_class", True), ("artefact_mismatches_class", False)):
-                subset = _replicates("accuracy", probabilities[key], splits, labels, rng,
-                                     lambda split, agree=agree: matches[split.seed] == agree)
-                arm["shortcut"][name] = interval(subset.point, subset.replicates)
-    reference = REFERENCE_ARM if REFERENCE_ARM in replicates else results[0]["key"]
+                subset = _replicates(METRICS["accuracy"], test, probas, rng,
+                                     lambda s, agree=agree: test.shortcut[test.rows[s]] == agree)
+                result["shortcut"][name] = interval(subset.point, subset.replicates)
+        scored[key] = result
+    keys = [arm["key"] for arm in arms]
+    reference = REFERENCE_ARM if REFERENCE_ARM in keys else keys[0]
     comparisons = []
-    for arm in results:
+    for arm in arms:
         if arm["key"] == reference:
             continue
         for metric in COMPARED_METRICS:
             diff = difference(replicates[reference][metric], replicates[arm["key"]][metric])
-            comparisons.append({"a": reference, "b": arm["key"], "metric": metric, **diff,
-                                "words": _words(results, reference, arm["key"], metric, diff)})
-    return comparisons
+            caveats = [c for c in (_unknown_overlap(a, test.name) for a in arms if a["key"] in (reference, arm["key"])) if c]
+            comparisons.append({"a": reference, "b": arm["key"], "metric": metric, **diff, "covers": COVERS_BOOTSTRAP,
+                                "caveats": caveats, "words": _words(arms, reference, arm["key"], metric, diff, caveats)})
+    return scored, comparisons
 
 
-def _words(results: list[dict[str, Any]], a: str, b: str, metric: str, diff: dict[str, Any]) -> str:
-    labels = {r["key"]: r["label"] for r in results}
+def _unknown_overlap(arm: dict[str, Any], test_name: str) -> Optional[str]:
+    """Why a verdict about this arm must be qualified on this test set: its pretraining images (or lesions) are unknown."""
+    counts = arm["external_overlap"][test_name] if test_name != "source" else arm["pretraining_overlap"]
+    counts = counts if "source" in counts else next(iter(counts.values()))  # several split seeds: one entry each
+    where = "the source's test images" if test_name == "source" else f"external set {test_name!r}"
+    if counts.get("pretraining_images") is None:
+        return (f"{arm['label']}'s pretraining images are not known ({counts['source']}), so they could not be checked "
+                f"against {where}: had it pretrained on any, its scores there would be optimistic")
+    if counts.get("pretraining_groups") is None and counts.get("source", "").startswith("recorded"):
+        return (f"{arm['label']}'s checkpoint records its pretraining images but not their lesions, so other images of "
+                f"those lesions in {where} could not be found")
+    return None
+
+
+def _words(arms: list[dict[str, Any]], a: str, b: str, metric: str, diff: dict[str, Any], caveats: list[str]) -> str:
+    labels = {r["key"]: r["label"] for r in arms}
     name = metric.replace("_", " ").replace("macro auroc", "macro AUROC")
     if diff["mean"] is None:
-        return f"{name}: undefined on these test images"
+        return f"{labels[a]} minus {labels[b]}, {name}: undefined on these test images"
     span = f"{diff['mean']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}]"
     if not diff["excludes_zero"]:
         verdict = "no difference shown: the 95% interval includes 0"
@@ -222,12 +313,14 @@ def _words(results: list[dict[str, Any]], a: str, b: str, metric: str, diff: dic
         verdict = f"{labels[a]} is better (the 95% interval excludes 0)"
     else:
         verdict = f"{labels[a]} is worse (the 95% interval excludes 0)"
-    return f"{labels[a]} minus {labels[b]}, {name}: {span}; {verdict}"
+    qualified = f". Qualified: {'; '.join(caveats)}" if caveats else ""
+    return f"{labels[a]} minus {labels[b]}, {name}: {span}; {verdict}{qualified}"
 
 
 def run_evaluation(config: DermFedConfig, checkpoint: Path, out: Path, imagenet_weights: Optional[str] = None,
                    pooled: Optional[str] = None, local: Optional[str] = None) -> dict[str, Any]:
-    """Evaluate every available arm on the labelled data of `config`; write metrics.json, predictions.npz, config.yaml."""
+    """Evaluate every available arm: heads trained and selected on the source (`data.*`), scored on its test split and
+    on every external set (`evaluation.external`); write metrics.json, predictions.npz, config.yaml."""
     checkpoint = Path(checkpoint)
     pretraining = load_checkpoint(checkpoint)
     size = config.evaluation.image_size or checkpoint_config(pretraining).data.image_size
@@ -237,34 +330,50 @@ def run_evaluation(config: DermFedConfig, checkpoint: Path, out: Path, imagenet_
     prepared = prepare_data(config)
     if not prepared.catalog.labelled:
         raise DataError(f"evaluation needs labels; data.format={config.data.format} has none")
+    externals = [load_external(entry, config.data, prepared.catalog) for entry in config.evaluation.external]
     splits = make_splits(config, prepared, np.random.default_rng([config.seed, 7]))
     labels = prepared.catalog.label_indices().to_numpy()
-    sites = prepared.catalog.frame["site"].to_numpy()
     shortcut_mask = None
     if "shortcut_artifact" in prepared.catalog.frame.columns and config.synth.shortcut:
         shortcut_mask = shortcut_matches_class(prepared.catalog.frame, config.synth.shortcut_class).to_numpy()
     skipped: dict[str, str] = {}
-    results, probabilities = [], {}
+    results: list[dict[str, Any]] = []
+    probabilities: dict[str, dict[str, dict[int, list[np.ndarray]]]] = {}  # test set -> arm -> split seed -> seeds
     for arm in _arms(config, checkpoint, pretraining["encoder_name"], imagenet_weights, pooled, local, skipped):
         print(f"evaluating {arm.label} ({arm.source})", flush=True)
-        result, probabilities[arm.key] = evaluate_arm(arm, config, prepared, splits, labels, sites, shortcut_mask)
+        result, arm_probabilities = evaluate_arm(arm, config, prepared, splits, labels, externals)
         results.append(result)
+        for name, values in arm_probabilities.items():
+            probabilities.setdefault(name, {})[arm.key] = values
     if not results:
         raise DataError(f"no arm could run: {skipped}")
-    comparisons = add_uncertainty(results, probabilities, splits, labels, sites, shortcut_mask, config.seed)
+    classes = prepared.catalog.classes
+    source = source_test_set(prepared, splits, labels, shortcut_mask)
+    scored, comparisons = score(source, results, probabilities["source"], classes, config.seed)
+    for result in results:  # the source's results keep their place in each arm's entry
+        for training, metrics_of_seed in zip(result["seeds"], scored[result["key"]].pop("seeds")):
+            training.update(metrics_of_seed)
+        result.update(scored[result["key"]])
+    _print_results("source test split", results, comparisons)
+    external: dict[str, Any] = {}
+    rng = np.random.default_rng([config.seed, 8])
+    for number, ext in enumerate(externals, start=1):
+        test = external_test_set(ext, splits, config.evaluation.bootstrap_replicates, rng)
+        ext_scored, ext_comparisons = score(test, results, probabilities[ext.name], classes, config.seed, stream=number)
+        ext_arms = [{"key": r["key"], "label": r["label"], **ext_scored[r["key"]],
+                     "pretraining_overlap": r["external_overlap"][ext.name]} for r in results]
+        external[ext.name] = {**ext.describe(), "arms": ext_arms, "comparisons": ext_comparisons}
+        _print_results(f"external test set {ext.name}", ext_arms, ext_comparisons)
     for result in results:
-        summary = result["summary"]
-        print(f"  {result['label']}: " + ", ".join(f"{k} {_fmt(summary[k])}" for k in SUMMARY_METRICS), flush=True)
-    for comparison in comparisons:
-        print(f"  {comparison['words']}", flush=True)
-    _save_predictions(out, probabilities, splits, labels, prepared.catalog)
+        result.pop("external_overlap")  # kept once, in each external set's entry
+    _save_predictions(out, probabilities, splits, labels, prepared.catalog, externals)
     metrics = {
         "checkpoint": str(checkpoint.resolve()),
         "pretraining": {"position": pretraining["position"], "encoder": pretraining["encoder_name"],
                         "history": pretraining["history"], "arm": pretraining.get("extra", {}).get("arm"),
                         "dp": checkpoint_config(pretraining).dp.enabled},
         "data": {"format": config.data.format, "root": config.data.root, "image_size": size,
-                 "classes": prepared.catalog.classes, "sites": prepared.catalog.sites,
+                 "classes": classes, "sites": prepared.catalog.sites,
                  "split_seeds": [s.seed for s in splits],
                  "split_sizes": {k: int(len(v)) for k, v in splits[0].rows.items()},
                  "test_groups": int(len(np.unique(splits[0].catalog.frame["group"].to_numpy()[splits[0].rows["test"]]))),
@@ -273,6 +382,7 @@ def run_evaluation(config: DermFedConfig, checkpoint: Path, out: Path, imagenet_
         "head": config.evaluation.model_dump(mode="json"),
         "comparisons": comparisons,
         "arms": results,
+        "external": external,
         "skipped_arms": skipped,
     }
     metrics = _finite_or_none(metrics)
@@ -280,20 +390,35 @@ def run_evaluation(config: DermFedConfig, checkpoint: Path, out: Path, imagenet_
     return metrics
 
 
+def _print_results(title: str, arms: list[dict[str, Any]], comparisons: list[dict[str, Any]]) -> None:
+    print(f"{title}:", flush=True)
+    for arm in arms:
+        summary = arm["summary"]
+        print(f"  {arm['label']}: " + ", ".join(f"{k} {_fmt(summary[k])}" for k in SUMMARY_METRICS), flush=True)
+    for comparison in comparisons:
+        print(f"  {comparison['words']}", flush=True)
+
+
 def _fmt(ci: dict[str, Any]) -> str:
     return "n/a" if ci["mean"] is None else f"{ci['mean']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]"
 
 
-def _save_predictions(out: Path, probabilities: dict[str, dict[int, list[np.ndarray]]], splits: list[Split],
-                      labels: np.ndarray, catalog: Catalog) -> None:
-    """Every arm's test probabilities, so that any number of the report can be recomputed."""
+def _save_predictions(out: Path, probabilities: dict[str, dict[str, dict[int, list[np.ndarray]]]], splits: list[Split],
+                      labels: np.ndarray, catalog: Catalog, externals: list[ExternalSet]) -> None:
+    """Every arm's test probabilities (source and external sets), so that any number of the report can be recomputed."""
     arrays: dict[str, np.ndarray] = {}
     for split in splits:
         rows = split.rows["test"]
         arrays[f"split{split.seed}_image_id"] = catalog.frame["image_id"].to_numpy()[rows].astype(str)
         arrays[f"split{split.seed}_label"] = labels[rows]
-        for key, per_split in probabilities.items():
+        for key, per_split in probabilities["source"].items():
             arrays[f"split{split.seed}_{key}"] = np.stack(per_split[split.seed])  # seeds x images x classes
+    for ext in externals:
+        arrays[f"external_{ext.name}_image_id"] = ext.catalog.frame["image_id"].to_numpy().astype(str)
+        arrays[f"external_{ext.name}_label"] = ext.labels
+        for key, per_split in probabilities[ext.name].items():
+            for split_seed, probas in per_split.items():
+                arrays[f"external_{ext.name}_split{split_seed}_{key}"] = np.stack(probas)  # seeds x images x classes
     np.savez_compressed(out / PREDICTIONS_NAME, **arrays)
 
 

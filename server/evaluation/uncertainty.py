@@ -18,6 +18,8 @@ from typing import Callable
 import numpy as np
 
 CONFIDENCE = 0.95
+COVERS_BOOTSTRAP = ("bootstrap: test lesions (or patients; an image without either counts alone) resampled with "
+                    "replacement, and head seeds")
 
 Metric = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
@@ -116,12 +118,13 @@ def arm_replicates(metric: Metric, y: np.ndarray, probas: list[np.ndarray], weig
 
 
 def interval(point: float, replicates: np.ndarray, confidence: float = CONFIDENCE) -> dict:
+    """Percentile interval; `n` counts the replicates where the metric is defined."""
     finite = replicates[np.isfinite(replicates)]
     if not np.isfinite(point) or len(finite) == 0:
-        return {"mean": None, "low": None, "high": None, "n": 0}
+        return {"mean": None, "low": None, "high": None, "n": 0, "covers": COVERS_BOOTSTRAP}
     tail = 100 * (1 - confidence) / 2
     low, high = np.percentile(finite, [tail, 100 - tail])
-    return {"mean": float(point), "low": float(low), "high": float(high), "n": int(len(finite))}
+    return {"mean": float(point), "low": float(low), "high": float(high), "n": int(len(finite)), "covers": COVERS_BOOTSTRAP}
 
 
 def difference(a: ArmReplicates, b: ArmReplicates, confidence: float = CONFIDENCE) -> dict:
