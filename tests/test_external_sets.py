@@ -75,6 +75,8 @@ def test_every_image_of_an_external_set_is_scored_by_heads_trained_on_the_source
     assert comparison["words"].startswith("A: pooled VAE encoder")
     # the source's own test split is still scored, separately
     assert metrics["arms"][0]["summary"]["balanced_accuracy"]["mean"] is not None and metrics["comparisons"]
+    (out / "report.html").unlink()  # `dermfed report` rewrites it from metrics.json alone
+    assert main(["report", str(out)]) == 0 and "generalisation to external test set other" in (out / "report.html").read_text()
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (apt-get install -y chromium; .ci/run does)")

@@ -65,6 +65,7 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: Seque
         }
 
 
+METRICS_FORMAT = "dermfed-evaluation-v2"  # metrics.json with external sets, provenance, and what each interval covers
 COVERS_WILSON = "test images of the class: Wilson score interval (recall averaged over head seeds; head seeds not covered)"
 COVERS_SEEDS = "head seeds only: mean, lowest and highest (test and validation images fixed; not a confidence interval)"
 

@@ -24,6 +24,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common.data.catalog import DataError  # noqa: E402
+from server.evaluation.metrics import METRICS_FORMAT  # noqa: E402
+
 REPORT_NAME = "report.html"
 METRIC_NAMES = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "macro_auroc": "macro AUROC"}
 COLOURS = {"train": "#1f77b4", "val": "#d62728"}
@@ -299,6 +302,10 @@ def write_report(run_dir: Path, metrics: Optional[dict[str, Any]] = None) -> Pat
         if not source.is_file():
             raise FileNotFoundError(f"{source} not found: run `dermfed evaluate` first")
         metrics = json.loads(source.read_text())
+        if metrics.get("format") != METRICS_FORMAT:
+            raise DataError(f"{source} was written by an older `dermfed evaluate` (format {metrics.get('format', 'v1')}); "
+                            "it lacks what this report shows (each arm's provenance, what each interval covers): run "
+                            "`dermfed evaluate` again")
     figures = run_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     arms, data, head = metrics["arms"], metrics["data"], metrics["head"]

@@ -34,7 +34,7 @@ from server.evaluation.external import ExternalSet, load_external
 from server.evaluation.features import FeatureExtractor
 from server.evaluation.heads import SELECTION_METRIC, train_head
 from server.evaluation.leakage import external_overlap, overlap, refuse_external_leaks, refuse_leaks
-from server.evaluation.metrics import classification_metrics, seed_spread, wilson_interval
+from server.evaluation.metrics import METRICS_FORMAT, classification_metrics, seed_spread, wilson_interval
 from server.evaluation.uncertainty import (
     COVERS_BOOTSTRAP,
     METRICS,
@@ -368,6 +368,7 @@ def run_evaluation(config: DermFedConfig, checkpoint: Path, out: Path, imagenet_
         result.pop("external_overlap")  # kept once, in each external set's entry
     _save_predictions(out, probabilities, splits, labels, prepared.catalog, externals)
     metrics = {
+        "format": METRICS_FORMAT,
         "checkpoint": str(checkpoint.resolve()),
         "pretraining": {"position": pretraining["position"], "encoder": pretraining["encoder_name"],
                         "history": pretraining["history"], "arm": pretraining.get("extra", {}).get("arm"),
