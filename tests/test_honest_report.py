@@ -46,15 +46,15 @@ def test_a_real_federations_arm_is_named_by_its_record_and_its_verdicts_are_qual
 
 
 def test_a_verdict_about_an_older_checkpoint_says_its_lesions_were_not_checked():
-    from server.evaluation.run import _unknown_overlap
+    from server.evaluation.run import SOURCE, _unknown_overlap
 
     older = {"source": "recorded in the checkpoint (an older record: images only, not their lesions)",
              "pretraining_images": 12, "pretraining_groups": None, "train": 12, "val": 0, "test": 0}
     arm = {"label": "A: pooled VAE encoder (1 epoch, DP-SGD off)", "pretraining_overlap": older, "external_overlap": {"x": older}}
-    for where in ("source", "x"):
+    for where in (SOURCE, "x"):
         assert "records its pretraining images but not their lesions" in _unknown_overlap(arm, where)
     arm["pretraining_overlap"] = {**older, "pretraining_groups": 5, "source": "recorded in the checkpoint"}
-    assert _unknown_overlap(arm, "source") is None
+    assert _unknown_overlap(arm, SOURCE) is None
 
 
 def test_a_metrics_file_of_an_older_evaluation_is_refused_in_one_line(tmp_path, capsys):

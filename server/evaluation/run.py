@@ -54,6 +54,7 @@ COMPARED_METRICS = ("balanced_accuracy", "macro_auroc")
 REFERENCE_ARM = "federated"  # the --checkpoint slot: arm A, whatever its checkpoint records it is
 GAP_METRICS = ("accuracy", "balanced_accuracy", "loss")
 PREDICTIONS_NAME = "predictions.npz"
+SOURCE = ":source"  # the source's test split among the test sets; no external set's name can start with ':'
 
 
 @dataclass
@@ -125,7 +126,7 @@ class TestSet:
     """Images the heads are scored on: the source's test split (other rows for each split seed) or an external
     set (all of its images, the same for every split seed), with its bootstrap weights over its lesions."""
 
-    name: str  # "source", or the external set's name
+    name: str  # SOURCE, or the external set's name (which cannot be SOURCE)
     labels: np.ndarray  # class index per row of its catalog
     sites: np.ndarray
     rows: dict[int, np.ndarray]  # per split seed: the scored rows
@@ -138,7 +139,7 @@ class TestSet:
 
 def source_test_set(prepared: PreparedData, splits: list[Split], labels: np.ndarray,
                     shortcut_mask: Optional[np.ndarray]) -> TestSet:
-    return TestSet("source", labels, prepared.catalog.frame["site"].to_numpy(), {s.seed: s.rows["test"] for s in splits},
+    return TestSet(SOURCE, labels, prepared.catalog.frame["site"].to_numpy(), {s.seed: s.rows["test"] for s in splits},
                    {s.seed: s.weights for s in splits}, shortcut_mask)
 
 
@@ -169,7 +170,7 @@ def evaluate_arm(arm: Arm, config: DermFedConfig, prepared: PreparedData, splits
     augment = build_augmentation(config.train.augment) if cfg.augment else None
     selected = SELECTION_METRIC[cfg.select_on]
     per_seed, histories = [], []
-    probabilities: dict[str, dict[int, list[np.ndarray]]] = {"source": {}, **{ext.name: {} for ext in externals}}
+    probabilities: dict[str, dict[int, list[np.ndarray]]] = {SOURCE: {}, **{ext.name: {} for ext in externals}}
     for split in splits:
         rows = split.rows
 
@@ -184,7 +185,7 @@ def evaluate_arm(arm: Arm, config: DermFedConfig, prepared: PreparedData, splits
             run = train_head(cfg, train_features, labels[rows["train"]], features[rows["val"]], labels[rows["val"]],
                              len(prepared.catalog.classes), seed)
             histories.append(run.history)
-            probabilities["source"][split.seed].append(run.predict_proba(features[rows["test"]]))
+            probabilities[SOURCE][split.seed].append(run.predict_proba(features[rows["test"]]))
             for name, values in external_features.items():
                 probabilities[name][split.seed].append(run.predict_proba(values))
             chosen, last = run.history[run.best_epoch - 1], run.history[-1]
@@ -289,9 +290,9 @@ def score(test: TestSet, arms: list[dict[str, Any]], probabilities: dict[str, di
 
 def _unknown_overlap(arm: dict[str, Any], test_name: str) -> Optional[str]:
     """Why a verdict about this arm must be qualified on this test set: its pretraining images (or lesions) are unknown."""
-    counts = arm["external_overlap"][test_name] if test_name != "source" else arm["pretraining_overlap"]
+    counts = arm["external_overlap"][test_name] if test_name != SOURCE else arm["pretraining_overlap"]
     counts = counts if "source" in counts else next(iter(counts.values()))  # several split seeds: one entry each
-    where = "the source's test images" if test_name == "source" else f"external set {test_name!r}"
+    where = "the source's test images" if test_name == SOURCE else f"external set {test_name!r}"
     if counts.get("pretraining_images") is None:
         return (f"{arm['label']}'s pretraining images are not known ({counts['source']}), so they could not be checked "
                 f"against {where}: had it pretrained on any, its scores there would be optimistic")
@@ -349,7 +350,7 @@ def run_evaluation(config: DermFedConfig, checkpoint: Path, out: Path, imagenet_
         raise DataError(f"no arm could run: {skipped}")
     classes = prepared.catalog.classes
     source = source_test_set(prepared, splits, labels, shortcut_mask)
-    scored, comparisons = score(source, results, probabilities["source"], classes, config.seed)
+    scored, comparisons = score(source, results, probabilities[SOURCE], classes, config.seed)
     for result in results:  # the source's results keep their place in each arm's entry
         for training, metrics_of_seed in zip(result["seeds"], scored[result["key"]].pop("seeds")):
             training.update(metrics_of_seed)
@@ -412,7 +413,7 @@ def _save_predictions(out: Path, probabilities: dict[str, dict[str, dict[int, li
         rows = split.rows["test"]
         arrays[f"split{split.seed}_image_id"] = catalog.frame["image_id"].to_numpy()[rows].astype(str)
         arrays[f"split{split.seed}_label"] = labels[rows]
-        for key, per_split in probabilities["source"].items():
+        for key, per_split in probabilities[SOURCE].items():
             arrays[f"split{split.seed}_{key}"] = np.stack(per_split[split.seed])  # seeds x images x classes
     for ext in externals:
         arrays[f"external_{ext.name}_image_id"] = ext.catalog.frame["image_id"].to_numpy().astype(str)
