@@ -100,6 +100,28 @@ def test_poisson_sampling_cannot_be_replayed_either(monkeypatch):
     assert drawn[0] != drawn[1]
 
 
+def test_poisson_inclusion_is_exactly_the_rate_accounted():
+    """float64 uniforms are k / 2^53, so u < q holds with probability exactly q for q on that grid; the rate is
+    rounded up to the grid and the rounded rate is the one the accountant counts (float32 was above q by up to 2^-24)."""
+    from common.data.batches import poisson_batches
+
+    rate = privacy.poisson_rate(1 / 15)
+    assert 1 / 15 <= rate < 1 / 15 + 2.0 ** -53 and (rate * 2.0 ** 53).is_integer()
+    state = privacy.secret_generator().get_state()
+    sampler, judge = torch.Generator(), torch.Generator()
+    sampler.set_state(state)
+    judge.set_state(state)
+    batch, = poisson_batches(20_000, rate, 1, sampler)
+    uniforms = torch.rand(20_000, generator=judge, dtype=torch.float64)
+    assert torch.equal(uniforms * 2.0 ** 53, torch.floor(uniforms * 2.0 ** 53))
+    assert np.array_equal(batch, torch.nonzero(uniforms < rate).flatten().numpy())
+    config = load_config("smoke", [*DP, "train.max_steps=2", "train.epochs=1"])
+    model = ConvNeXtVAE("convnext_atto", latent_dim=4, image_size=32, decoder_width=4)
+    trainer = LocalTrainer(config, model, _Images(), site="declared", declared_size=120)  # q = 1 / ceil(120 / 8)
+    (_, accounted, steps), = trainer.train(SiteState()).state.accountant["history"]
+    assert accounted == rate != 1 / 15 and steps == 2
+
+
 def test_dp_without_poisson_sampling_and_secure_mode_are_refused():
     with pytest.raises(ConfigError, match="poisson_sampling=false is refused under DP"):
         load_config("smoke", [*DP, "dp.poisson_sampling=false"])
