@@ -118,7 +118,7 @@ def test_simulated_hospitals_keep_their_own_floors_against_the_coordinators_conf
     entry, = json.loads((run / "history.json").read_text())
     assert sorted(site["site"] for site in entry["sites"]) == ["hospital_1", "hospital_3"]
     refused, = entry["excluded"]  # hospital_2: in round 1 a simulation knows it by its node id only
-    assert refused["reason"].startswith("privacy-floor")
+    assert "privacy-floor: the coordinator asked for dp.delta=0.5" in refused["reason"]
     assert "dp.delta=0.5" in refused["reason"] and "delta=1e-05" in refused["reason"]
     assert not (run / "sites" / "hospital_2" / "privacy_ledger.json").exists()
     assert (run / "sites" / "hospital_3" / "privacy_ledger.json").is_file()
