@@ -9,6 +9,10 @@ Where the site's data comes from:
   `dermfed-overrides`: space-separated key=value applied on top of the server's config, except
   `dp.*`, which only the node config keys above may set).
 
+A simulated hospital's own node config (`dermfed simulate --node-config SITE:...`) is merged in
+by `client.simulated_nodes` and then read by the same code as a real hospital's. The site's state
+folder comes from the node config's `state-dir`, else ~/.dermfed/state: never from the run config.
+
 The reply holds exactly one ArrayRecord (the shared weights) and one MetricRecord (scalars),
 or an Error whose reason is an error class and a fixed message (`client.policy.public_error`):
 exceptions are logged here, at the site, and their text never leaves it.
@@ -19,7 +23,6 @@ from __future__ import annotations
 import functools
 import logging
 import shlex
-from pathlib import Path
 from typing import Callable
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -27,7 +30,8 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from client.faults import FaultSwitch
-from client.policy import PrivacyFloor, public_error, public_weight
+from client.policy import PrivacyFloor, public_count, public_error, site_state_dir
+from client.simulated_nodes import node_config_of
 from client.site import SiteRunner, deployment_site_data, simulation_site_data
 from common.config import ConfigError, DermFedConfig, apply_overrides, config_from_json
 
@@ -40,10 +44,10 @@ SNAPSHOT_KEY = "dermfed-site"
 SITE_ERROR_CODE = ErrorCode.CLIENT_APP_RAISED_EXCEPTION  # the reason string carries DermFed's error class
 
 
-def _site_config(message: Message, context: Context) -> DermFedConfig:
+def _site_config(message: Message, node_config: dict) -> DermFedConfig:
     """The server's DermFed config, with this node's own overrides on top (never the privacy settings)."""
     config = config_from_json(str(message.content["config"]["dermfed-config"]))
-    overrides = shlex.split(str(context.node_config.get("dermfed-overrides", "")))
+    overrides = shlex.split(str(node_config.get("dermfed-overrides", "")))
     privacy = [o for o in overrides if o.split("=", 1)[0].strip().startswith("dp.")]
     if privacy:
         raise ConfigError(f"dermfed-overrides may not set {privacy}: a hospital's privacy settings are the node "
@@ -51,27 +55,18 @@ def _site_config(message: Message, context: Context) -> DermFedConfig:
     return apply_overrides(config, overrides)
 
 
-def _state_dir(context: Context, site_name: str) -> Path:
-    if "state-dir" in context.node_config:
-        return Path(str(context.node_config["state-dir"])) / site_name
-    run_dir = str(context.run_config.get("run-dir", ""))
-    if run_dir:
-        return Path(run_dir) / "sites" / site_name
-    return Path.home() / ".dermfed" / "state" / site_name
-
-
 def runner_for(message: Message, context: Context) -> SiteRunner:
     key = (context.run_id, context.node_id)
     if key not in _RUNNERS:
-        config = _site_config(message, context)
-        if "partition-id" in context.node_config:
-            data = simulation_site_data(config, int(context.node_config["partition-id"]),
-                                        int(context.node_config["num-partitions"]))
+        node_config = node_config_of(context.node_config)  # a simulated hospital's own settings, if any
+        floor = PrivacyFloor.from_node_config(node_config)  # before any data is read: a bad floor stops here
+        config = _site_config(message, node_config)
+        if "partition-id" in node_config:
+            data = simulation_site_data(config, int(node_config["partition-id"]), int(node_config["num-partitions"]))
         else:
-            data = deployment_site_data(config, context.node_config)
-        _RUNNERS[key] = SiteRunner(config, data, _state_dir(context, data.name),
-                                   floor=PrivacyFloor.from_node_config(context.node_config),
-                                   public_weight=public_weight(context.node_config))
+            data = deployment_site_data(config, node_config)
+        _RUNNERS[key] = SiteRunner(config, data, site_state_dir(node_config, data.name), floor=floor,
+                                   public_count=public_count(node_config))
     return _RUNNERS[key]
 
 

@@ -4,8 +4,12 @@ Privacy holds against the coordinating server too, so none of this is the server
 
 - `PrivacyFloor`: the hospital's own DP settings (node config keys `dp-enabled`,
   `dp-max-epsilon`, `dp-delta`, `dp-max-grad-norm`), made stricter by what its privacy ledger
-  remembers. A coordinator's config may ask for more privacy, never less: a request for less
-  is refused with a message naming both values.
+  remembers. `dp-enabled=true` needs a finite `dp-max-epsilon`; `dp-delta` defaults to
+  `DEFAULT_DELTA`. A coordinator's config may ask for more privacy, never less: a request for
+  less (DP off, a larger target epsilon or delta, no noise, a noise multiplier with which one
+  round already exceeds the ceiling) is refused with a message naming both values.
+- `site_state_dir`: the hospital's state folder (its snapshots and privacy ledger) comes from
+  its node config or a per-user default, never from the coordinator's run config.
 - `reply_metrics`: under DP a reply holds the privacy status and a FedAvg weight that reveals
   nothing (equal weights, or a count the hospital declared public), never a value computed from
   the private images without noise.
@@ -17,16 +21,34 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from common.config import ConfigError, DermFedConfig
+from common.config import ConfigError, DermFedConfig, DPConfig
 from common.data.catalog import DataError
-from common.privacy import PrivacyBudgetExhausted
+from common.privacy import BUDGET_RELATIVE_TOLERANCE, AccountantError, PrivacyBudgetExhausted, epsilon_of
 
 # Node config keys through which a hospital sets its privacy floor.
 FLOOR_KEYS = {"dp-enabled": "dp_required", "dp-max-epsilon": "max_epsilon", "dp-delta": "max_delta",
               "dp-max-grad-norm": "max_grad_norm"}
 PUBLIC_COUNT_KEY = "public-num-examples"
+STATE_DIR_KEY = "state-dir"
+DEFAULT_DELTA = 1e-5  # a hospital that requires DP and sets no dp-delta allows at most this delta
+
+
+def default_state_root() -> Path:
+    """Where a site keeps its state when its node config names no `state-dir`: the daemon user's own folder."""
+    return Path.home() / ".dermfed" / "state"
+
+
+def site_state_dir(node_config: Mapping[str, Any], site_name: str) -> Path:
+    """The site's state folder: `<state-dir>/<site>` from the node config, else ~/.dermfed/state/<site>.
+
+    Never derived from the run config (the coordinator's `run-dir`): the privacy ledger in it is the
+    hospital's lifetime record, which no run of the coordinator may start afresh.
+    """
+    root = node_config.get(STATE_DIR_KEY)
+    return (Path(str(root)).expanduser() if root else default_state_root()) / site_name
 
 # Exactly what a DP site's training reply may hold (besides the shared weights).
 DP_REPLY_FIELDS = ("num-examples", "epsilon", "delta", "site-index")
@@ -38,6 +60,11 @@ class PrivacyFloorError(ValueError):
 
 class SiteStateCorrupt(RuntimeError):
     """A site's saved state (optimizer, private decoder, step) cannot be read: the site refuses to guess."""
+
+
+class PrivacyLedgerCorrupt(RuntimeError):
+    """The privacy ledger is unreadable, incomplete, or missing where the site has trained before:
+    the site refuses to train rather than start its budget afresh."""
 
 
 class ClientEvaluationRefused(RuntimeError):
@@ -71,11 +98,17 @@ class PrivacyFloor:
                 raise ConfigError(f"node config {key}={raw!r} must be a number") from None
             if not math.isfinite(number) or number <= 0 or (field == "max_delta" and number >= 1):
                 raise ConfigError(f"node config {key}={raw!r} is out of range "
-                                  f"({'0 < delta < 1' if field == 'max_delta' else 'a positive number'})")
+                                  f"({'0 < delta < 1' if field == 'max_delta' else 'a finite positive number'})")
             values[field] = number
         if values and not values.get("dp_required", False) and any(k != "dp_required" for k in values):
             raise ConfigError("node config sets DP limits (dp-max-epsilon, dp-delta, dp-max-grad-norm) without "
                               "dp-enabled=true; add dp-enabled=true so that they apply")
+        if values.get("dp_required"):
+            if "max_epsilon" not in values:
+                raise ConfigError("node config dp-enabled=true needs dp-max-epsilon, this site's lifetime epsilon "
+                                  "ceiling (e.g. dp-max-epsilon=8): without it the coordinator's dp.* settings "
+                                  "would decide how much privacy this site spends")
+            values.setdefault("max_delta", DEFAULT_DELTA)
         return cls(**values)
 
     @classmethod
@@ -99,6 +132,19 @@ class PrivacyFloor:
         return PrivacyFloor(self.dp_required or other.dp_required, smaller(self.max_epsilon, other.max_epsilon),
                             smaller(self.max_delta, other.max_delta), smaller(self.max_grad_norm, other.max_grad_norm))
 
+    def check_noise(self, dp: DPConfig, noise_multiplier: float, sample_rate: float, steps: int) -> None:
+        """Refuse a noise multiplier with which one training call alone would end above the ceiling."""
+        if self.max_epsilon is None:
+            return
+        alone = epsilon_of(dp.accountant, {"history": [(noise_multiplier, sample_rate, steps)],
+                                           "mechanism": dp.accountant}, dp.delta)
+        if alone > self.max_epsilon * (1 + BUDGET_RELATIVE_TOLERANCE):
+            asked = f"dp.noise_multiplier={dp.noise_multiplier}" if dp.noise_multiplier is not None else \
+                f"a noise multiplier of {noise_multiplier:.4g}"
+            raise PrivacyFloorError(f"the coordinator asked for {asked}, with which one round of {steps} steps alone "
+                                    f"spends epsilon={alone:.4g} at delta={dp.delta}, but this site allows at most "
+                                    f"epsilon={self.max_epsilon} over its lifetime")
+
     def apply(self, config: DermFedConfig) -> DermFedConfig:
         """The config this site trains with: the coordinator's, checked against the floor."""
         dp = config.dp
@@ -107,6 +153,9 @@ class PrivacyFloor:
                 raise PrivacyFloorError("the coordinator asked for dp.enabled=false, but this site requires DP-SGD "
                                         "(dp-enabled=true in its node config or privacy ledger)")
             return config
+        if self.max_epsilon is not None and dp.noise_multiplier == 0:
+            raise PrivacyFloorError(f"the coordinator asked for dp.noise_multiplier=0 (no noise), but this site allows "
+                                    f"at most epsilon={self.max_epsilon} over its lifetime")
         if self.max_epsilon is not None and dp.target_epsilon is not None and dp.target_epsilon > self.max_epsilon:
             raise PrivacyFloorError(f"the coordinator asked for dp.target_epsilon={dp.target_epsilon}, but this site "
                                     f"allows at most epsilon={self.max_epsilon} over its lifetime")
@@ -123,14 +172,15 @@ class PrivacyFloor:
         return config.model_copy(update={"dp": dp.model_copy(update=update)})
 
 
-def public_weight(node_config: Mapping[str, Any]) -> float:
-    """FedAvg weight of a DP site: 1 (equal weights), or the count the hospital declared public."""
+def public_count(node_config: Mapping[str, Any]) -> Optional[int]:
+    """The image count the hospital declared public, if any: under DP, the FedAvg weight and the size the
+    accounting uses (sampling rate, steps). None: equal weights, and a size bucket (`common.privacy.public_size`)."""
     if PUBLIC_COUNT_KEY not in node_config:
-        return 1.0
+        return None
     raw = node_config[PUBLIC_COUNT_KEY]
     if isinstance(raw, bool) or not isinstance(raw, int) or raw <= 0:
         raise ConfigError(f"node config {PUBLIC_COUNT_KEY}={raw!r} must be a positive whole number")
-    return float(raw)
+    return raw
 
 
 def reply_metrics(config: DermFedConfig, training: Mapping[str, float], privacy: Mapping[str, float],
@@ -147,6 +197,14 @@ def reply_metrics(config: DermFedConfig, training: Mapping[str, float], privacy:
 _PUBLIC_ERRORS: tuple[tuple[type[BaseException], str, str], ...] = (
     (PrivacyBudgetExhausted, "privacy-budget-exhausted",
      "this site has spent its privacy budget and refuses to train further"),
+    (PrivacyLedgerCorrupt, "privacy-ledger-corrupt",
+     "this site's privacy ledger is missing, unreadable or incomplete although the site has trained before; it "
+     "refuses to train until its operator restores the ledger; details are in its own log"),
+    (AccountantError, "privacy-accounting-error",
+     "this site could not account the privacy of this run's settings and did not release an update; details are "
+     "in its own log"),
+    (FloatingPointError, "training-diverged",
+     "the loss became NaN or infinite at this site; details are in its own log"),
     (ClientEvaluationRefused, "evaluation-refused",
      "this site does not send validation metrics (DP-SGD is on, or it holds no validation images)"),
     (DataError, "data-error", "this site's images could not be read as configured; details are in its own log"),

@@ -9,7 +9,10 @@ What a site keeps between rounds (optimizer, step, private decoder) is a snapsho
 held in the node's Flower context and written to the site's state folder, so a restarted
 daemon or a resumed run continues from the last completed round. The DP accountant is kept
 in an append-only privacy ledger beside it and never rewound: an update that left the site
-was a release, even if the server later crashed and the round is repeated.
+was a release, even if the server later crashed and the round is repeated. Before a DP call's
+first noisy step the ledger already counts all of the call's steps (a reservation, synced to
+disk), so a round that fails half-way has spent them. A ledger that is missing, unreadable or
+incomplete where the site has trained before is refused, never taken for a fresh site.
 """
 
 from __future__ import annotations
@@ -25,7 +28,13 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import torch
 
-from client.policy import ClientEvaluationRefused, PrivacyFloor, SiteStateCorrupt, reply_metrics
+from client.policy import (
+    ClientEvaluationRefused,
+    PrivacyFloor,
+    PrivacyLedgerCorrupt,
+    SiteStateCorrupt,
+    reply_metrics,
+)
 from common.config import DermFedConfig, build_config
 from common.data.batches import ImageRows, ordered_batches, read_batch, to_device_float
 from common.data.catalog import DataError
@@ -33,7 +42,8 @@ from common.data.partition import partition_catalog
 from common.data.pipeline import PreparedData, prepare_data
 from common.model import build_vae, load_partial_state, private_state, shared_keys, shared_state, vae_loss_per_sample
 from common.serialization import read_site_snapshot, site_snapshot
-from common.training import LocalTrainer, SiteState, seed_everything
+from common.privacy import group_epsilon
+from common.training import DPPlan, LocalTrainer, SiteState, seed_everything
 
 log = logging.getLogger("dermfed.client")
 
@@ -81,36 +91,72 @@ def deployment_site_data(config: DermFedConfig, node_config: Mapping[str, Any]) 
     return SiteData(name, int(node_config.get("site-index", 0)), prepared, train, val)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: bytes, durable: bool = False) -> None:
+    """Write `data` to a temporary file beside `path` and rename it over `path`; with `durable`, synced to disk first."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
     with os.fdopen(handle, "wb") as stream:
         stream.write(data)
+        if durable:
+            stream.flush()
+            os.fsync(stream.fileno())
     os.replace(temporary, path)
+    if durable:
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
 
 
 class PrivacyLedger:
     """Append-only record of a site's DP accountant (and its calibrated noise), and the privacy floor
-    in force when the site first trained with DP: later runs may ask for more privacy, never less."""
+    in force when the site first trained with DP: later runs may ask for more privacy, never less.
+
+    Written after every round, DP or not, so that a site that has trained always has one; before a DP
+    call, it already counts the call's steps. Missing where snapshots exist, unreadable, or without
+    its `floor` or `accountant`: `PrivacyLedgerCorrupt`, never a fresh start.
+    """
 
     def __init__(self, path: Path):
         self.path = path
 
+    def has_trained(self) -> bool:
+        """The site has completed a round before: its state folder holds snapshots."""
+        return any(self.path.parent.glob("round-*.pt"))
+
     def load(self) -> dict[str, Any]:
-        return json.loads(self.path.read_text()) if self.path.is_file() else {}
+        if not self.path.is_file():
+            if self.has_trained():
+                raise PrivacyLedgerCorrupt(f"{self.path} is missing, but this site has trained before (its snapshots "
+                                           "are there): restore the ledger from a backup, or, if these images were "
+                                           "never used with DP, move the whole state folder aside")
+            return {}
+        try:
+            record = json.loads(self.path.read_text())
+        except (OSError, ValueError) as exc:
+            raise PrivacyLedgerCorrupt(f"{self.path} is unreadable ({type(exc).__name__}: {exc}); restore it from a "
+                                       "backup") from None
+        accountant = record.get("accountant") if isinstance(record, dict) else None
+        if not isinstance(record, dict) or not isinstance(record.get("floor"), dict) \
+                or not isinstance(accountant, dict) or not isinstance(accountant.get("history"), list):
+            raise PrivacyLedgerCorrupt(f"{self.path} lacks its floor or its accountant history; restore it from a "
+                                       "backup (a ledger is never started afresh where a site has trained)")
+        return record
 
     def floor(self) -> PrivacyFloor:
-        return PrivacyFloor.from_record(self.load().get("floor"))
+        record = self.load()
+        return PrivacyFloor.from_record(record["floor"]) if record else PrivacyFloor()
 
-    def save(self, accountant: Optional[dict[str, Any]], noise_multiplier: Optional[float], floor: PrivacyFloor) -> None:
-        if accountant is None:
-            return
-        kept = self.load().get("floor")  # set once, by the first DP run; never loosened by a coordinator
-        record = {"accountant": {"history": [list(h) for h in accountant["history"]],
-                                 "mechanism": accountant["mechanism"]},
+    def save(self, accountant: Optional[dict[str, Any]], noise_multiplier: Optional[float], floor: PrivacyFloor,
+             mechanism: str) -> None:
+        """Record the accountant (a reservation before a DP call, the result after it), synced to disk."""
+        kept = self.load().get("floor")  # set by the first DP run; never loosened by a coordinator
+        history = [list(h) for h in (accountant or {}).get("history", [])]
+        record = {"accountant": {"history": history, "mechanism": (accountant or {}).get("mechanism", mechanism)},
                   "noise_multiplier": noise_multiplier,
-                  "floor": kept if kept is not None else floor.as_record()}
-        _atomic_write(self.path, json.dumps(record, indent=1).encode())
+                  "floor": kept if kept and kept.get("dp_required") else floor.as_record()}
+        _atomic_write(self.path, json.dumps(record, indent=1).encode(), durable=True)
 
 
 @dataclass
@@ -124,19 +170,20 @@ class SiteRunner:
     """Trains one site's VAE round after round; owns the site's model and state."""
 
     def __init__(self, config: DermFedConfig, data: SiteData, state_dir: Path,
-                 floor: PrivacyFloor = PrivacyFloor(), public_weight: float = 1.0):
+                 floor: PrivacyFloor = PrivacyFloor(), public_count: Optional[int] = None):
         if len(data.train_rows) == 0:
             raise DataError(f"site {data.name}: no training images (splits {config.data.pretrain_splits})")
         self.ledger = PrivacyLedger(Path(state_dir) / "privacy_ledger.json")
         self.floor = floor.stricter(self.ledger.floor())
         config = self.floor.apply(config)  # refuses a coordinator that asks for less privacy than the site allows
         self.config, self.data, self.state_dir = config, data, Path(state_dir)
-        self.public_weight = public_weight
+        self.public_weight = float(public_count or 1)
         seed_everything(config.seed, 30_000, data.index)
         self.model = build_vae(config.model, config.data.image_size)
         self.scope = config.federation.share
         self.images = ImageRows(data.prepared.store, data.train_rows)
-        self.trainer = LocalTrainer(config, self.model, self.images, site=data.name, site_index=data.index)
+        self.trainer = LocalTrainer(config, self.model, self.images, site=data.name, site_index=data.index,
+                                    declared_size=public_count)
         # DP budget: the whole federated run, every round's local steps
         self.trainer.planned_steps = config.dp.planned_steps or self.trainer.steps_per_call() * config.federation.num_rounds
         self.state = SiteState()
@@ -179,10 +226,17 @@ class SiteRunner:
     def _apply_ledger(self) -> None:
         """The accountant always comes from the ledger: every past release counts, rewound or not."""
         ledger = self.ledger.load()
-        if ledger:
+        if ledger and ledger["accountant"]["history"]:
             self.state.accountant = ledger["accountant"]
             if self.config.dp.noise_multiplier is None:  # keep the noise calibrated when the budget was planned
                 self.state.noise_multiplier = ledger.get("noise_multiplier")
+
+    def _recorded_floor(self) -> PrivacyFloor:
+        return self.floor.stricter(PrivacyFloor.of_config(self.config))
+
+    def _reserve(self, plan: DPPlan) -> None:
+        """Before the first noisy step: the ledger counts all of this call's steps (synced), so a failure spends them."""
+        self.ledger.save(plan.accountant_after, plan.noise_multiplier, self._recorded_floor(), self.config.dp.accountant)
 
     # -- rounds -----------------------------------------------------------------------------
 
@@ -197,11 +251,19 @@ class SiteRunner:
         self._restore(round_number, snapshot)
         self._apply_ledger()
         load_partial_state(self.model, shared)
+        if self.config.dp.enabled:  # a noise the coordinator chose that cannot meet the ceiling: refused, naming both
+            plan = self.trainer.dp_plan(self.state)
+            self.floor.check_noise(self.config.dp, plan.noise_multiplier, plan.sample_rate, plan.steps)
         reference = {k: v.clone() for k, v in shared.items()} if prox_mu else None
-        result = self.trainer.train(self.state, prox_mu=prox_mu, prox_reference=reference)
+        result = self.trainer.train(self.state, prox_mu=prox_mu, prox_reference=reference,
+                                    before_noisy_steps=self._reserve)
         self.state, self.round = result.state, round_number
-        self.ledger.save(self.state.accountant, self.state.noise_multiplier,
-                         self.floor.stricter(PrivacyFloor.of_config(self.config)))
+        self.ledger.save(self.state.accountant, self.state.noise_multiplier, self._recorded_floor(),
+                         self.config.dp.accountant)
+        if result.privacy is not None:
+            lesion = group_epsilon(self.state.accountant, result.privacy.delta, 2)
+            log.info("%s: epsilon %.4g per image, %.4g for a lesion of 2 images (delta %g)", self.data.name,
+                     result.privacy.epsilon, lesion, result.privacy.delta)
         blob = site_snapshot(round_number, self.state, private_state(self.model, self.scope))
         _atomic_write(self.snapshot_path(round_number), blob)
         for old in sorted(self.state_dir.glob("round-*.pt"))[:-SNAPSHOTS_KEPT]:

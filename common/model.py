@@ -13,7 +13,7 @@ breaks per-sample gradients and so DP-SGD.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Optional
 
 import timm
 import torch
@@ -99,10 +99,19 @@ class ConvNeXtVAE(nn.Module):
         features = self.encoder((images - self.mean) / self.std)
         return self.to_mu(features), self.to_logvar(features).clamp(-10.0, 10.0)
 
-    def forward(self, images: torch.Tensor) -> VAEOutput:
+    def random_streams(self) -> dict[str, tuple[str, int]]:
+        """The per-image random draws a training step needs: under DP each image draws them from its own secret
+        stream (`common.privacy.ImageDraws`), and they are handed to `forward`.
+        An objective with other randomness (e.g. masks) declares it here, e.g. {"mask": ("uniform", patches)}."""
+        return {"latent": ("normal", self.to_mu.out_features)} if self.sample_latent else {}
+
+    def forward(self, images: torch.Tensor, draws: Optional[Mapping[str, torch.Tensor]] = None) -> VAEOutput:
+        """Without `draws` the latent sample comes from torch's global generator (seeded runs); under DP from
+        `draws["latent"]`, one standard normal row per image."""
         mu, logvar = self.encode(images)
         if self.training and self.sample_latent:
-            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+            noise = torch.randn_like(mu) if draws is None else draws["latent"].to(mu.device, mu.dtype)
+            z = mu + noise * torch.exp(0.5 * logvar)
         else:
             z = mu
         return VAEOutput(self.decoder(z), mu, logvar)

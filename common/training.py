@@ -28,19 +28,25 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from common.augment import build_augmentation
+from common.augment import PER_IMAGE_UNIFORMS, build_augmentation
 from common.config import DermFedConfig
 from common.data.batches import BatchLoader, ImageRows, poisson_batches, shuffled_batches
 from common.model import ConvNeXtVAE, VAEOutput, vae_loss_per_sample
 from common.privacy import (
+    AccountantError,
+    ImageDraws,
     PrivacyStatus,
     PrivateTraining,
     check_budget,
     epsilon_of,
+    history_of,
     make_private,
+    poisson_rate,
+    public_size,
     resolve_noise_multiplier,
     sample_rate_of,
     steps_of,
+    with_planned_steps,
 )
 
 log = logging.getLogger("dermfed.training")
@@ -55,6 +61,16 @@ class SiteState:
     accountant: Optional[dict[str, Any]] = None
     noise_multiplier: Optional[float] = None
     scaler: Optional[dict[str, Any]] = None  # float16 GradScaler state (CUDA without bfloat16 only)
+
+
+@dataclass
+class DPPlan:
+    """One training call's DP-SGD, known before its first step and computed from public values only."""
+
+    noise_multiplier: float
+    sample_rate: float  # exactly the rate Poisson sampling draws
+    steps: int
+    accountant_after: dict[str, Any]  # the site's accountant once these steps are taken
 
 
 @dataclass
@@ -142,27 +158,41 @@ def autocast_dtype(device: torch.device, amp: bool) -> Optional[torch.dtype]:
 
 
 class LocalTrainer:
-    """Trains a ConvNeXtVAE on one site's images; optional DP-SGD through Opacus."""
+    """Trains a ConvNeXtVAE on one site's images; optional DP-SGD through Opacus.
+
+    Under DP, the sampling rate, the steps per call and the scale of the released update come from
+    a public data-set size (`public_size`: the hospital's declared count, else N rounded up to a
+    power of two), never from the exact number of images, and every per-image random draw comes
+    from secret generators (`common.privacy.ImageDraws`).
+    """
 
     def __init__(self, config: DermFedConfig, model: ConvNeXtVAE, images: ImageRows, *, site: str = "site",
-                 site_index: int = 0, planned_steps: Optional[int] = None, augment: bool = True):
+                 site_index: int = 0, planned_steps: Optional[int] = None, augment: bool = True,
+                 declared_size: Optional[int] = None):
         if len(images) == 0:
             raise ValueError(f"{site}: no images to train on")
         self.config, self.model, self.images = config, model, images
         self.site, self.site_index = site, site_index
         self.device = resolve_device(config.train.device)
         self.model.to(self.device)
-        self.steps_per_epoch = math.ceil(len(images) / config.train.batch_size)
-        self.sample_rate = sample_rate_of(len(images), config.train.batch_size)
+        dp = config.dp.enabled
+        # Under DP: the size the accounting may see; without DP the exact count, as always.
+        self.accounted_size = public_size(len(images), declared_size) if dp else len(images)
+        self.steps_per_epoch = math.ceil(self.accounted_size / config.train.batch_size)
+        rate = sample_rate_of(self.accounted_size, config.train.batch_size)
+        self.sample_rate = poisson_rate(rate) if dp else rate
         self.planned_steps = planned_steps or config.dp.planned_steps or self.steps_per_call()
-        self.amp_dtype = None if config.dp.enabled else autocast_dtype(self.device, config.train.amp)
+        self.amp_dtype = None if dp else autocast_dtype(self.device, config.train.amp)
         channels_last = config.train.channels_last and self.device.type == "cuda"
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         prefetch = config.train.num_workers if config.train.num_workers is not None else (
             2 if self.device.type == "cuda" else 0)
-        self.loader = BatchLoader(images, self.device, build_augmentation(config.train.augment) if augment else None,
-                                  channels_last=channels_last, prefetch=prefetch)
+        self.augment = build_augmentation(config.train.augment) if augment else None
+        dtype = next(model.parameters()).dtype if self.amp_dtype is None else torch.float32
+        # Under DP the trainer augments each batch itself, with each image's own secret draws.
+        self.loader = BatchLoader(images, self.device, None if dp else self.augment, channels_last=channels_last,
+                                  prefetch=prefetch, dtype=dtype if dtype == torch.float64 else torch.float32)
 
     @property
     def uses_scaler(self) -> bool:
@@ -184,15 +214,36 @@ class LocalTrainer:
                              noise_multiplier=state.noise_multiplier or 0.0, sample_rate=self.sample_rate,
                              steps=steps_of(state.accountant), target_epsilon=dp.target_epsilon)
 
+    def dp_plan(self, state: SiteState) -> DPPlan:
+        """The next call's noise, sampling rate and steps (calibrating the noise once, into `state`)."""
+        dp = self.config.dp
+        if state.noise_multiplier is None:
+            state.noise_multiplier = resolve_noise_multiplier(dp, self.sample_rate, self.planned_steps)
+            log.info("%s: DP-SGD noise multiplier %.4f (sample rate %.6g, %d planned steps)", self.site,
+                     state.noise_multiplier, self.sample_rate, self.planned_steps)
+        steps = self.steps_per_call()
+        after = with_planned_steps(state.accountant, state.noise_multiplier, self.sample_rate, steps, dp.accountant)
+        return DPPlan(state.noise_multiplier, self.sample_rate, steps, after)
+
+    def random_streams(self) -> dict[str, tuple[str, int]]:
+        """Under DP, every per-image random draw of a step: the augmentation's and the objective's."""
+        streams = {"augment": ("uniform", PER_IMAGE_UNIFORMS)} if self.augment is not None else {}
+        return {**streams, **self.model.random_streams()}
+
     def train(self, state: Optional[SiteState] = None,
               on_epoch_end: Optional[Callable[[EpochMetrics, SiteState], None]] = None,
-              prox_mu: float = 0.0, prox_reference: Optional[dict[str, torch.Tensor]] = None) -> TrainResult:
+              prox_mu: float = 0.0, prox_reference: Optional[dict[str, torch.Tensor]] = None,
+              before_noisy_steps: Optional[Callable[[DPPlan], None]] = None) -> TrainResult:
         """Train for one call's worth of steps, continuing `state`; returns the new state and metrics.
 
         With `prox_mu` > 0 (FedProx), each step is followed by a decoupled proximal step
         w <- w - lr * mu * (w - w_global) on the parameters in `prox_reference`: the gradient of
         (mu/2)||w - w_global||^2, applied outside the loss so that it holds unchanged under
         DP-SGD (it depends on no sample, so it costs no privacy).
+
+        Under DP, `before_noisy_steps` gets the call's plan after the budget check and before the
+        first noisy step (a site reserves the steps in its ledger there: a call that fails half-way
+        has spent them); when the call ends, the accountant must hold exactly the planned steps.
         """
         state = state or SiteState()
         cfg, dp = self.config, self.config.dp
@@ -203,15 +254,18 @@ class LocalTrainer:
         if state.optimizer:
             optimizer.load_state_dict(state.optimizer)
         private: Optional[PrivateTraining] = None
+        draws: Optional[ImageDraws] = None
+        plan: Optional[DPPlan] = None
         steps_this_call = self.steps_per_call()
         if dp.enabled:
-            if state.noise_multiplier is None:
-                state.noise_multiplier = resolve_noise_multiplier(dp, self.sample_rate, self.planned_steps)
-                log.info("%s: DP-SGD noise multiplier %.4f (sample rate %.4f, %d planned steps)", self.site,
-                         state.noise_multiplier, self.sample_rate, self.planned_steps)
-            check_budget(dp, state.accountant, state.noise_multiplier, self.sample_rate, steps_this_call, self.site)
-            private = make_private(dp, model, optimizer, len(self.images), cfg.train.batch_size,
-                                   state.noise_multiplier, state.accountant, self.device)
+            plan = self.dp_plan(state)
+            check_budget(dp, state.accountant, plan.noise_multiplier, plan.sample_rate, plan.steps, self.site)
+            if before_noisy_steps is not None:
+                before_noisy_steps(plan)
+            private = make_private(dp, model, optimizer, self.accounted_size, cfg.train.batch_size,
+                                   plan.noise_multiplier, state.accountant, self.device)
+            assert private.sample_rate == plan.sample_rate
+            draws = ImageDraws(len(self.images), self.random_streams())
             model, optimizer = private.module, private.optimizer
         scaler = torch.amp.GradScaler("cuda", init_scale=FP16_INIT_SCALE, enabled=self.uses_scaler)
         if self.uses_scaler and state.scaler:
@@ -226,23 +280,27 @@ class LocalTrainer:
                 if done >= steps_this_call:
                     break
                 if private is not None:
-                    batches = poisson_batches(len(self.images), self.sample_rate, self.steps_per_epoch, private.sampling)
+                    batches = list(poisson_batches(len(self.images), private.sample_rate, self.steps_per_epoch,
+                                                   private.sampling))
                 else:
-                    batches = shuffled_batches(len(self.images), cfg.train.batch_size)
+                    batches = list(shuffled_batches(len(self.images), cfg.train.batch_size))
                 sums = torch.zeros(len(LOSS_KEYS), device=self.device, dtype=torch.float64)
                 images, steps, skipped, pixels, started = 0, 0, 0, 1.0, time.perf_counter()
                 lr, beta = cfg.train.lr, self._beta(state.step)
-                for batch in self.loader(batches):
+                for positions, batch in zip(batches, self.loader(batches)):
                     if done >= steps_this_call:
                         break
                     lr = cfg.train.lr * lr_factor(state.step, cfg.train.warmup_steps, total_steps, cfg.train.scheduler)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
                     beta = self._beta(state.step)
+                    step_draws = draws.for_batch(positions) if draws is not None else None  # every step, even empty
                     if len(batch) == 0:  # Poisson sampling drew nobody: the accounted step still releases noise
                         private.noise_only_step()
                     else:
-                        terms, was_skipped = self._step(model, optimizer, scaler, batch, beta, private)
+                        if step_draws is not None and self.augment is not None:
+                            batch = self.augment(batch, step_draws["augment"])
+                        terms, was_skipped = self._step(model, optimizer, scaler, batch, beta, private, step_draws)
                         if prox_mu and prox_reference:
                             self._proximal_step(lr * prox_mu, prox_reference)
                         sums += torch.stack([terms[key].sum() for key in LOSS_KEYS]).double()
@@ -270,7 +328,7 @@ class LocalTrainer:
                     log.warning("%s: the float16 loss scaler skipped %d of %d steps in epoch %d (overflow); "
                                 "their batches made no update", self.site, skipped, steps, epoch + 1)
                 if private is not None:
-                    metrics.epsilon = float(private.accountant.get_epsilon(dp.delta))
+                    metrics.epsilon = epsilon_of(dp.accountant, private.accountant.state_dict(), dp.delta)
                     metrics.delta = dp.delta
                 result.epochs.append(metrics)
                 state.optimizer = _original_optimizer(optimizer).state_dict()
@@ -280,6 +338,10 @@ class LocalTrainer:
                 if on_epoch_end is not None:
                     with private.layout.standard() if private is not None else nullcontext():
                         on_epoch_end(metrics, state)  # e.g. a checkpoint: it must see the standard layout
+            if plan is not None and history_of(state.accountant) != history_of(plan.accountant_after):
+                log.error("%s: the accountant counted %s but the call reserved %s", self.site,
+                          history_of(state.accountant), history_of(plan.accountant_after))
+                raise AccountantError(f"{self.site}: the accountant's steps do not match the steps reserved for this call")
         finally:
             bar.close()
             if private is not None:
@@ -300,13 +362,14 @@ class LocalTrainer:
                 param.sub_(rate * (param - anchor.to(param.device, param.dtype)))
 
     def _step(self, model, optimizer, scaler, batch: torch.Tensor, beta: float,
-              private: Optional[PrivateTraining] = None) -> tuple[dict[str, torch.Tensor], int]:
+              private: Optional[PrivateTraining] = None,
+              draws: Optional[dict[str, torch.Tensor]] = None) -> tuple[dict[str, torch.Tensor], int]:
         """One optimisation step; returns the per-sample loss terms (on the device) and 1 if the scaler skipped it."""
         optimizer.zero_grad(set_to_none=True)
         inputs = batch.detach().requires_grad_(True) if private is not None else batch
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            out = model(inputs)
-        terms = vae_loss_per_sample(batch.float(), _as_float(out), beta)
+            out = model(inputs) if draws is None else model(inputs, draws=draws)
+        terms = vae_loss_per_sample(_at_least_float32(batch), _as_float(out), beta)
         if private is not None:
             private.backward(terms["total"], inputs)  # each sample's gradient clipped; noise added in step()
             optimizer.step()
@@ -324,9 +387,13 @@ class LocalTrainer:
         return {k: v.detach() for k, v in terms.items()}, int(scaler.get_scale() < scale)
 
 
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
 def _as_float(out: VAEOutput) -> VAEOutput:
-    """Mixed precision produces half-precision outputs; the loss is computed in float32."""
-    return VAEOutput(out.reconstruction.float(), out.mu.float(), out.logvar.float())
+    """Mixed precision produces half-precision outputs; the loss is computed in float32 (float64 for a float64 model)."""
+    return VAEOutput(_at_least_float32(out.reconstruction), _at_least_float32(out.mu), _at_least_float32(out.logvar))
 
 
 def _original_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

@@ -112,6 +112,13 @@ def cmd_simulate(args: argparse.Namespace, config: DermFedConfig) -> int:
         run_simulation,
     )
 
+    from simulations.node_configs import parse_node_configs
+
+    try:
+        node_configs = parse_node_configs(args.node_config, args.node_config_file)
+    except ConfigError as exc:
+        print(f"dermfed simulate: {exc}", file=sys.stderr)
+        return 2
     try:
         if args.resume:
             run_dir = Path(args.resume)
@@ -122,7 +129,7 @@ def cmd_simulate(args: argparse.Namespace, config: DermFedConfig) -> int:
                 raise RunRefused(f"{run_dir} already holds a federated run; continue it with --resume {run_dir} "
                                  "or choose another --out")
         run_simulation(config, run_dir, resume=bool(args.resume), stop_after_round=args.stop_after_round,
-                       fault_injection=args.fault_injection)
+                       fault_injection=args.fault_injection, node_configs=node_configs)
     except RunRefused as exc:
         print(f"dermfed simulate: refused: {exc}", file=sys.stderr)
         return 2
@@ -270,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="continue RUN_DIR from its last completed round (its config.yaml, plus overrides)")
     simulate.add_argument("--stop-after-round", type=int, default=None, metavar="R",
                           help="stop after round R (resume later with --resume)")
+    simulate.add_argument("--node-config", action="append", default=[], metavar="SITE:CONFIG",
+                          help="a simulated hospital's own node config, as a real hospital's IT sets it, e.g. "
+                               "hospital_2:'dp-enabled=true dp-max-epsilon=4' (repeat for more hospitals)")
+    simulate.add_argument("--node-config-file", default=None, metavar="FILE",
+                          help="YAML or TOML file mapping each site's name to its node config (string or mapping)")
     simulate.add_argument("--fault-injection", default="", help=argparse.SUPPRESS)  # tests only: client/faults.py
     _add_common(simulate)
     simulate.set_defaults(handler=cmd_simulate)

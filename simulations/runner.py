@@ -12,6 +12,12 @@ ends, when `dermfed simulate` gets SIGINT or SIGTERM (the run stays resumable), 
 guard process (`simulations.reaper`), when `dermfed simulate` itself is killed. The run folder
 is locked while a run uses it: a second `simulate` or `--resume` is refused with a message.
 
+Each virtual hospital gets a node config of its own, as a real hospital's IT gives its daemon one:
+`state-dir` (the run folder's `sites/`) and whatever `--node-config SITE:...` sets (its privacy
+floor, a public image count, ...). They travel in a file of the run folder named by an
+environment variable of the run's processes (`client.simulated_nodes`), never in the run
+config; `--resume` keeps them unless new ones are given.
+
 `--resume` checks the new config against the run's before writing anything (`resume_config`):
 changes that would corrupt the run are refused, the others are recorded as a new revision
 (`config.r2.yaml`, ...) beside the original `config.yaml`, which is never rewritten.
@@ -38,8 +44,9 @@ from typing import Iterator, Optional
 
 import torch
 
+from client import simulated_nodes
 from common.checkpoint import CHECKPOINT_NAME
-from common.config import PROJECT_ROOT, DermFedConfig, flatten_config, load_config, toml_string, write_config
+from common.config import PROJECT_ROOT, ConfigError, DermFedConfig, flatten_config, load_config, toml_string, write_config
 from common.data.partition import partition_catalog
 from common.data.pipeline import prepare_data
 from common.processes import RUN_MARKER, die_with_parent, stop_marked
@@ -257,24 +264,42 @@ def _start_reaper(token: str, ray_tmp: Path, lock: RunLock) -> subprocess.Popen:
 
 
 def run_simulation(config: DermFedConfig, run_dir: Path, resume: bool = False,
-                   stop_after_round: Optional[int] = None, fault_injection: str = "") -> Path:
+                   stop_after_round: Optional[int] = None, fault_injection: str = "",
+                   node_configs: Optional[dict[str, dict]] = None) -> Path:
     """Run (or resume) a federated simulation; returns the run folder with its checkpoint.
 
     `stop_after_round` runs only up to that round (the run can be resumed later): what an
     interrupted run looks like, on purpose. `fault_injection` ("SITE:KIND:ROUND", tests only)
-    makes one virtual hospital fail (`client.faults`). With `resume`, `config` must come from
-    `resume_config` (checked against the run's own).
+    makes one virtual hospital fail (`client.faults`). `node_configs` (site name -> node config,
+    `simulations.node_configs`) gives simulated hospitals their own settings, e.g. privacy
+    floors; a resumed run keeps its own unless new ones are given. With `resume`, `config` must
+    come from `resume_config` (checked against the run's own).
     """
     run_dir = run_dir.resolve()
     lock = RunLock(run_dir)
     try:
-        return _run_locked(config, run_dir, lock, resume, stop_after_round, fault_injection)
+        return _run_locked(config, run_dir, lock, resume, stop_after_round, fault_injection, node_configs)
     finally:
         lock.release()
 
 
+def _simulated_node_configs(run_dir: Path, names: list[str], resume: bool,
+                            node_configs: Optional[dict[str, dict]]) -> Path:
+    """Write each virtual hospital's node config (its state folder, and what --node-config asked) to the run folder."""
+    from simulations.node_configs import check_node_configs
+
+    path = run_dir / simulated_nodes.FILE_NAME
+    by_site = node_configs if node_configs is not None else (simulated_nodes.read_sites(path) if resume else {})
+    try:
+        check_node_configs(by_site, names)
+    except ConfigError as exc:
+        raise RunRefused(str(exc)) from None
+    partitions = {index: {"state-dir": str(run_dir / "sites"), **by_site.get(name, {})} for index, name in enumerate(names)}
+    return simulated_nodes.write_table(path, by_site, partitions)
+
+
 def _run_locked(config: DermFedConfig, run_dir: Path, lock: RunLock, resume: bool, stop_after_round: Optional[int],
-                fault_injection: str) -> Path:
+                fault_injection: str, node_configs: Optional[dict[str, dict]] = None) -> Path:
     done = completed_rounds(run_dir) if resume else 0
     if resume and done >= config.federation.num_rounds:
         raise RunRefused(f"{run_dir} already completed federation.num_rounds={config.federation.num_rounds} rounds; "
@@ -290,6 +315,7 @@ def _run_locked(config: DermFedConfig, run_dir: Path, lock: RunLock, resume: boo
         except ResumeError as exc:
             raise RunRefused(str(exc)) from None
     target_rounds = min(stop_after_round or config.federation.num_rounds, config.federation.num_rounds)
+    node_table = _simulated_node_configs(run_dir, names, resume, node_configs)
     preset = _write_revision(config, run_dir)
     print(f"simulating {len(parts)} hospitals ({config.data.partition}): "
           + ", ".join(f"{name} ({len(rows)} images)" for name, rows in zip(names, parts)), flush=True)
@@ -299,7 +325,7 @@ def _run_locked(config: DermFedConfig, run_dir: Path, lock: RunLock, resume: boo
     flwr_home = run_dir / ".flower"
     ray_tmp = Path(tempfile.mkdtemp(prefix="dermfed-ray-"))
     token = uuid.uuid4().hex
-    env = {**simulation_environment(flwr_home, ray_tmp), RUN_MARKER: token}
+    env = {**simulation_environment(flwr_home, ray_tmp), RUN_MARKER: token, simulated_nodes.ENV_VAR: str(node_table)}
     port = config.federation.superlink_port or free_port()
     write_connection(flwr_home, port)
     command = [shutil.which("flwr", path=env["PATH"]) or "flwr", "run", str(PROJECT_ROOT), CONNECTION, "--stream",

@@ -26,7 +26,8 @@ def _global_weights(config):
 def test_a_reply_holds_only_the_shared_tensors_and_scalar_metrics(synthetic_root, tmp_path):
     config = _config(synthetic_root, tmp_path)
     shared = _global_weights(config)
-    context = Context(run_id=7, node_id=3, node_config={"partition-id": 1, "num-partitions": 3},
+    context = Context(run_id=7, node_id=3, node_config={"partition-id": 1, "num-partitions": 3,
+                                                        "state-dir": str(tmp_path / "state")},
                       state=RecordDict(), run_config={"run-dir": str(tmp_path / "run")})
     message = train_message(3, shared, {"server-round": 1, "dermfed-config": config_to_json(config)})
     answer = train(message, context)
@@ -39,7 +40,8 @@ def test_a_reply_holds_only_the_shared_tensors_and_scalar_metrics(synthetic_root
     assert metrics["num-examples"] > 0 and math.isinf(metrics["epsilon"])
     assert not any(isinstance(v, (str, bytes)) for v in metrics.values())
     # what the site keeps (decoder, optimizer) stays in its own context and state folder
-    assert SNAPSHOT_KEY in context.state and (tmp_path / "run" / "sites" / "hospital_2" / "round-0001.pt").is_file()
+    assert SNAPSHOT_KEY in context.state and (tmp_path / "state" / "hospital_2" / "round-0001.pt").is_file()
+    assert not (tmp_path / "run").exists()  # the coordinator's run folder holds nothing of the site
     evaluation = evaluate(train_message(3, shared, {"dermfed-config": config_to_json(config)}), context).content
     assert set(evaluation.keys()) == {"metrics"} and evaluation["metrics"]["val-reconstruction"] > 0
     _RUNNERS.clear()

@@ -210,7 +210,8 @@ def test_a_torn_site_state_is_reported_not_silently_replaced(synthetic_root, tmp
     shared = shared_state(build_vae(config.model, config.data.image_size), "encoder")
 
     def ask(round_number, node_id):
-        context = Context(run_id=5, node_id=node_id, node_config={"partition-id": 0, "num-partitions": 3},
+        context = Context(run_id=5, node_id=node_id, node_config={"partition-id": 0, "num-partitions": 3,
+                                                                  "state-dir": str(tmp_path / "run" / "sites")},
                           state=RecordDict(), run_config={"run-dir": str(tmp_path / "run")})
         return train(train_message(node_id, shared, {"server-round": round_number,
                                                      "dermfed-config": config_to_json(config)}), context)

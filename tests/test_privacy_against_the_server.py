@@ -1,25 +1,34 @@
 """DP must hold against the coordinating server, which knows the config and receives every reply.
 
-Written from the server's side: it tries to replay the noise, to read more than the privacy
-status from a DP site's reply, to lower a hospital's privacy floor, and to learn file names
-from a site's errors.
+Written from the server's side, with the keys it controls (the whole run config: dp.*, train.*,
+run-dir, seed) and through the real ClientApp where a hospital is involved: it tries to replay
+or search the noise, to widen one image's influence with randomness it knows, to read more than
+the privacy status from a DP site's reply (the training-set size through epsilon included), to
+lower or reset a hospital's privacy floor, to spend noisy steps that are never counted, and to
+learn file names from a site's errors.
 """
 
+import json
 import math
 import shutil
+import struct
 
+import numpy as np
 import opacus.optimizers.optimizer_fast_gradient_clipping as opacus_optimizer
 import pandas as pd
 import pytest
 import torch
 from flwr.app import Context, RecordDict
 
+import common.privacy as privacy
 import common.training as training
 from client.client_app import _RUNNERS, evaluate, train
 from client.policy import DP_REPLY_FIELDS, PrivacyFloor
 from common.config import ConfigError, config_to_json, load_config
+from common.data.batches import ImageRows
+from common.data.cache import MemmapStore
 from common.model import ConvNeXtVAE, build_vae, shared_state
-from common.privacy import PrivacyBudgetExhausted, PrivateTraining, epsilon_of, sample_rate_of
+from common.privacy import PrivacyBudgetExhausted, PrivateTraining, epsilon_of, public_size, sample_rate_of
 from common.training import LocalTrainer, SiteState
 from tests.conftest import random_image_rows
 from tests.flower_helpers import train_message
@@ -74,13 +83,6 @@ def _trained_weights(images, *overrides):
     return _weights(trainer)
 
 
-def test_the_same_images_twice_give_different_dp_updates_and_identical_plain_ones():
-    images = _Images()
-    assert not torch.equal(_trained_weights(images, *DP), _trained_weights(images, *DP))
-    # without DP everything stays seeded and reproducible
-    assert torch.equal(_trained_weights(images), _trained_weights(images))
-
-
 def test_poisson_sampling_cannot_be_replayed_either(monkeypatch):
     drawn: list[list[list[int]]] = []
     original = training.poisson_batches
@@ -94,8 +96,30 @@ def test_poisson_sampling_cannot_be_replayed_either(monkeypatch):
     for _ in range(2):
         drawn.append([])
         _trainer(_Images(), *DP, "train.max_steps=5").train(SiteState())
-    assert len(drawn[0]) == len(drawn[1]) == 5  # one epoch of 40 / 8 batches
+    assert len(drawn[0]) == len(drawn[1]) == 8  # one epoch of the public size 64 / 8 batches, drawn before it starts
     assert drawn[0] != drawn[1]
+
+
+def test_poisson_inclusion_is_exactly_the_rate_accounted():
+    """float64 uniforms are k / 2^53, so u < q holds with probability exactly q for q on that grid; the rate is
+    rounded up to the grid and the rounded rate is the one the accountant counts (float32 was above q by up to 2^-24)."""
+    from common.data.batches import poisson_batches
+
+    rate = privacy.poisson_rate(1 / 15)
+    assert 1 / 15 <= rate < 1 / 15 + 2.0 ** -53 and (rate * 2.0 ** 53).is_integer()
+    state = privacy.secret_generator().get_state()
+    sampler, judge = torch.Generator(), torch.Generator()
+    sampler.set_state(state)
+    judge.set_state(state)
+    batch, = poisson_batches(20_000, rate, 1, sampler)
+    uniforms = torch.rand(20_000, generator=judge, dtype=torch.float64)
+    assert torch.equal(uniforms * 2.0 ** 53, torch.floor(uniforms * 2.0 ** 53))
+    assert np.array_equal(batch, torch.nonzero(uniforms < rate).flatten().numpy())
+    config = load_config("smoke", [*DP, "train.max_steps=2", "train.epochs=1"])
+    model = ConvNeXtVAE("convnext_atto", latent_dim=4, image_size=32, decoder_width=4)
+    trainer = LocalTrainer(config, model, _Images(), site="declared", declared_size=120)  # q = 1 / ceil(120 / 8)
+    (_, accounted, steps), = trainer.train(SiteState()).state.accountant["history"]
+    assert accounted == rate != 1 / 15 and steps == 2
 
 
 def test_dp_without_poisson_sampling_and_secure_mode_are_refused():
@@ -108,7 +132,7 @@ def test_dp_without_poisson_sampling_and_secure_mode_are_refused():
 
 def test_a_call_that_would_end_above_the_target_by_any_margin_is_refused():
     images = _Images()
-    rate = sample_rate_of(len(images), 8)
+    rate = sample_rate_of(public_size(len(images)), 8)  # 40 images: accounted as the public bucket of 64
     exact = epsilon_of("rdp", {"history": [(1.0, rate, 3)], "mechanism": "rdp"}, 1e-5)
     below = _trainer(images, *DP, f"dp.target_epsilon={exact * (1 - 1e-6)!r}")
     before = _weights(below)
@@ -134,9 +158,11 @@ def test_an_empty_poisson_batch_still_releases_a_noise_only_update(noise_draws, 
 # -- what a DP site's reply holds, through the real ClientApp ------------------------------------
 
 
-def _context(tmp_path, node_id, partition=0, **node_config):
-    return Context(run_id=11, node_id=node_id, node_config={"partition-id": partition, "num-partitions": 3, **node_config},
-                   state=RecordDict(), run_config={"run-dir": str(tmp_path / "run")})
+def _context(tmp_path, node_id, partition=0, run_id=11, **node_config):
+    """A simulated hospital's node; its state folder is the hospital's (`state-dir`), the run folder the coordinator's."""
+    node_config = {"partition-id": partition, "num-partitions": 3, "state-dir": str(tmp_path / "state"), **node_config}
+    return Context(run_id=run_id, node_id=node_id, node_config=node_config, state=RecordDict(),
+                   run_config={"run-dir": str(tmp_path / "run")})
 
 
 def _ask(config, context, kind=train, round_number=1):
@@ -211,10 +237,16 @@ def test_a_hospitals_node_config_sets_the_floor(site_config, tmp_path):
         reply = _ask(config, _context(tmp_path / name, node_id=41, **floor))
         assert reply.has_error() and reply.error.reason.startswith("privacy-floor"), name
         _RUNNERS.clear()
-    # a tiny fixed noise multiplier does not escape the ceiling: the site refuses before training
-    greedy = _ask(site_config("dp.enabled=true", "dp.noise_multiplier=0.05"), _context(tmp_path / "g", node_id=42, **floor))
-    assert greedy.has_error() and greedy.error.reason.startswith("privacy-budget-exhausted")
-    _RUNNERS.clear()
+    # a tiny fixed noise multiplier, or none, does not escape the ceiling: refused before training, naming both values
+    for sigma in ("0.05", "0"):
+        greedy = _ask(site_config("dp.enabled=true", f"dp.noise_multiplier={sigma}"),
+                      _context(tmp_path / f"g{sigma}", node_id=42, **floor))
+        assert greedy.has_error() and greedy.error.reason.startswith("privacy-floor"), greedy.error.reason
+        assert f"dp.noise_multiplier={float(sigma)}" in greedy.error.reason or f"dp.noise_multiplier={sigma}" in \
+            greedy.error.reason
+        assert "epsilon=4" in greedy.error.reason
+        assert not (tmp_path / f"g{sigma}" / "state" / "hospital_1" / "privacy_ledger.json").exists()  # nothing spent
+        _RUNNERS.clear()
     context = _context(tmp_path / "ok", node_id=43, **floor)
     reply = _ask(site_config("dp.enabled=true", "dp.target_epsilon=2", "dp.max_grad_norm=5"), context)
     assert not reply.has_error() and reply.content["metrics"]["epsilon"] <= 2
@@ -249,4 +281,260 @@ def test_an_image_that_becomes_unreadable_mid_run_is_reported_without_its_name(s
     assert reason.startswith("data-error") and "/" not in reason and ".jpg" not in reason
     assert not any(image_id in reason for image_id in site_images)
     assert any(".jpg" in record.getMessage() or ".jpg" in str(record.exc_info) for record in caplog.records)
+    _RUNNERS.clear()
+
+
+# -- noise nobody can search ----------------------------------------------------------------------
+
+
+def _stub_entropy(monkeypatch, seed):
+    """The OS entropy every secret generator is filled from, replaced by a reproducible stream (tests only)."""
+    rng = np.random.default_rng(seed)
+    monkeypatch.setattr(privacy, "entropy", lambda size: rng.bytes(size))
+
+
+def _seeded_mt_state(words):
+    """Whether a Mersenne Twister state is one that `manual_seed` of ANY seed produces: torch keeps 32 bits of the
+    seed in word 0 and derives the other 623 words from it (the MT19937 initialisation recurrence)."""
+    return all(words[i] == (1812433253 * (words[i - 1] ^ (words[i - 1] >> 30)) + i) & 0xFFFFFFFF for i in range(1, 624))
+
+
+def test_every_bit_of_a_secret_generators_state_matters(monkeypatch):
+    """Two generators whose states agree in all but high-order bits give different streams; torch's 64-bit
+    manual_seed does not (it keeps the low 32 bits): the attack the issue measured."""
+    assert torch.equal(torch.rand(64, generator=torch.Generator().manual_seed(7)),
+                       torch.rand(64, generator=torch.Generator().manual_seed(7 | 0xDEADBEEF << 32)))
+    words = np.random.default_rng(0).bytes(4 * 624)
+    high = bytearray(words)
+    high[4 * 300 + 3] ^= 0x80  # the top bit of one 32-bit word of the state
+    streams = []
+    for state in (words, bytes(high)):
+        chunks = iter([state, b"\x00" * 8])
+        monkeypatch.setattr(privacy, "entropy", lambda size: next(chunks))
+        streams.append(torch.rand(4096, generator=privacy.secret_generator()))
+    assert not torch.equal(*streams)
+    _stub_entropy(monkeypatch, 1)
+    state = privacy.secret_generator().get_state().numpy().tobytes()
+    assert not _seeded_mt_state(struct.unpack("<624Q", state[24:24 + 624 * 8]))  # no seed of any width reaches it
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_cuda_secret_generator_uses_its_whole_seed_and_offset(monkeypatch):
+    base = np.random.default_rng(0).bytes(16)
+    seed_high, offset_high = bytearray(base), bytearray(base)
+    seed_high[7] ^= 0x80  # the top bit of the 64-bit Philox seed
+    offset_high[15] ^= 0x40  # a high bit of the offset
+    streams = []
+    for state in (base, bytes(seed_high), bytes(offset_high)):
+        monkeypatch.setattr(privacy, "entropy", lambda size, state=state: state)
+        streams.append(torch.rand(4096, device="cuda", generator=privacy.secret_generator("cuda")))
+    assert not torch.equal(streams[0], streams[1]) and not torch.equal(streams[0], streams[2])
+
+
+def test_the_noise_of_a_real_dp_round_cannot_be_regenerated_from_a_64_bit_seed(site_config, tmp_path, monkeypatch):
+    """The issue's attack, through the real ClientApp on the CPU the coordinator can force (train.device=cpu):
+    regenerate the noise from the generator's 64-bit seed with other high 32 bits. Replaying the generator's
+    whole state (which never leaves the site) does reproduce it: the capture is the real noise."""
+    seen = {}
+    original = opacus_optimizer._generate_noise
+
+    def spy(std, reference, generator=None, secure_mode=False):
+        if "state" not in seen:
+            seen.update(state=generator.get_state(), seed=generator.initial_seed(), std=std, shape=reference.shape)
+        noise = original(std, reference, generator, secure_mode)
+        seen.setdefault("noise", noise.detach().clone())
+        return noise
+
+    monkeypatch.setattr(opacus_optimizer, "_generate_noise", spy)
+    config = site_config("dp.enabled=true", "dp.target_epsilon=8", "train.device=cpu", "train.optimizer=sgd")
+    reply = _ask(config, _context(tmp_path, node_id=81, **{"dp-enabled": True, "dp-max-epsilon": 8}))
+    assert not reply.has_error(), reply.error
+
+    def regenerated(generator):
+        return torch.normal(mean=0, std=seen["std"], size=seen["shape"], generator=generator)
+
+    replay = torch.Generator()
+    replay.set_state(seen["state"])
+    assert torch.equal(regenerated(replay), seen["noise"])
+    attacker = torch.Generator().manual_seed(seen["seed"] ^ (0xDEADBEEF << 32))
+    assert not torch.equal(regenerated(attacker), seen["noise"])
+    assert not _seeded_mt_state(struct.unpack("<624Q", seen["state"].numpy().tobytes()[24:24 + 624 * 8]))
+
+
+def test_a_dp_run_differs_from_a_rerun_only_through_its_secret_randomness_and_a_plain_run_not_at_all(monkeypatch):
+    """Same seed, same images, same initial weights: two DP runs differ; with the OS entropy stubbed alike they are
+    identical, so nothing but the secret generators (noise, sampling, augmentation, latent samples) tells them apart.
+    Without DP everything stays seeded: two runs are bit-identical."""
+    images = _Images()
+    weights = []
+    for entropy_seed in (5, 5, None):
+        if entropy_seed is None:
+            monkeypatch.undo()
+        else:
+            _stub_entropy(monkeypatch, entropy_seed)
+        weights.append(_trained_weights(images, *DP))
+    assert torch.equal(weights[0], weights[1])
+    assert not torch.equal(weights[0], weights[2])
+    assert torch.equal(_trained_weights(images), _trained_weights(images))
+
+
+# -- one image changes the clipped sum by at most C ------------------------------------------------
+
+
+def test_one_appended_image_changes_the_clipped_gradient_sum_by_at_most_the_clipping_norm(monkeypatch):
+    """DermFed's own DP step (ghost clipping via make_private, augmentation and latent samples on), in float64:
+    the clipped gradient sum over D plus one appended image minus that over D, with the same generator states,
+    has norm <= C. Randomness drawn by batch position would move every other image's contribution too."""
+    clip = 0.01  # every image's gradient is clipped: each contributes a vector of norm C
+    config = load_config("smoke", ["dp.enabled=true", "dp.noise_multiplier=1.0", f"dp.max_grad_norm={clip}",
+                                   "train.optimizer=sgd", "train.momentum=0", "train.weight_decay=0", "train.lr=1.0",
+                                   "train.scheduler=constant", "train.warmup_steps=0", "train.max_steps=1",
+                                   "train.epochs=1", "train.batch_size=16", "train.device=cpu",
+                                   "model.kl_warmup_steps=0"])
+    monkeypatch.setattr(opacus_optimizer, "_generate_noise", lambda std, reference, *a, **k: torch.zeros_like(reference))
+    pixels = np.random.default_rng(3).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+    sums = []
+    for rows in (9, 10):  # both in the public size bucket of 16: q = 1 (every image in the batch), the same scale
+        _stub_entropy(monkeypatch, 11)  # the same generator states for both data sets
+        torch.manual_seed(0)
+        model = ConvNeXtVAE("convnext_atto", latent_dim=4, image_size=32, decoder_width=4).double()
+        before = torch.cat([p.detach().flatten() for p in model.parameters()])
+        trainer = LocalTrainer(config, model, ImageRows(MemmapStore(pixels[:rows]), np.arange(rows)), site="a")
+        assert trainer.sample_rate == 1.0 and trainer.accounted_size == 16
+        trainer.train(SiteState())
+        after = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+        sums.append((before - after) * 16 / 1.0)  # SGD, lr 1: the update is the clipped sum / expected batch size
+    assert sums[0].dtype == torch.float64
+    assert float(sums[0].norm()) > 2 * clip  # nine clipped contributions (not aligned: their sum is shorter than 9 C)
+    assert float((sums[1] - sums[0]).norm()) <= clip * (1 + 1e-9)
+
+
+# -- the hospital's ceiling, which no coordinator key moves ----------------------------------------
+
+
+@pytest.mark.parametrize("case", ["delta 0.5", "no noise", "no ceiling"])
+def test_a_coordinator_cannot_choose_delta_noise_or_an_unbounded_epsilon(site_config, tmp_path, caplog, case):
+    """The README's own node config (no dp-delta) against delta 0.5 or no noise; a hospital without a ceiling."""
+    floor = {"dp-enabled": True, "dp-max-epsilon": 8}
+    if case == "delta 0.5":
+        reply = _ask(site_config("dp.enabled=true", "dp.target_epsilon=4", "dp.delta=0.5"),
+                     _context(tmp_path, node_id=91, **floor))
+        assert reply.has_error() and reply.error.reason.startswith("privacy-floor"), reply.error
+        assert "dp.delta=0.5" in reply.error.reason and "delta=1e-05" in reply.error.reason
+    elif case == "no noise":
+        reply = _ask(site_config("dp.enabled=true", "dp.noise_multiplier=0"), _context(tmp_path, node_id=92, **floor))
+        assert reply.has_error() and reply.error.reason.startswith("privacy-floor"), reply.error
+        assert "dp.noise_multiplier=0" in reply.error.reason and "epsilon=8" in reply.error.reason
+    else:
+        reply = _ask(site_config("dp.enabled=true", "dp.noise_multiplier=0"),
+                     _context(tmp_path, node_id=93, **{"dp-enabled": True}))
+        assert reply.has_error() and reply.error.reason.startswith("config-error"), reply.error
+        assert "dp-max-epsilon" in caplog.text  # the hospital's own log names the key to set
+    assert not (tmp_path / "state" / "hospital_1" / "privacy_ledger.json").exists()  # nothing was spent
+    _RUNNERS.clear()
+
+
+def test_a_second_run_folder_continues_the_sites_ledger(site_config, tmp_path, monkeypatch):
+    """Without a state-dir the ledger lives in the hospital's ~/.dermfed/state, wherever the coordinator's run-dir is."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    floor = {"dp-enabled": True, "dp-max-epsilon": 3}
+    config = site_config("dp.enabled=true", "dp.target_epsilon=3", "federation.num_rounds=1")
+
+    def context(run, run_id):
+        return Context(run_id=run_id, node_id=101, node_config={"partition-id": 0, "num-partitions": 3, **floor},
+                       state=RecordDict(), run_config={"run-dir": str(tmp_path / run)})
+
+    first = _ask(config, context("run-a", 1))
+    assert not first.has_error() and first.content["metrics"]["epsilon"] == pytest.approx(3, rel=0.02)
+    assert (tmp_path / "home" / ".dermfed" / "state" / "hospital_1" / "privacy_ledger.json").is_file()
+    assert not (tmp_path / "run-a").exists()
+    _RUNNERS.clear()
+    second = _ask(config, context("run-b", 2))  # a new run, a new run folder: the same lifetime budget
+    assert second.has_error() and second.error.reason.startswith("privacy-budget-exhausted")
+    _RUNNERS.clear()
+
+
+@pytest.mark.parametrize("damage", ["deleted", "floor removed", "unreadable"])
+def test_a_damaged_ledger_of_a_site_that_trained_is_refused_not_started_afresh(site_config, tmp_path, damage):
+    floor = {"dp-enabled": True, "dp-max-epsilon": 2}
+    context = _context(tmp_path, node_id=111, **floor)
+    assert not _ask(site_config("dp.enabled=true", "dp.target_epsilon=2"), context).has_error()
+    ledger = tmp_path / "state" / "hospital_1" / "privacy_ledger.json"
+    if damage == "deleted":
+        ledger.unlink()
+    elif damage == "floor removed":
+        record = json.loads(ledger.read_text())
+        del record["floor"]
+        ledger.write_text(json.dumps(record))
+    else:
+        ledger.write_text('{"accountant": ')
+    _RUNNERS.clear()  # a restarted daemon, a new run asking for much more
+    reply = _ask(site_config("dp.enabled=true", "dp.target_epsilon=50"), _context(tmp_path, node_id=112))
+    assert reply.has_error() and reply.error.reason.startswith("privacy-ledger-corrupt"), reply.error.reason
+    assert "/" not in reply.error.reason and "JSONDecodeError" not in reply.error.reason
+    _RUNNERS.clear()
+
+
+# -- every noisy step counted --------------------------------------------------------------------------
+
+
+def test_a_round_that_fails_half_way_has_spent_all_its_steps(site_config, tmp_path, monkeypatch):
+    """An image read fails at step 3 of 4 in round 2: its noisy steps changed the private decoder, so the
+    ledger counts the whole call, and round 3's epsilon covers three calls."""
+    floor = {"dp-enabled": True, "dp-max-epsilon": 100}
+    config = site_config("dp.enabled=true", "dp.noise_multiplier=1.0", "train.epochs=2", "train.max_steps=4")
+    context = _context(tmp_path, node_id=121, **floor)
+    first = _ask(config, context)
+    assert not first.has_error(), first.error
+    ledger = tmp_path / "state" / "hospital_1" / "privacy_ledger.json"
+    (sigma, rate, steps), = json.loads(ledger.read_text())["accountant"]["history"]
+    assert steps == 4
+    original, reads = ImageRows.read, []
+
+    def failing_read(self, positions):
+        reads.append(1)
+        if len(reads) == 3:
+            raise OSError("an image of this site became unreadable (test)")
+        return original(self, positions)
+
+    monkeypatch.setattr(ImageRows, "read", failing_read)
+    failed = _ask(config, context, round_number=2)
+    assert failed.has_error() and len(reads) == 3
+    assert json.loads(ledger.read_text())["accountant"]["history"] == [[sigma, rate, 8]]
+    monkeypatch.setattr(ImageRows, "read", original)
+    third = _ask(config, context, round_number=3)
+    assert not third.has_error(), third.error
+    spent = {"history": [(sigma, rate, 12)], "mechanism": "rdp"}
+    assert third.content["metrics"]["epsilon"] == pytest.approx(epsilon_of("rdp", spent, config.dp.delta), rel=1e-12)
+    _RUNNERS.clear()
+
+
+# -- epsilon reveals no more than public values ----------------------------------------------------------
+
+
+def test_epsilon_does_not_reveal_the_training_set_size(site_config, tmp_path):
+    """hospital_2 and hospital_3 hold 6 and 8 training images. With train.batch_size=1 the old epsilon singled
+    out N (q = 1/N); now both report one epsilon, which every N of the public bucket (5..8) would give."""
+    config = site_config("dp.enabled=true", "dp.noise_multiplier=1.0", "train.batch_size=1", "train.max_steps=4")
+    replies = [_ask(config, _context(tmp_path / f"p{p}", node_id=130 + p, partition=p)) for p in (1, 2)]
+    sizes = [len(_RUNNERS[(11, 130 + p)].images) for p in (1, 2)]
+    assert sizes == [6, 8]
+    epsilons = [r.content["metrics"]["epsilon"] for r in replies]
+    assert epsilons[0] == epsilons[1]
+    # the coordinator's inversion: which training-set sizes give the reported epsilon?
+    histories, store = {}, MemmapStore(np.zeros((1, 32, 32, 3), dtype=np.uint8))
+    model = ConvNeXtVAE("convnext_atto", latent_dim=4, image_size=32, decoder_width=4)
+    for n in range(1, 3001):
+        trainer = LocalTrainer(config, model, ImageRows(store, np.zeros(n, dtype=np.int64)), site="candidate")
+        histories.setdefault(tuple(map(tuple, trainer.dp_plan(SiteState()).accountant_after["history"])), []).append(n)
+    consistent = [n for history, ns in histories.items()
+                  if epsilon_of("rdp", {"history": list(history), "mechanism": "rdp"}, config.dp.delta) == epsilons[0]
+                  for n in ns]
+    assert consistent == [5, 6, 7, 8]
+    # a hospital that declares its count public is accounted with it, whatever its N
+    declared = [_ask(config, _context(tmp_path / f"d{p}", node_id=140 + p, partition=p, **{"public-num-examples": 100}))
+                for p in (0, 1)]
+    assert declared[0].content["metrics"]["epsilon"] == declared[1].content["metrics"]["epsilon"]
+    assert declared[0].content["metrics"]["num-examples"] == 100.0
     _RUNNERS.clear()

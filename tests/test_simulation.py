@@ -1,6 +1,10 @@
 """Flower's simulation engine end to end: a real local SuperLink, 3 virtual hospitals, real rounds."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -97,3 +101,31 @@ def test_the_same_dp_config_twice_gives_different_global_encoders(dp_config, wor
         else load_checkpoint(run_simulation(dp_config, workdir / "private"))
     second = load_checkpoint(run_simulation(dp_config, workdir / "private-again"))
     assert any(not torch.equal(value, second["encoder"][key]) for key, value in first["encoder"].items())
+
+
+def test_simulated_hospitals_keep_their_own_floors_against_the_coordinators_config(workdir, tmp_path):
+    """A real `dermfed simulate`: the coordinator asks for delta 0.5; hospital_2 (the README's node config, no
+    dp-delta) refuses, naming both values; hospital_3's own floor allows delta 0.5 (given in a YAML file); the
+    DP round completes with the two others. A site name that is not simulated is refused before anything runs."""
+    bin_dir = Path(sys.executable).parent
+    floors = tmp_path / "floors.yaml"
+    floors.write_text("hospital_3:\n  dp-enabled: true\n  dp-max-epsilon: 8\n  dp-delta: 0.5\n")
+    run = workdir / "floors"
+    command = [str(bin_dir / "dermfed"), "simulate", "--config", "smoke", f"data.root={workdir / 'data'}",
+               f"data.cache_dir={workdir / 'cache'}", "federation.num_rounds=1", "dp.enabled=true",
+               "dp.target_epsilon=5", "dp.delta=0.5", "--node-config", "hospital_2:dp-enabled=true dp-max-epsilon=8",
+               "--node-config-file", str(floors), "--out", str(run)]
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    entry, = json.loads((run / "history.json").read_text())
+    assert sorted(site["site"] for site in entry["sites"]) == ["hospital_1", "hospital_3"]
+    refused, = entry["excluded"]  # hospital_2: in round 1 a simulation knows it by its node id only
+    assert "privacy-floor: the coordinator asked for dp.delta=0.5" in refused["reason"]
+    assert "dp.delta=0.5" in refused["reason"] and "delta=1e-05" in refused["reason"]
+    assert not (run / "sites" / "hospital_2" / "privacy_ledger.json").exists()
+    assert (run / "sites" / "hospital_3" / "privacy_ledger.json").is_file()
+    unknown = subprocess.run([*command[:-1], str(tmp_path / "other"), "--node-config",
+                              "hospital_9:dp-enabled=true dp-max-epsilon=1"], env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert unknown.returncode == 2 and "hospital_9" in unknown.stderr

@@ -7,8 +7,8 @@ so the CPU only gathers bytes. With `prefetch` > 0 a background thread prepares 
 while the device computes. The same path serves training, the monitor and evaluation.
 
 Row positions come from `shuffled_batches` (seeded by torch's global generator: a seeded run is
-reproducible) or, under DP-SGD, `poisson_batches` (each image independently with probability q,
-from a generator the caller seeds from the operating system).
+reproducible) or, under DP-SGD, `poisson_batches` (each image independently with probability
+exactly q, from a secret generator: `common.privacy.secret_generator`).
 """
 
 from __future__ import annotations
@@ -51,12 +51,13 @@ def read_batch(store: ImageStore, rows: np.ndarray) -> np.ndarray:
     return np.stack([store.get(int(i)) for i in rows]) if len(rows) else np.zeros((0, 0, 0, 3), dtype=np.uint8)
 
 
-def to_device_float(pixels: np.ndarray, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+def to_device_float(pixels: np.ndarray, device: torch.device, channels_last: bool = False,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [0, 1] on `device`; the bytes travel, the floats are made there."""
     tensor = torch.from_numpy(np.ascontiguousarray(pixels))
     if device.type == "cuda":
         tensor = tensor.pin_memory().to(device, non_blocking=True)
-    images = tensor.permute(0, 3, 1, 2).float().div_(255.0)
+    images = tensor.permute(0, 3, 1, 2).to(dtype).div_(255.0)
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images.contiguous()
 
 
@@ -68,9 +69,14 @@ def shuffled_batches(n: int, batch_size: int) -> Iterator[np.ndarray]:
 
 
 def poisson_batches(n: int, sample_rate: float, steps: int, generator: torch.Generator) -> Iterator[np.ndarray]:
-    """DP-SGD's sampling: each batch takes every image independently with probability `sample_rate` (may be empty)."""
+    """DP-SGD's sampling: each batch takes every image independently with probability `sample_rate` (may be empty).
+
+    float64 uniforms are k / 2^53: with `sample_rate` on that grid (`common.privacy.poisson_rate`) the
+    inclusion probability is exactly `sample_rate`. Image i's draw is the i-th of the step's n draws
+    whatever n is, so an image appended to the data set changes no other image's inclusion.
+    """
     for _ in range(steps):
-        yield torch.nonzero(torch.rand(n, generator=generator) < sample_rate).flatten().numpy()
+        yield torch.nonzero(torch.rand(n, generator=generator, dtype=torch.float64) < sample_rate).flatten().numpy()
 
 
 def ordered_batches(n: int, batch_size: int) -> Iterator[np.ndarray]:
@@ -82,12 +88,12 @@ class BatchLoader:
     """Row positions -> float image batches on the device, augmented there when asked."""
 
     def __init__(self, images: ImageRows, device: torch.device, augment: Optional[Augment] = None,
-                 channels_last: bool = False, prefetch: int = 0):
+                 channels_last: bool = False, prefetch: int = 0, dtype: torch.dtype = torch.float32):
         self.images, self.device, self.augment = images, device, augment
-        self.channels_last, self.prefetch = channels_last, prefetch
+        self.channels_last, self.prefetch, self.dtype = channels_last, prefetch, dtype
 
     def load(self, positions: np.ndarray) -> torch.Tensor:
-        batch = to_device_float(self.images.read(positions), self.device, self.channels_last)
+        batch = to_device_float(self.images.read(positions), self.device, self.channels_last, self.dtype)
         return self.augment(batch) if self.augment is not None and len(batch) else batch
 
     def __call__(self, batches: Iterable[np.ndarray]) -> Iterator[torch.Tensor]:
@@ -111,7 +117,7 @@ class BatchLoader:
                     if stop.is_set():
                         return
                     pixels = self.images.read(positions)
-                    ready.put(to_device_float(pixels, self.device, self.channels_last))
+                    ready.put(to_device_float(pixels, self.device, self.channels_last, self.dtype))
             except BaseException as exc:  # noqa: BLE001 - re-raised in the consuming thread
                 ready.put(exc)
             finally:

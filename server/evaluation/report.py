@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from common.data.catalog import DataError  # noqa: E402
+from common.privacy import classical_group_privacy  # noqa: E402
 from server.evaluation.metrics import METRICS_FORMAT  # noqa: E402
 
 REPORT_NAME = "report.html"
@@ -208,6 +209,32 @@ def figure_privacy(history: list[dict], path: Path) -> Optional[Path]:
     return _lines_figure(x, lines, "Privacy spent per site (epsilon)", unit, path)
 
 
+def privacy_table(history: list[dict], max_per_lesion: Optional[int]) -> str:
+    """Each site's final epsilon per image, and what it gives a lesion of k images (group privacy)."""
+    if not history:
+        return ""
+    federated = "round" in history[0]
+    finals: dict[str, tuple[float, float]] = {}
+    for entry in history:
+        for site in entry["sites"] if federated else [{"site": "pooled", **entry}]:
+            if site.get("epsilon") is not None and site.get("delta"):
+                finals[site["site"]] = (float(site["epsilon"]), float(site["delta"]))
+    if not finals:
+        return ""
+    sizes = sorted({2, *([max_per_lesion] if max_per_lesion and max_per_lesion > 2 else [])})
+
+    def group(eps: float, delta: float, k: int) -> str:
+        group_eps, group_delta = classical_group_privacy(eps, delta, k)
+        return f"{group_eps:.3g} at delta {group_delta:.2g}" if group_delta < 1 else f"none (delta {group_delta:.2g} >= 1)"
+
+    rows = [[site, f"{eps:.3g}", f"{delta:g}", *[group(eps, delta, k) for k in sizes]]
+            for site, (eps, delta) in sorted(finals.items())]
+    return ('<p>DP-SGD protects each image. A lesion photographed k times is protected as a group, with the weaker '
+            "guarantee of (epsilon, delta)-DP group privacy: (k epsilon, k e<sup>(k-1) epsilon</sup> delta). "
+            f"k = {sizes[-1]} is the most images of one lesion in these data.</p>"
+            + _table(["site", "epsilon per image", "delta", *[f"lesion of {k} images" for k in sizes]], rows, "privacy"))
+
+
 def _embed(path: Optional[Path], alt: str) -> str:
     if path is None:
         return ""
@@ -354,7 +381,8 @@ Images of classes the heads were not trained on are excluded, not scored: {html.
                          + _table(["arm", "test accuracy, artefact agrees with class", "test accuracy, artefact disagrees"], rows))
     skipped = "".join(f'<p class="note"><b>Arm {html.escape(k)} did not run.</b> {html.escape(v)}</p>'
                       for k, v in metrics.get("skipped_arms", {}).items())
-    privacy_html = (_embed(privacy, "Privacy budget (epsilon) spent per site during pretraining") if privacy else
+    privacy_html = (_embed(privacy, "Privacy budget (epsilon) spent per site during pretraining")
+                    + privacy_table(history, data.get("max_images_per_lesion")) if privacy else
                     '<p class="note"><b>DP-SGD off.</b> This encoder was pretrained without differential privacy: its '
                     "updates carry no formal privacy guarantee.</p>")
     loss_html = _embed(loss, "Reconstruction loss during pretraining") if loss else (

@@ -379,6 +379,7 @@ def run_evaluation(config: DermFedConfig, checkpoint: Path, out: Path, imagenet_
                  "split_seeds": [s.seed for s in splits],
                  "split_sizes": {k: int(len(v)) for k, v in splits[0].rows.items()},
                  "test_groups": int(len(np.unique(splits[0].catalog.frame["group"].to_numpy()[splits[0].rows["test"]]))),
+                 "max_images_per_lesion": int(prepared.catalog.frame.groupby("group").size().max()),
                  "shortcut": ({"artifact": config.synth.shortcut_artifact, "class": config.synth.shortcut_class}
                               if shortcut_mask is not None else None)},
         "head": config.evaluation.model_dump(mode="json"),
