@@ -97,12 +97,12 @@ def approve_task(message: Any, context: Any, fab_content: bytes, hospital: Hospi
     return manifest
 
 
-def sign_reply_in_place(reply: Any, context: Any, round_number: int, hospital: HospitalLayout) -> None:
+def sign_reply_in_place(reply: Any, key: Any, run_id: int, node_id: int, round_number: int) -> None:
     """Add the node key's signature over this reply's arrays and metrics, run, round, instruction and node id."""
     from flwr.app import ConfigRecord
 
-    signature = sign_reply(load_node_key(hospital.node_key), int(context.run_id), round_number, int(context.node_id),
-                           str(reply.metadata.reply_to_message_id), reply_digest(reply.content))
+    signature = sign_reply(key, run_id, round_number, node_id, str(reply.metadata.reply_to_message_id),
+                           reply_digest(reply.content))
     reply.content[RECORD_KEY] = ConfigRecord({"signature": signature, "round": round_number})
 
 
@@ -126,7 +126,8 @@ def clientapp_main() -> None:
     def push_signed(client, message, context):  # type: ignore[no-untyped-def]
         if not message.has_error():
             config = task["message"].content.config_records.get("config", {})
-            sign_reply_in_place(message, context, int(config.get("server-round", 0)), hospital_folder())
+            sign_reply_in_place(message, load_node_key(hospital_folder().node_key), int(context.run_id),
+                                int(context.node_id), int(config.get("server-round", 0)))
         return push(client, message, context)
 
     runtime.pull_task_input = pull_remembering_task

@@ -98,10 +98,16 @@ def _setup_as_documented(root: Path, public_port: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory):
+def federation():
     """Coordinator up; clinic_a and clinic_b registered, approving this checkout's bundle and online;
-    clinic_b claims to be clinic_a; clinic_c is added (has a certificate) but never registered."""
-    root = tmp_path_factory.mktemp("deployment")
+    clinic_b claims to be clinic_a; clinic_c is added (has a certificate) but never registered.
+
+    Everything lives below a folder any account may traverse (as /srv or /etc would be), so that
+    what keeps another account out is the federation's and the hospitals' own folders."""
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="dermfed-deployment-", dir="/tmp"))
+    root.chmod(0o755)
     public_port = _free_port()
     setup = _setup_as_documented(root, public_port)
     layout = setup["layout"]
@@ -132,6 +138,7 @@ def federation(tmp_path_factory):
                "nodes": nodes, "bundle": digest, "started": started}
     finally:
         stop_all(started)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _history(run_dir: Path) -> list[dict]:
@@ -153,9 +160,10 @@ def _snapshots(federation) -> list[Path]:
     return sorted((federation["root"] / "state").rglob("round-*.pt"))
 
 
-def test_a_full_round_completes_and_each_site_is_who_its_key_says(federation, tmp_path):
+def test_a_full_round_completes_and_each_site_is_who_its_key_says(federation):
     layout, registry = federation["layout"], federation["registry"]
-    run_dir = tmp_path / "run"
+    (federation["root"] / "runs").mkdir(mode=0o755)
+    run_dir = federation["root"] / "runs" / "completed"
     code = submit_run(layout.root, _sign(federation, run_dir))
     assert code == 0
     payload = load_checkpoint(run_dir)
@@ -171,3 +179,417 @@ def test_a_full_round_completes_and_each_site_is_who_its_key_says(federation, tm
     assert stat.S_IMODE(run_dir.stat().st_mode) == 0o700
     for name in ("history.json", "history.csv", "run-status.json", "checkpoint.pt"):
         assert stat.S_IMODE((run_dir / name).stat().st_mode) == 0o600, name
+    federation["approved_manifest"] = run_dir.parent / f"{run_dir.name}.manifest.json"  # replayed below
+    federation["completed_run"] = run_dir
+
+
+def _modified_app(tmp_path: Path) -> Path:
+    app = tmp_path / "app"
+    shutil.copytree(PROJECT_ROOT, app, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "data", ".cache",
+                                                                     "__pycache__", ".pytest_cache"))
+    with open(app / "client" / "client_app.py", "a") as source:
+        source.write("\nprint('this line ran at the hospital')\n")
+    return app
+
+
+def _start_run(federation, app_dir: Path, run_config: dict) -> subprocess.CompletedProcess:
+    """What the coordinator's account can do with its own Control API: submit anything, bypassing `deploy run`."""
+    from server.deploy.control import _toml_value
+
+    pairs = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
+    return operator_flwr(federation["layout"], ["run", str(app_dir), CONNECTION, "--run-config", pairs])
+
+
+def _signed_run_config(manifest_file: Path) -> dict:
+    from common.run_manifest import MANIFEST_KEY, SIGNATURE_KEY, RunManifest
+
+    body = json.loads(manifest_file.read_text())
+    return {**RunManifest.decode(body["manifest"]).run_config, MANIFEST_KEY: body["manifest"],
+            SIGNATURE_KEY: body["signature"]}
+
+
+def _run_status(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "run-status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def test_runs_the_hospitals_did_not_approve_are_refused_before_any_code_loads(federation, tmp_path):
+    """The coordinator controls its Control API and every run config key; it cannot make a hospital run
+    anything but a signed, unexpired, first-time run of a bundle the hospital approved, within its limits."""
+    from flwr.cli.build import build_fab_from_disk
+
+    app = _modified_app(tmp_path)
+    modified_hash = __import__("hashlib").sha256(build_fab_from_disk(app)).hexdigest()
+    genuine = _signed_run_config(_sign(federation, tmp_path / "genuine"))
+    variants: dict[str, tuple[Path, dict, str]] = {}
+
+    def run_dir(name: str) -> Path:
+        return tmp_path / name
+
+    # 1. no manifest at all (a plain `flwr run`)
+    variants["unsigned"] = (PROJECT_ROOT, {**{k: v for k, v in genuine.items() if "manifest" not in k},
+                                           "run-dir": str(run_dir("unsigned"))}, "carries no signed run manifest")
+    # 2. the genuine signature, replayed with the coordinator's own config: per-image values, no registry
+    changed = {**genuine, "config-overrides": genuine["config-overrides"] + " train.batch_size=1 train.max_steps=1",
+               "site-registry": "", "run-dir": str(run_dir("changed"))}
+    variants["changed config"] = (PROJECT_ROOT, changed, "differs from the signed one in ['config-overrides', "
+                                                         "'run-dir', 'site-registry']")
+    # 3. signed two days ago, valid for a day
+    expired = _sign(federation, run_dir("expired"), now=time.time() - 2 * 86400, valid_hours=24)
+    variants["expired"] = (PROJECT_ROOT, _signed_run_config(expired), "the run manifest expired")
+    # 4. the manifest of the completed run, submitted again
+    variants["reused run id"] = (PROJECT_ROOT, {**_signed_run_config(federation["approved_manifest"])},
+                                 "was used before at this hospital")
+    # 5. the genuine signature on a bundle with one line added
+    variants["modified bundle"] = (app, {**genuine, "run-dir": str(run_dir("modified"))},
+                                   f"the app bundle (sha256 {modified_hash}) is not the one the manifest signs")
+    # 6. a bundle the operator signed but the hospitals never approved
+    unapproved = build_manifest(federation["workstation"], "smoke", OVERRIDES, str(run_dir("unapproved")),
+                                bundle=build_fab_from_disk(app))
+    unapproved_file = write_manifest(unapproved, federation["workstation"], tmp_path / "unapproved.manifest.json")
+    variants["unapproved bundle"] = (app, _signed_run_config(unapproved_file),
+                                     f"the app bundle sha256 {modified_hash} is not approved by this hospital")
+    replayed_dir = Path(variants["reused run id"][1]["run-dir"])  # the completed run's own folder
+    (replayed_dir / "run-status.json").unlink()
+    checkpoint_before = (replayed_dir / "checkpoint.pt").read_bytes()
+    snapshots_before = _snapshots(federation)
+    for name, (app_dir, run_config, _) in variants.items():  # all at once: the refusals overlap
+        started = _start_run(federation, app_dir, run_config)
+        assert "Successfully started run" in started.stdout, (name, started.stdout + started.stderr)
+    for name, (_, run_config, expected) in variants.items():
+        folder = Path(run_config["run-dir"])
+        _wait_for(lambda folder=folder: _run_status(folder).get("state") in ("failed", "finished"),
+                  f"{name}: the run did not end")
+        status = _run_status(folder)
+        assert status["state"] == "failed" and "RoundFailed" in status["reason"], (name, status)
+        assert status["reason"].count("UntrustedApp") == 2, (name, status)  # both hospitals refused
+        assert expected in status["reason"], (name, expected, status["reason"])
+        if folder != replayed_dir:
+            assert not (folder / "checkpoint.pt").exists(), name
+    assert (replayed_dir / "checkpoint.pt").read_bytes() == checkpoint_before
+    assert _snapshots(federation) == snapshots_before  # no site trained
+    for hospital in ("clinic_a", "clinic_b"):
+        log = _read(federation["hospitals"][hospital].runtime / "superexec.log")
+        assert "this line ran at the hospital" not in log
+
+
+def _process_tree(pids) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                parent = int(Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, stack = set(), list(pids)
+    while stack:
+        pid = stack.pop()
+        if pid not in found:
+            found.add(pid)
+            stack += children.get(pid, [])
+    return found
+
+
+def _listening_ports(pids) -> set[int]:
+    """TCP ports in LISTEN state in this (the host's) network namespace whose sockets these processes hold."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.scandir(f"/proc/{pid}/fd"):
+                with __import__("contextlib").suppress(OSError):
+                    target = os.readlink(fd.path)
+                    if target.startswith("socket:["):
+                        inodes.add(target[8:-1])
+        except OSError:
+            continue
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in _read(Path(table)).splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _federation_state(layout) -> tuple[dict, set]:
+    """Node ids (with their status) and run ids, as the operator sees them (`deploy ls`)."""
+    from server.deploy import list_federation
+
+    text = list_federation(layout.root)
+    nodes, runs = {}, set()
+    for part in text.split("\n{"):
+        data = json.loads(part if part.startswith("{") else "{" + part)
+        nodes.update({str(n["node-id"]): n.get("status") for n in data.get("nodes", [])})
+        runs |= {str(r.get("run-id")) for r in data.get("runs", [])}
+    return nodes, runs
+
+
+def test_another_account_on_the_coordinators_machine_cannot_command_the_federation(federation, tmp_path):
+    """A second Unix account with the public CA certificate and Flower's own CLI tries `flwr ls`, `flwr supernode
+    list/register` and `flwr run` on every address the SuperLink could be at, the Control API on every TCP port of
+    this deployment, its sockets and files: everything is refused, and the federation is unchanged."""
+    import pwd
+    import tempfile
+
+    from common.deployment.layout import SUPERLINK_PORT, SUPERNODE_FORWARD_PORT, SUPERNODE_RUNTIME_PORT
+
+    if os.geteuid() != 0 or shutil.which("useradd") is None:
+        pytest.skip("creating a second Unix account needs root and useradd (CI runs as root)")
+    layout = federation["layout"]
+    name = f"dfattack{os.getpid() % 100000}"
+    created = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+                             capture_output=True, text=True)
+    if created.returncode != 0:
+        pytest.skip(f"cannot create a second Unix account: {created.stderr.strip()}")
+    home = Path(tempfile.mkdtemp(prefix="dermfed-attacker-", dir="/tmp"))
+    try:
+        account = pwd.getpwnam(name)
+        shutil.copy(layout.coordinator / "ca.crt", home / "ca.crt")  # public: every hospital has it
+        pki.make_node_key(home / "key")
+        shutil.copytree(PROJECT_ROOT, home / "app", ignore=shutil.ignore_patterns(
+            ".venv", ".git", "runs", "data", ".cache", "__pycache__", ".pytest_cache"))
+        for path in [home, *home.rglob("*")]:
+            os.lchown(path, account.pw_uid, account.pw_gid)
+        ours = _process_tree([d.process.pid for d in federation["started"] if d.process is not None])
+        ports = _listening_ports(ours)
+        assert ports == {federation["public_port"]}  # the edge; no port of the SuperLink or of a SuperNode
+        hospitals = federation["hospitals"]
+        spec = {
+            "uid": account.pw_uid, "gid": account.pw_gid, "home": str(home), "ca": str(home / "ca.crt"),
+            "public_key": str(home / "key" / "auth_key.pub"), "app": str(home / "app"),
+            "addresses": [f"127.0.0.1:{p}" for p in (SUPERLINK_PORT, SUPERNODE_RUNTIME_PORT, SUPERNODE_FORWARD_PORT)
+                          if not _listening(p)] + [f"localhost:{federation['public_port']}"],
+            "sockets": [str(layout.control_socket), str(layout.fleet_socket),
+                        *(str(hospitals[h].forward_socket) for h in ("clinic_a", "clinic_b"))],
+            "files": [str(layout.registry), str(layout.coordinator / "superlink-state.db"),
+                      str(layout.coordinator / "edge.key"),
+                      *([str(federation["completed_run"] / "history.json")] if "completed_run" in federation else []),
+                      *(str(hospitals[h].root / k) for h in ("clinic_a", "clinic_b") for k in ("auth_key", "client.key"))],
+            "ports": sorted(ports),
+        }
+        nodes_before, runs_before = _federation_state(layout)
+        attempt = subprocess.run([sys.executable, "-m", "tests.attacker", json.dumps(spec)], cwd=PROJECT_ROOT,
+                                 capture_output=True, text=True, timeout=CEILING, env=_env(home / "flwr-home"))
+        assert attempt.returncode == 0, attempt.stderr[-3000:]
+        results = json.loads(attempt.stdout.strip().splitlines()[-1])
+    finally:
+        subprocess.run(["userdel", name], capture_output=True)
+        shutil.rmtree(home, ignore_errors=True)
+    assert results["uid"] == account.pw_uid != 0
+    for address, attempts in results["flwr"].items():
+        for what, outcome in attempts.items():
+            output = outcome["output"]
+            assert outcome["code"] != 0, (address, what, output)
+            assert "Successfully" not in output and '"success": true' not in output, (address, what, output)
+            assert not any(s in output for s in ("ModuleNotFoundError", "ImportError")), (address, what, output)
+            if what != "run":  # `run` builds the app first; all of them then fail to reach a Control API
+                assert any(s in output for s in ("unavailable", "SSL", "certificate", "400", "Connect")), output
+    assert set(results["sockets"].values()) == {"EACCES"}, results["sockets"]
+    assert set(results["files"].values()) == {"EACCES"}, results["files"]
+    for port, answers in results["ports"].items():  # the edge: neither plain HTTP nor TLS without a certificate
+        assert answers["plain"].startswith("HTTP/1.1 400") and answers["tls"].startswith("HTTP/1.1 400"), answers
+    nodes_after, runs_after = _federation_state(layout)
+    assert set(nodes_after) == set(nodes_before) and runs_after == runs_before  # no node registered, no run started
+
+
+def test_an_outsider_with_the_ca_certificate_cannot_register_a_node_or_submit_a_run(federation, tmp_path):
+    import httpx
+
+    layout, port = federation["layout"], federation["public_port"]
+    home = tmp_path / "outsider"
+    home.mkdir()
+    shutil.copy(layout.coordinator / "ca.crt", home / "ca.crt")
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "edge"\n\n[superlink.edge]\n'
+                                      f'address = "localhost:{port}"\nroot-certificates = "{home / "ca.crt"}"\n')
+    pki.make_node_key(home)
+    env = _env(home)
+    register = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(home / "auth_key.pub"), "edge",
+                               "--format", "json"], env=env, capture_output=True, text=True, timeout=CEILING)
+    assert '"success": true' not in register.stdout
+    run = subprocess.run([str(BIN / "flwr"), "run", str(PROJECT_ROOT), "edge"], env=env, capture_output=True,
+                         text=True, timeout=CEILING)
+    assert run.returncode != 0 and "Successfully started run" not in run.stdout
+    # a hospital's client certificate opens the Fleet API only, never the Control API
+    with httpx.Client(verify=_mutual_tls(federation, "clinic_a")) as client:
+        assert client.post(f"https://localhost:{port}/v1/fleet/get-run").status_code not in (400, 403)
+        assert client.post(f"https://localhost:{port}/v1/control/register-node").status_code == 403
+        assert client.post(f"https://localhost:{port}/v1/control/start-run").status_code == 403
+    no_certificate = ssl.create_default_context(cafile=str(layout.coordinator / "ca.crt"))
+    with httpx.Client(verify=no_certificate) as client:  # no client certificate: no session
+        assert client.post(f"https://localhost:{port}/v1/fleet/get-run").status_code == 400
+
+
+def _mutual_tls(federation, name: str) -> ssl.SSLContext:
+    hospital = federation["hospitals"][name].root
+    context = ssl.create_default_context(cafile=str(hospital / "ca.crt"))
+    context.load_cert_chain(hospital / "client.crt", hospital / "client.key")
+    return context
+
+
+def test_nodes_without_a_client_certificate_or_a_registered_key_are_refused(federation, tmp_path):
+    layout, port = federation["layout"], federation["public_port"]
+    clinic_c = federation["hospitals"]["clinic_c"]
+    # a hospital's own key, but straight to the edge: no client certificate, no TLS session
+    with open(tmp_path / "direct.log", "wb") as sink:
+        direct = subprocess.Popen([str(BIN / "flower-supernode"), "--root-certificates", str(layout.coordinator / "ca.crt"),
+                                   "--superlink", f"localhost:{port}", "--auth-supernode-private-key",
+                                   str(clinic_c.node_key), "--isolation", "process", "--port", str(_free_port()),
+                                   "--max-retries", "2", "--max-wait-time", "15"],
+                                  stdout=sink, stderr=subprocess.STDOUT, env=_env(tmp_path / "home"),
+                                  start_new_session=True)
+    # clinic_c: a valid client certificate, but a node key the coordinator never registered
+    approve(clinic_c.root, federation["bundle"])
+    daemons, env = hospital_daemons(clinic_c.root, federation["folders"]["clinic_c"], state_dir=tmp_path / "state")
+    started = [d.start(env) for d in daemons]
+    try:
+        _wait_for(lambda: "Failed to activate SuperNode" in _read(clinic_c.runtime / "supernode.log"),
+                  "clinic_c's unregistered key was not refused")
+        assert direct.wait(timeout=CEILING) != 0
+    finally:
+        stop_all(started)
+        if direct.poll() is None:
+            direct.kill()
+    assert "SuperNode ID" not in _read(tmp_path / "direct.log")
+
+
+def test_the_edge_bounds_bodies_and_connections_before_anything_reaches_the_superlink(federation):
+    """9 MiB (over the 8 MiB cap) from a hospital's certificate: 413 at the edge, never in the SuperLink's log,
+    with a length announced or streamed; one certificate cannot hold more than its share of connections."""
+    import secrets
+
+    import httpx
+
+    layout, port = federation["layout"], federation["public_port"]
+    log = layout.runtime / "superlink.log"
+    marks = {kind: secrets.token_hex(8) for kind in ("small", "big", "streamed")}
+    url = f"https://localhost:{port}/v1/fleet/push-object?probe="
+    big = b"\0" * (9 << 20)
+    with httpx.Client(verify=_mutual_tls(federation, "clinic_a"), timeout=CEILING) as client:
+        assert client.post(url + marks["big"], content=big).status_code == 413
+        assert client.post(url + marks["streamed"], content=iter([big[: 1 << 20]] * 9)).status_code == 413
+        assert client.post(url + marks["small"], content=b"\0" * 1024).status_code not in (403, 413)
+    _wait_for(lambda: marks["small"] in _read(log), "the small request did not reach the SuperLink")
+    assert marks["big"] not in _read(log) and marks["streamed"] not in _read(log)
+    # connections: requests whose body never comes hold their connection; the edge refuses those beyond 16
+    context = _mutual_tls(federation, "clinic_a")
+    held = []
+    try:
+        for _ in range(16):
+            stream = context.wrap_socket(socket.create_connection(("localhost", port)), server_hostname="localhost")
+            stream.sendall(b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n")
+            held.append(stream)
+        with httpx.Client(verify=_mutual_tls(federation, "clinic_a")) as client:
+            _wait_for(lambda: client.post(f"https://localhost:{port}/v1/fleet/get-run").status_code == 429,
+                      "a 17th concurrent request from one certificate was served")
+        with httpx.Client(verify=_mutual_tls(federation, "clinic_b")) as client:  # another hospital is not starved
+            assert client.post(f"https://localhost:{port}/v1/fleet/get-run").status_code != 429
+    finally:
+        for stream in held:
+            stream.close()
+
+
+def test_no_hospital_private_key_is_on_the_coordinators_machine_after_the_documented_setup(federation):
+    layout = federation["layout"]
+    secrets_of_hospitals = {(h.root / name).read_bytes() for h in federation["hospitals"].values()
+                            for name in ("auth_key", "client.key")}
+    on_server = [p for p in layout.root.rglob("*") if p.is_file()]
+    assert not [p for p in on_server if p.name in ("auth_key", "client.key", "ca.key", "app-signing.key")]
+    assert not [p for p in on_server if p.stat().st_size < 1 << 20 and any(s in p.read_bytes() for s in secrets_of_hospitals)]
+    private = sorted(str(p.relative_to(layout.root)) for p in on_server if b"PRIVATE KEY" in p.read_bytes()[:100])
+    assert private == ["coordinator/edge.key", "coordinator/superlink.key"]  # the coordinator's own TLS keys
+    for hospital in federation["hospitals"].values():  # what travelled back is public
+        assert not any(b"PRIVATE KEY" in p.read_bytes() for p in layout.hospital_dir(hospital.root.name).iterdir())
+
+
+def test_private_keys_are_created_unreadable_to_others_where_their_owner_runs(tmp_path, monkeypatch):
+    """Checked at the syscall that creates each key file, with a permissive umask: the coordinator's
+    `deploy init` and `add-hospital`, and a hospital's `node keygen`."""
+    created: dict[str, int] = {}
+    real_open = os.open
+
+    def spy(path, flags, mode=0o777, *args, **kwargs):
+        descriptor = real_open(path, flags, mode, *args, **kwargs)
+        if flags & os.O_CREAT:
+            created[str(path)] = stat.S_IMODE(os.fstat(descriptor).st_mode)
+        return descriptor
+
+    monkeypatch.setattr(os, "open", spy)
+    previous = os.umask(0)
+    try:
+        layout = init_federation(tmp_path / "federation", ["fl.example.org"])
+        requests = [keygen(tmp_path / "hospitals" / name, name) for name in ("clinic_a", "clinic_b")]
+        for request in requests:
+            add_hospital(layout.root, request)
+    finally:
+        os.umask(previous)
+    monkeypatch.setattr(os, "open", real_open)
+    private = [p for p in tmp_path.rglob("*") if p.is_file() and (p.suffix == ".key" or p.name == "auth_key")]
+    assert len(private) == 1 + 3 + 2 * 2  # CA; SuperLink, edge, app signing; per hospital: node key, client key
+    for path in private:
+        assert created.get(str(path)) == 0o600, path  # 0600 from the first byte, not chmod-ed later
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    on_coordinator = [p.relative_to(layout.root) for p in layout.root.rglob("*") if p in private]
+    assert sorted(map(str, on_coordinator)) == ["ca-offline/ca.key", "coordinator/edge.key",
+                                                "coordinator/superlink.key", "operator/app-signing.key"]
+    for folder in (layout.root, layout.offline, layout.operator, layout.coordinator,
+                   tmp_path / "hospitals" / "clinic_a"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    assert sorted(p.name for p in layout.hospital_dir("clinic_a").iterdir()) == [
+        "START.md", "ca.crt", "client.crt", "hospital.json", "trusted-app-keys.pub"]
+
+
+def test_serve_refuses_while_keys_that_belong_elsewhere_are_on_the_server_or_namespaces_are_missing(tmp_path,
+                                                                                                  monkeypatch):
+    from common.deployment import sandbox
+    from server.deploy import DeployError, serve
+
+    layout = init_federation(tmp_path / "federation", ["localhost"])
+    with pytest.raises(DeployError, match="must not stay on the coordinator's server"):
+        serve(layout.root)
+    shutil.move(layout.offline, tmp_path / "offline")
+    shutil.move(layout.operator, tmp_path / "workstation")
+    monkeypatch.setattr(sandbox, "probe", lambda: "unshare(CLONE_NEWUSER|CLONE_NEWNET) failed: EPERM (...)")
+    with pytest.raises(DeployError, match="cannot keep the SuperLink's ports private on this machine: unshare"):
+        serve(layout.root)
+    layout.root.chmod(0o755)
+    with pytest.raises(DeployError, match="can be opened by other accounts"):
+        serve(layout.root)
+
+
+def test_a_revoked_hospital_is_refused_by_the_edge_at_once_and_its_node_unregistered(federation):
+    """Last: it revokes clinic_b, which is registered and online."""
+    import httpx
+
+    from server.deploy import revoke_hospital
+    from server.deploy.registry import SiteRegistry
+
+    layout, port = federation["layout"], federation["public_port"]
+    url = f"https://localhost:{port}/v1/fleet/get-run"
+    with httpx.Client(verify=_mutual_tls(federation, "clinic_b")) as client:
+        assert client.post(url).status_code not in (400, 403)
+    node = SiteRegistry.load(layout.registry).node_of("clinic_b")
+    nodes_before, _ = _federation_state(layout)
+    assert str(node) in nodes_before
+    outcome = revoke_hospital(layout.root, "clinic_b", ca_key=federation["offline"] / "ca.key")
+    assert outcome["edge_reloaded"] and outcome["unregistered"] and outcome["node"] == node
+
+    def refused() -> bool:
+        with httpx.Client(verify=_mutual_tls(federation, "clinic_b")) as client:
+            response = client.post(url)
+        return response.status_code == 400 and "certificate" in response.text
+
+    _wait_for(refused, "the edge still accepts a revoked certificate", timeout=30)  # nginx reloads in well under 1 s
+    with httpx.Client(verify=_mutual_tls(federation, "clinic_a")) as client:  # the others are not affected
+        assert client.post(url).status_code not in (400, 403)
+    assert SiteRegistry.load(layout.registry).sites[node].revoked
+    assert SiteRegistry.load(layout.registry).site(node) is None  # sent nothing, its replies left out
+    nodes_after, _ = _federation_state(layout)
+    assert nodes_after[str(node)] == "unregistered"
