@@ -40,6 +40,7 @@ from common.run_manifest import (MANIFEST_KEY, SIGNATURE_KEY, RunLedger, RunMani
                                  load_trusted_keys, read_approved_bundles, verify_manifest)
 
 LIMIT_KEYS = ("min-batch-size", "allow-plain-metrics")
+INSTRUCTION_RECORDS = {"arrays", "config"}  # what DermFed's ServerApp sends: the global weights and the config
 
 
 class RunRefused(UntrustedApp):
@@ -85,6 +86,9 @@ def approve_task(message: Any, context: Any, fab_content: bytes, hospital: Hospi
     run_config = dict(context.run_config)
     manifest = verify_manifest(str(run_config.get(MANIFEST_KEY, "")), str(run_config.get(SIGNATURE_KEY, "")),
                                load_trusted_keys(hospital.trusted_keys))
+    records = sorted(set(message.content.keys()) - INSTRUCTION_RECORDS)
+    if records:
+        raise UntrustedApp(f"the instruction carries records the signed run does not cover: {records}")
     instruction = dict(message.content.config_records["config"]) if "config" in message.content.config_records else {}
     try:
         approved = read_approved_bundles(hospital.approved_bundles)

@@ -81,6 +81,14 @@ def canonical(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal as signed: the same JSON, types included (true is not 1, 1 is not 1.0)."""
+    try:
+        return canonical(a) == canonical(b)
+    except (TypeError, ValueError):  # NaN, infinities or objects JSON cannot hold: never what was signed
+        return False
+
+
 def bundle_sha256(bundle: bytes) -> str:
     return hashlib.sha256(bundle).hexdigest()
 
@@ -156,7 +164,7 @@ def check_task(manifest: RunManifest, *, federation: str, bundle: bytes, run_con
                            f"({federation})")
     asked = {k: v for k, v in run_config.items() if k not in CARRIER_KEYS}
     changed = sorted(k for k in set(asked) | set(manifest.run_config)
-                     if canonical(asked.get(k)) != canonical(manifest.run_config.get(k)))
+                     if k not in asked or k not in manifest.run_config or not _same(asked[k], manifest.run_config[k]))
     if changed:
         raise UntrustedApp(f"the run config differs from the signed one in {changed}: "
                            f"asked {[asked.get(k) for k in changed]}, signed {[manifest.run_config.get(k) for k in changed]}")
@@ -177,7 +185,7 @@ def check_instruction(manifest: RunManifest, instruction: Mapping[str, Any]) -> 
         sent = json.loads(str(instruction.get("dermfed-config", "")))
     except ValueError:
         sent = None
-    if sent != manifest.dermfed_config or canonical(sent) != canonical(manifest.dermfed_config):
+    if not _same(sent, manifest.dermfed_config):
         differing = _differing_keys(sent if isinstance(sent, dict) else {}, manifest.dermfed_config)
         raise UntrustedApp(f"the DermFed config sent with the instruction is not the signed one (differs in "
                            f"{differing[:8]}{'...' if len(differing) > 8 else ''})")
@@ -199,7 +207,7 @@ def _differing_keys(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = ""
         left, right = a.get(key), b.get(key)
         if isinstance(left, dict) and isinstance(right, dict):
             keys += _differing_keys(left, right, f"{prefix}{key}.")
-        elif canonical(left) != canonical(right):
+        elif key not in a or key not in b or not _same(left, right):
             keys.append(f"{prefix}{key}")
     return keys
 

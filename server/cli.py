@@ -154,8 +154,8 @@ def cmd_deploy_init(args: argparse.Namespace, config: DermFedConfig) -> int:
 
 
 def cmd_deploy_add_hospital(args: argparse.Namespace, config: DermFedConfig) -> int:
+    from common.deployment.layout import FederationLayout
     from server.deploy import add_hospital
-    from server.deploy.setup import FederationLayout
 
     entry = add_hospital(Path(args.dir), Path(args.request), Path(args.ca_key) if args.ca_key else None)
     folder = FederationLayout(Path(args.dir)).hospital_dir(entry["name"])

@@ -8,6 +8,8 @@ unregistered key, by runs the hospitals did not approve (unsigned, changed, expi
 unapproved bundle), by an oversized body, and by a revoked certificate.
 """
 
+import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -27,7 +29,7 @@ from client.node import approve, bundle_hash, hospital_daemons, keygen
 from common.checkpoint import load_checkpoint
 from common.config import PROJECT_ROOT, load_config
 from common.data.synthetic import generate
-from common.deployment.layout import CONNECTION, FederationLayout, HospitalLayout
+from common.deployment.layout import CONNECTION, HospitalLayout
 from common.processes import Daemon, stop_all
 from server.deploy import add_hospital, coordinator_daemons, init_federation, register_hospitals, submit_run
 from server.deploy.base import operator_flwr
@@ -221,7 +223,7 @@ def test_runs_the_hospitals_did_not_approve_are_refused_before_any_code_loads(fe
     from flwr.cli.build import build_fab_from_disk
 
     app = _modified_app(tmp_path)
-    modified_hash = __import__("hashlib").sha256(build_fab_from_disk(app)).hexdigest()
+    modified_hash = hashlib.sha256(build_fab_from_disk(app)).hexdigest()
     genuine = _signed_run_config(_sign(federation, tmp_path / "genuine"))
     variants: dict[str, tuple[Path, dict, str]] = {}
 
@@ -299,7 +301,7 @@ def _listening_ports(pids) -> set[int]:
     for pid in pids:
         try:
             for fd in os.scandir(f"/proc/{pid}/fd"):
-                with __import__("contextlib").suppress(OSError):
+                with contextlib.suppress(OSError):
                     target = os.readlink(fd.path)
                     if target.startswith("socket:["):
                         inodes.add(target[8:-1])

@@ -148,3 +148,15 @@ def test_approvals_are_sha256_lines_with_notes(hospital):
     hospital.approved_bundles.write_text(text + "not-a-hash\n")
     with pytest.raises(ValueError, match="not a sha256"):
         read_approved_bundles(hospital.approved_bundles)
+
+
+@pytest.mark.parametrize("preset", ["paper", "demo", "smoke"])
+def test_the_config_the_serverapp_sends_is_exactly_the_signed_one(preset):
+    """The ServerApp rebuilds the config from the manifest and sends config_to_json of it: the same JSON."""
+    from common.config import build_config
+    from common.run_manifest import _same
+
+    signed = json.loads(config_to_json(load_config(preset, ["train.lr=1"])))
+    carried = base64.urlsafe_b64encode(_manifest(dermfed_config=signed).encode()).decode()
+    sent = json.loads(config_to_json(build_config(RunManifest.decode(carried).dermfed_config)))
+    assert _same(sent, signed)
