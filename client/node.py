@@ -36,6 +36,7 @@ from common.processes import Daemon, supervise
 from common.run_manifest import approve_bundle, bundle_sha256, read_approved_bundles
 
 HOSPITAL_DIR_ENV = "DERMFED_HOSPITAL_DIR"  # the verifying ClientApp finds the hospital's keys and approvals here
+DEFAULT_STATE_DIR = Path.home() / ".dermfed" / "state"
 NAME_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
@@ -79,12 +80,10 @@ def approve(folder: Path, digest: str, note: str = "") -> bool:
         raise NodeError(str(exc)) from None
 
 
-def node_config(site: str, data_root: Path, data_format: str, state_dir: Optional[Path], extra: str) -> str:
+def node_config(site: str, data_root: Path, data_format: str, state_dir: Path, extra: str) -> str:
     """The SuperNode's --node-config: the hospital's data and settings (they never leave it)."""
     pairs = [f"data-root={toml_string(str(data_root.resolve()))}", f"data-format={toml_string(data_format)}",
-             f"site-name={toml_string(site)}"]
-    if state_dir is not None:
-        pairs.append(f"state-dir={toml_string(str(state_dir.resolve()))}")
+             f"site-name={toml_string(site)}", f"state-dir={toml_string(str(state_dir.resolve()))}"]
     return " ".join(pairs + ([extra] if extra else []))
 
 
@@ -109,6 +108,7 @@ def hospital_daemons(folder: Path, data_root: Path, data_format: str = "folder",
     settings = layout.settings()
     if not data_root.is_dir():
         raise NodeError(f"--data-root {data_root} is not a folder")
+    state_dir = state_dir or DEFAULT_STATE_DIR  # the hospital's, never a folder the coordinator names
     runtime = private_folder(layout.runtime)
     private_folder(layout.forward_socket.parent)
     layout.forward_socket.unlink(missing_ok=True)  # nginx does not replace a stale socket

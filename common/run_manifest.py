@@ -238,6 +238,7 @@ def approve_bundle(path: Path, digest: str, note: str = "") -> bool:
         return False
     previous = Path(path).read_bytes() if Path(path).is_file() else b""
     stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    note = " ".join(note.split())  # one line: a note never adds another approval
     line = f"{digest}  # approved {stamp}{' ' + note if note else ''}\n".encode()
     replace_file(Path(path), previous + (b"" if not previous or previous.endswith(b"\n") else b"\n") + line)
     return True

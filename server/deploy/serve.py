@@ -17,6 +17,7 @@ hospital key was ever here.
 from __future__ import annotations
 
 import shutil
+import socket
 from pathlib import Path
 
 from common.deployment import sandbox
@@ -28,8 +29,9 @@ from server.deploy.base import DeployError, bin_path, flwr_env
 
 
 def check_server_folder(layout: FederationLayout) -> None:
-    """Refuse to serve from a folder that still holds keys that belong elsewhere, or that others can open."""
-    settings = layout.settings()
+    """Refuse to serve from a folder that still holds keys that belong elsewhere, that others can open, or
+    that a running `deploy serve` uses already."""
+    layout.settings()  # a federation folder at all
     left = [p for p in (layout.ca_key, layout.signing_key) if p.exists()]
     if left:
         raise DeployError(f"{', '.join(map(str, left))} must not stay on the coordinator's server, where the SuperLink "
@@ -40,7 +42,10 @@ def check_server_folder(layout: FederationLayout) -> None:
             raise DeployError(f"{folder} can be opened by other accounts: `chmod 700 {folder}`")
     if not layout.crl.is_file():
         raise DeployError(f"no revocation list {layout.crl}; the edge refuses to start without one")
-    del settings
+    if layout.control_socket.exists():
+        with socket.socket(socket.AF_UNIX) as probe:
+            if probe.connect_ex(str(layout.control_socket)) == 0:
+                raise DeployError(f"a `deploy serve` of {layout.root} is running already (its control socket answers)")
 
 
 def coordinator_daemons(layout: FederationLayout) -> list[Daemon]:
