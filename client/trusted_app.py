@@ -1,4 +1,4 @@
-"""At a hospital, run only the DermFed app bundle signed by the coordinator (see common.app_signature).
+"""At a hospital, run only runs the hospital approved (see common.run_manifest), and sign what it sends back.
 
 A SuperNode started with `--isolation process` runs no app code itself: a SuperExec asks it for
 tasks and starts one `flwr-clientapp` process per task, which pulls the message, the run and the
@@ -7,58 +7,136 @@ that, with Flower's own code:
 
 - `dermfed-superexec`: Flower's SuperExec, launching `dermfed-clientapp` instead of
   `flwr-clientapp`;
-- `dermfed-clientapp`: Flower's ClientApp process, which verifies the bundle's signature against
-  the keys in the file named by `DERMFED_TRUSTED_APP_KEYS` right after pulling it, before it is
-  installed or imported. An unsigned or modified bundle fails the task with `UntrustedApp`;
-  the reply the server receives is an error, and none of the bundle's code ran here.
+- `dermfed-clientapp`: Flower's ClientApp process which, right after pulling the task and before
+  the bundle is installed or imported, checks (`approve_task`): the run manifest's signature
+  against the operator keys the hospital trusts, the bundle's sha256 against the manifest and
+  against the hospital's own approved list, the federation, the complete run config and the
+  DermFed config of the instruction against the signed ones, the hospital's limits
+  (`min-batch-size`, `allow-plain-metrics` in its node config), and, the first time it sees the
+  run, the expiry and that the run identifier was never used for another run here. Any failure
+  ends the task with `UntrustedApp`: the server receives that error, and none of the bundle's
+  code ran. When it pushes a reply, it signs the reply with the hospital's node key
+  (`common.reply_signature`), so that nobody else can send an update under this node's id.
 
-`dermfed node` starts the SuperNode and this SuperExec together.
+The hospital's folder (keys, approvals, accepted runs) is named by `DERMFED_HOSPITAL_DIR`, which
+`dermfed node` sets.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import shutil
 import sys
+import time
 from pathlib import Path
+from typing import Any, Mapping, Optional
 
-from common.app_signature import SIGNATURE_KEY, UntrustedApp, load_trusted_keys, verify_bundle
+from client.node import HOSPITAL_DIR_ENV
+from common.deployment.layout import HospitalLayout
+from common.reply_signature import RECORD_KEY, load_node_key, reply_digest, sign_reply
+from common.run_manifest import (MANIFEST_KEY, SIGNATURE_KEY, RunLedger, RunManifest, UntrustedApp, check_task,
+                                 load_trusted_keys, read_approved_bundles, verify_manifest)
 
-TRUSTED_KEYS_ENV = "DERMFED_TRUSTED_APP_KEYS"
+LIMIT_KEYS = ("min-batch-size", "allow-plain-metrics")
+INSTRUCTION_RECORDS = {"arrays", "config"}  # what DermFed's ServerApp sends: the global weights and the config
 
 
-def _trusted_keys_file() -> Path:
-    value = os.environ.get(TRUSTED_KEYS_ENV, "")
-    if not value or not Path(value).is_file():
-        raise UntrustedApp(f"{TRUSTED_KEYS_ENV} must name the file with the coordinator's app-signing public key "
-                           f"(got {value!r}); refusing to run any app bundle")
-    return Path(value)
+class RunRefused(UntrustedApp):
+    """The signed run asks more of this hospital than its node config allows (names both values)."""
+
+
+def hospital_folder() -> HospitalLayout:
+    value = os.environ.get(HOSPITAL_DIR_ENV, "")
+    layout = HospitalLayout(Path(value))
+    if not value or not layout.trusted_keys.is_file() or not layout.settings_file.is_file():
+        raise UntrustedApp(f"{HOSPITAL_DIR_ENV} must name this hospital's folder, with trusted-app-keys.pub and "
+                           f"hospital.json (got {value!r}); refusing to run any app bundle")
+    return layout
+
+
+def check_limits(dermfed_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> None:
+    """The hospital's limits on what any run may ask of it, applied to the config it would train with."""
+    from common.config import ConfigError, apply_overrides, build_config
+
+    try:
+        config = apply_overrides(build_config(json.loads(json.dumps(dermfed_config))),
+                                 shlex.split(str(node_config.get("dermfed-overrides", ""))))
+    except ConfigError as exc:
+        raise RunRefused(f"the signed DermFed config cannot be applied here ({exc})") from None
+    minimum = node_config.get("min-batch-size")
+    if minimum is not None:
+        if isinstance(minimum, bool) or not isinstance(minimum, int) or minimum < 1:
+            raise RunRefused(f"node config min-batch-size={minimum!r} must be a positive whole number")
+        if config.train.batch_size < minimum:
+            raise RunRefused(f"the run asks for train.batch_size={config.train.batch_size}, but this hospital's node "
+                             f"config sets min-batch-size={minimum}")
+    plain = node_config.get("allow-plain-metrics", True)
+    if not isinstance(plain, bool):
+        raise RunRefused(f"node config allow-plain-metrics={plain!r} must be true or false")
+    if not plain and not config.dp.enabled:
+        raise RunRefused("the run asks for dp.enabled=false, which sends this site's losses and image count without "
+                         "DP, but this hospital's node config sets allow-plain-metrics=false")
+
+
+def approve_task(message: Any, context: Any, fab_content: bytes, hospital: HospitalLayout,
+                 now: Optional[float] = None) -> RunManifest:
+    """Everything a hospital checks before a task's bundle is installed; raises UntrustedApp (or RunRefused)."""
+    run_config = dict(context.run_config)
+    manifest = verify_manifest(str(run_config.get(MANIFEST_KEY, "")), str(run_config.get(SIGNATURE_KEY, "")),
+                               load_trusted_keys(hospital.trusted_keys))
+    records = sorted(set(message.content.keys()) - INSTRUCTION_RECORDS)
+    if records:
+        raise UntrustedApp(f"the instruction carries records the signed run does not cover: {records}")
+    instruction = dict(message.content.config_records["config"]) if "config" in message.content.config_records else {}
+    try:
+        approved = read_approved_bundles(hospital.approved_bundles)
+    except ValueError as exc:
+        raise UntrustedApp(f"this hospital's approved-bundles file is unreadable ({exc})") from None
+    check_task(manifest, federation=str(hospital.settings()["federation_id"]), bundle=fab_content,
+               run_config=run_config, instruction=instruction, approved_bundles=approved)
+    check_limits(manifest.dermfed_config, context.node_config)
+    RunLedger(hospital.accepted_runs).admit(manifest, int(context.run_id), time.time() if now is None else now)
+    return manifest
+
+
+def sign_reply_in_place(reply: Any, key: Any, run_id: int, node_id: int, round_number: int) -> None:
+    """Add the node key's signature over this reply's arrays and metrics, run, round, instruction and node id."""
+    from flwr.app import ConfigRecord
+
+    signature = sign_reply(key, run_id, round_number, node_id, str(reply.metadata.reply_to_message_id),
+                           reply_digest(reply.content))
+    reply.content[RECORD_KEY] = ConfigRecord({"signature": signature, "round": round_number})
 
 
 def clientapp_main() -> None:
-    """`dermfed-clientapp`: flwr-clientapp, verifying the bundle before installing it.
-
-    The check runs where Flower installs the bundle, right after it pulled the task: the bundle
-    is not yet on disk and none of its code was imported, and the task's message is known, so
-    the failure goes back to the server as an error reply instead of silence.
-    """
+    """`dermfed-clientapp`: flwr-clientapp, approving the task before installing its bundle, signing its reply."""
     import flwr.supernode.runtime.run_clientapp as runtime
     from flwr.supernode.cli import flwr_clientapp
 
-    pull, install = runtime.pull_task_input, runtime.install_from_fab
-    signature: dict[str, str] = {}
+    pull, install, push = runtime.pull_task_input, runtime.install_from_fab, runtime.push_message
+    task: dict[str, Any] = {}
 
-    def pull_remembering_signature(client):  # type: ignore[no-untyped-def]
+    def pull_remembering_task(client):  # type: ignore[no-untyped-def]
         message, context, run, fab = pull(client)
-        signature["value"] = str(context.run_config.get(SIGNATURE_KEY, ""))
+        task.update(message=message, context=context)
         return message, context, run, fab
 
-    def install_if_signed(fab_content: bytes, *args, **kwargs):  # type: ignore[no-untyped-def]
-        verify_bundle(fab_content, signature.get("value", ""), load_trusted_keys(_trusted_keys_file()))
+    def install_if_approved(fab_content: bytes, *args, **kwargs):  # type: ignore[no-untyped-def]
+        approve_task(task["message"], task["context"], fab_content, hospital_folder())
         return install(fab_content, *args, **kwargs)
 
-    runtime.pull_task_input = pull_remembering_signature
-    runtime.install_from_fab = install_if_signed
+    def push_signed(client, message, context):  # type: ignore[no-untyped-def]
+        if not message.has_error():
+            config = task["message"].content.config_records.get("config", {})
+            sign_reply_in_place(message, load_node_key(hospital_folder().node_key), int(context.run_id),
+                                int(context.node_id), int(config.get("server-round", 0)))
+        return push(client, message, context)
+
+    runtime.pull_task_input = pull_remembering_task
+    runtime.install_from_fab = install_if_approved
+    runtime.push_message = push_signed
     flwr_clientapp()
 
 
@@ -67,7 +145,7 @@ def superexec_main() -> None:
     from flwr.supercore.cli import flower_superexec
     from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
 
-    _trusted_keys_file()  # fail at start-up, not at the first task
+    hospital_folder()  # fail at start-up, not at the first task
     launcher = shutil.which("dermfed-clientapp", path=str(Path(sys.executable).parent)) or "dermfed-clientapp"
     TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] = launcher  # the executor looks the command up here per task
     flower_superexec()

@@ -20,8 +20,18 @@ from typing import Optional, Sequence
 
 from client.node import NodeError
 from common.checkpoint import CheckpointError
-from common.config import ConfigError, DermFedConfig, build_config, config_to_yaml, flatten_config, load_config, write_config
+from common.config import (
+    PROJECT_ROOT,
+    ConfigError,
+    DermFedConfig,
+    build_config,
+    config_to_yaml,
+    flatten_config,
+    load_config,
+    write_config,
+)
 from common.data.catalog import DataError, format_summary, summary_table
+from common.deployment.proxy import DEFAULT_MAX_BODY_MB, DEFAULT_MAX_CONNECTIONS
 from common.privacy import PrivacyBudgetExhausted
 from server.deploy import DeployError
 
@@ -148,15 +158,25 @@ def cmd_simulate(args: argparse.Namespace, config: DermFedConfig) -> int:
 def cmd_deploy_init(args: argparse.Namespace, config: DermFedConfig) -> int:
     from server.deploy import init_federation
 
-    layout = init_federation(Path(args.out), args.hospital, args.host, args.port, args.superlink_port,
-                             args.proxy_port, args.runtime_port)
+    layout = init_federation(Path(args.out), args.host, args.port, args.max_body_mb, args.max_connections)
     print(f"federation created in {layout.root}:")
-    print("  ca-offline/ca.key: the CA's private key. Move it offline now; nothing else needs it")
+    print("  ca-offline/: the CA's key. Move it to offline storage now; `add-hospital` and `revoke` need it again")
+    print("  operator/: the operator's app-signing key. Move it to the operator's workstation now (`deploy sign`)")
     print(f"  coordinator/: SuperLink and edge certificates (SAN: 127.0.0.1, localhost"
-          f"{''.join(', ' + h for h in args.host)}), app-signing key, flwr connection; stays on this server")
-    for name in layout.hospitals():
-        print(f"  hospitals/{name}/: send to {name} only (its keys, client certificate, CA certificate)")
+          f"{''.join(', ' + h for h in args.host)}), revocation list, site registry; stays on this server")
+    print("`deploy serve` refuses to start while ca-offline/ca.key or operator/app-signing.key are still here.")
     print(f"the exact commands: {layout.root / 'COMMANDS.md'}")
+    return 0
+
+
+def cmd_deploy_add_hospital(args: argparse.Namespace, config: DermFedConfig) -> int:
+    from common.deployment.layout import FederationLayout
+    from server.deploy import add_hospital
+
+    entry = add_hospital(Path(args.dir), Path(args.request), Path(args.ca_key) if args.ca_key else None)
+    folder = FederationLayout(Path(args.dir)).hospital_dir(entry["name"])
+    print(f"added {entry['name']} (index {entry['index']}, certificate serial {entry['certificate_serial']}); send "
+          f"the public files in {folder} to it, then run `dermfed deploy register --dir {args.dir}`")
     return 0
 
 
@@ -171,24 +191,78 @@ def cmd_deploy_register(args: argparse.Namespace, config: DermFedConfig) -> int:
 
     registry = register_hospitals(Path(args.dir), args.hospital or None)
     for node_id, site in sorted(registry.sites.items(), key=lambda item: item[1].index):
-        print(f"registered {site.name} as node {node_id}")
+        print(f"{'revoked' if site.revoked else 'registered'} {site.name} as node {node_id}")
+    return 0
+
+
+def cmd_deploy_revoke(args: argparse.Namespace, config: DermFedConfig) -> int:
+    from server.deploy import revoke_hospital
+
+    outcome = revoke_hospital(Path(args.dir), args.hospital, Path(args.ca_key) if args.ca_key else None)
+    edge = "reloaded: refused from now on" if outcome["edge_reloaded"] else "not running: refused when it starts"
+    node = (f"node {outcome['node']} unregistered" if outcome["unregistered"]
+            else "no registered node" if outcome["node"] is None else f"node {outcome['node']} marked revoked")
+    print(f"revoked {outcome['name']}: certificate serial {outcome['serial']} in the revocation list (edge {edge}); "
+          f"{node}")
+    return 0
+
+
+def cmd_deploy_ls(args: argparse.Namespace, config: DermFedConfig) -> int:
+    from server.deploy import list_federation
+
+    print(list_federation(Path(args.dir)))
+    return 0
+
+
+def cmd_deploy_sign(args: argparse.Namespace, config: DermFedConfig) -> int:
+    from server.deploy.sign import build_manifest, write_manifest
+
+    manifest = build_manifest(Path(args.operator), args.config, list(args.overrides), args.run_dir, args.resume,
+                              args.valid_hours)
+    path = write_manifest(manifest, Path(args.operator), Path(args.out))
+    print(f"signed run {manifest.run} of app bundle sha256 {manifest.bundle_sha256}, valid until "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(manifest.expires))}: {path}")
+    print("hospitals run it only if they approved this bundle hash (`dermfed node approve`)")
     return 0
 
 
 def cmd_deploy_run(args: argparse.Namespace, config: DermFedConfig) -> int:
-    from server.deploy import run_federated
+    from server.deploy import submit_run
 
-    run_dir = Path(args.run_dir) if args.run_dir else Path(args.dir) / "runs" / f"pretrain-{time.strftime('%Y%m%d-%H%M%S')}"
-    code = run_federated(Path(args.dir), args.config, list(args.overrides), run_dir, resume=args.resume)
-    print(f"flwr exited with code {code}; run folder: {run_dir}", file=sys.stderr if code else sys.stdout)
+    code = submit_run(Path(args.dir), Path(args.manifest))
+    print(f"flwr exited with code {code}", file=sys.stderr if code else sys.stdout)
     return code
 
 
-def cmd_node(args: argparse.Namespace, config: DermFedConfig) -> int:
+def cmd_node_start(args: argparse.Namespace, config: DermFedConfig) -> int:
     from client.node import run_node
 
     return run_node(Path(args.dir), Path(args.data_root), args.data_format,
                     Path(args.state_dir) if args.state_dir else None, args.node_config)
+
+
+def cmd_node_keygen(args: argparse.Namespace, config: DermFedConfig) -> int:
+    from client.node import keygen
+
+    request = keygen(Path(args.dir), args.name)
+    print(f"keys made in {args.dir} (auth_key, client.key: they never leave this machine); send {request} to the "
+          "coordinator and copy the files it sends back into the same folder")
+    return 0
+
+
+def cmd_node_bundle_hash(args: argparse.Namespace, config: DermFedConfig) -> int:
+    from client.node import bundle_hash
+
+    print(bundle_hash(Path(args.source)))
+    return 0
+
+
+def cmd_node_approve(args: argparse.Namespace, config: DermFedConfig) -> int:
+    from client.node import approve
+
+    added = approve(Path(args.dir), args.sha256, args.note)
+    print(f"{'approved' if added else 'already approved'}: {args.sha256.strip().lower()}")
+    return 0
 
 
 # -- evaluate / report ---------------------------------------------------------------------------
@@ -286,49 +360,95 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(simulate)
     simulate.set_defaults(handler=cmd_simulate)
 
-    deploy = sub.add_parser("deploy", help="a real federation: keys, coordinator daemons, registration, signed runs",
+    deploy = sub.add_parser("deploy", help="a real federation: keys, coordinator daemons, hospitals, signed runs",
                             formatter_class=fmt)
     deploy_sub = deploy.add_subparsers(dest="action", required=True, metavar="ACTION")
-    init = deploy_sub.add_parser("init", help="CA, certificates, keys and folders for the coordinator and each hospital",
+    init = deploy_sub.add_parser("init", help="the CA, the coordinator's certificates and the operator's signing key",
                                  formatter_class=fmt)
     init.add_argument("--out", required=True, help="new folder for the federation's files")
-    init.add_argument("--hospital", action="append", default=[], metavar="NAME", help="a hospital (repeat)")
     init.add_argument("--host", action="append", default=[], metavar="HOST",
                       help="the coordinator's public host name or IP, as hospitals reach it (repeat; first is used)")
     init.add_argument("--port", type=int, default=9092, help="the edge proxy's public port")
-    init.add_argument("--superlink-port", type=int, default=9091, help="the SuperLink's port on 127.0.0.1")
-    init.add_argument("--proxy-port", type=int, default=9095, help="each hospital's local forwarder port")
-    init.add_argument("--runtime-port", type=int, default=9094, help="each hospital's SuperNode runtime API port")
+    init.add_argument("--max-body-mb", type=int, default=DEFAULT_MAX_BODY_MB,
+                      help="the largest request body the edge passes (Flower sends arrays in chunks of 5 MiB)")
+    init.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                      help="requests the edge serves at once per client certificate")
     _add_common(init)
     init.set_defaults(handler=cmd_deploy_init)
-    serve = deploy_sub.add_parser("serve", help="run the SuperLink (loopback) and the edge proxy until stopped",
+    add = deploy_sub.add_parser("add-hospital", help="sign a hospital's certificate request; keep its public node key",
+                                formatter_class=fmt)
+    add.add_argument("--dir", required=True, help="the folder made by `dermfed deploy init`")
+    add.add_argument("--request", required=True, help="the hospital's request.json from `dermfed node keygen`")
+    add.add_argument("--ca-key", default=None, help="the CA key brought from offline storage (default: "
+                     "DIR/ca-offline/ca.key)")
+    _add_common(add)
+    add.set_defaults(handler=cmd_deploy_add_hospital)
+    serve = deploy_sub.add_parser("serve", help="run the SuperLink (private network) and the edge proxy until stopped",
                                   formatter_class=fmt)
     serve.add_argument("--dir", required=True, help="the folder made by `dermfed deploy init`")
     _add_common(serve)
     serve.set_defaults(handler=cmd_deploy_serve)
-    register = deploy_sub.add_parser("register", help="register hospitals' keys; write the site registry",
+    register = deploy_sub.add_parser("register", help="register hospitals' node keys; write the site registry",
                                      formatter_class=fmt)
     register.add_argument("--dir", required=True, help="the folder made by `dermfed deploy init`")
     register.add_argument("--hospital", action="append", default=[], metavar="NAME", help="only these (default: all)")
     _add_common(register)
     register.set_defaults(handler=cmd_deploy_register)
-    run = deploy_sub.add_parser("run", help="build, sign and submit federated pretraining", formatter_class=fmt)
+    revoke = deploy_sub.add_parser("revoke", help="revoke a hospital: its certificate at the edge, its node",
+                                   formatter_class=fmt)
+    revoke.add_argument("hospital", metavar="HOSPITAL", help="the hospital's name")
+    revoke.add_argument("--dir", required=True, help="the folder made by `dermfed deploy init`")
+    revoke.add_argument("--ca-key", default=None, help="the CA key brought from offline storage (default: "
+                        "DIR/ca-offline/ca.key)")
+    _add_common(revoke)
+    revoke.set_defaults(handler=cmd_deploy_revoke)
+    ls = deploy_sub.add_parser("ls", help="the SuperLink's nodes and runs (operator only)", formatter_class=fmt)
+    ls.add_argument("--dir", required=True, help="the folder made by `dermfed deploy init`")
+    _add_common(ls)
+    ls.set_defaults(handler=cmd_deploy_ls)
+    sign = deploy_sub.add_parser("sign", help="on the operator's workstation: sign a run manifest", formatter_class=fmt)
+    sign.add_argument("--operator", required=True, help="the operator/ folder made by `dermfed deploy init`")
+    sign.add_argument("--run-dir", required=True, help="where checkpoints and history go, on the coordinator's server")
+    sign.add_argument("--resume", action="store_true", help="continue --run-dir from its last completed round")
+    sign.add_argument("--valid-hours", type=float, default=24.0, help="hospitals refuse to start the run after this")
+    sign.add_argument("--out", required=True, help="the signed manifest file to write")
+    _add_common(sign, default_preset="paper")
+    sign.set_defaults(handler=cmd_deploy_sign)
+    run = deploy_sub.add_parser("run", help="submit a signed run manifest", formatter_class=fmt)
     run.add_argument("--dir", required=True, help="the folder made by `dermfed deploy init`")
-    run.add_argument("--run-dir", default=None, help="where checkpoints and history go (default: DIR/runs/pretrain-TIME)")
-    run.add_argument("--resume", action="store_true", help="continue --run-dir from its last completed round")
-    _add_common(run, default_preset="paper")
+    run.add_argument("--manifest", required=True, help="the file `dermfed deploy sign` wrote")
+    _add_common(run)
     run.set_defaults(handler=cmd_deploy_run)
 
-    node = sub.add_parser("node", help="a hospital's daemon: forwarder, SuperNode and verifying SuperExec",
-                          formatter_class=fmt)
-    node.add_argument("--dir", required=True, help="this hospital's folder from `dermfed deploy init`")
-    node.add_argument("--data-root", required=True, help="the hospital's image folder (never leaves it)")
-    node.add_argument("--data-format", default="folder", help="layout of --data-root (see data.format)")
-    node.add_argument("--state-dir", default=None, help="site state and privacy ledger (default: ~/.dermfed/state)")
-    node.add_argument("--node-config", default="", metavar="'key=value ...'",
-                      help="more node config, e.g. 'dp-enabled=true dp-max-epsilon=8'")
-    _add_common(node)
-    node.set_defaults(handler=cmd_node)
+    node = sub.add_parser("node", help="a hospital: its keys, its approvals, its daemon", formatter_class=fmt)
+    node_sub = node.add_subparsers(dest="action", required=True, metavar="ACTION")
+    keygen = node_sub.add_parser("keygen", help="this hospital's keys and certificate request (keys stay here)",
+                                 formatter_class=fmt)
+    keygen.add_argument("--dir", required=True, help="new folder for this hospital's keys (mode 0700)")
+    keygen.add_argument("--name", required=True, help="the hospital's name in the federation")
+    _add_common(keygen)
+    keygen.set_defaults(handler=cmd_node_keygen)
+    bundle = node_sub.add_parser("bundle-hash", help="the sha256 of the app bundle a DermFed source tree builds",
+                                 formatter_class=fmt)
+    bundle.add_argument("--source", default=str(PROJECT_ROOT), help="a DermFed source tree (the reviewed release)")
+    _add_common(bundle)
+    bundle.set_defaults(handler=cmd_node_bundle_hash)
+    approve = node_sub.add_parser("approve", help="approve an app bundle by its sha256", formatter_class=fmt)
+    approve.add_argument("sha256", help="the bundle's sha256 (`dermfed node bundle-hash` of the reviewed release)")
+    approve.add_argument("--dir", required=True, help="this hospital's folder")
+    approve.add_argument("--note", default="", help="a note kept beside the hash (release, reviewer)")
+    _add_common(approve)
+    approve.set_defaults(handler=cmd_node_approve)
+    start = node_sub.add_parser("start", help="the hospital's daemon: forwarder, SuperNode and verifying SuperExec",
+                                formatter_class=fmt)
+    start.add_argument("--dir", required=True, help="this hospital's folder")
+    start.add_argument("--data-root", required=True, help="the hospital's image folder (never leaves it)")
+    start.add_argument("--data-format", default="folder", help="layout of --data-root (see data.format)")
+    start.add_argument("--state-dir", default=None, help="site state and privacy ledger (default: ~/.dermfed/state)")
+    start.add_argument("--node-config", default="", metavar="'key=value ...'",
+                       help="more node config, e.g. 'dp-enabled=true dp-max-epsilon=8 min-batch-size=16'")
+    _add_common(start)
+    start.set_defaults(handler=cmd_node_start)
 
     config = sub.add_parser("config", help="print the resolved configuration (every key)", formatter_class=fmt)
     config.add_argument("--flat", action="store_true", help="one key=value line per key")

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ import torch
 
 from common.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, CheckpointError, load_checkpoint, save_checkpoint
 from common.config import DermFedConfig, write_config
+from common.deployment.files import replace_file
 from common.model import ENCODER_PREFIX
 
 log = logging.getLogger("dermfed.server")
@@ -31,13 +33,18 @@ log = logging.getLogger("dermfed.server")
 STATUS_NAME = "run-status.json"
 
 
+def owner_only_folder(run_dir: Path) -> Path:
+    """A run folder only its owner can open: histories name sites and nodes, checkpoints hold the model."""
+    Path(run_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(run_dir, 0o700)
+    return Path(run_dir)
+
+
 def write_run_status(run_dir: Path, state: str, completed_round: int, reason: str = "", resumable: bool = False) -> None:
     """How the run stands (`running`, `finished`, `stopped`, `failed`), for the CLI's closing message."""
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    owner_only_folder(run_dir)
     status = {"state": state, "completed_round": completed_round, "reason": reason, "resumable": resumable}
-    temporary = Path(run_dir) / f".{STATUS_NAME}.tmp"
-    temporary.write_text(json.dumps(status, indent=1))
-    os.replace(temporary, Path(run_dir) / STATUS_NAME)  # readers never see a half-written file
+    replace_file(Path(run_dir) / STATUS_NAME, json.dumps(status, indent=1).encode())  # never half-written
 
 
 class RoundFailed(RuntimeError):
@@ -93,7 +100,7 @@ class RunRecorder:
         self.history: list[dict[str, Any]] = list(history or [])
         self.current: Optional[RoundRecord] = None
         self.started = time.perf_counter()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        owner_only_folder(self.run_dir)
         if not (self.run_dir / "config.yaml").is_file():  # a resumed run keeps its original config (revisions beside it)
             write_config(config, self.run_dir)
 
@@ -125,7 +132,7 @@ class RunRecorder:
         self.current = None
 
     def _write_history(self) -> None:
-        (self.run_dir / "history.json").write_text(json.dumps(self.history, indent=2))
+        replace_file(self.run_dir / "history.json", json.dumps(self.history, indent=2).encode())
         rows = []
         for entry in self.history:
             row = {"round": entry["round"], "seconds": entry["seconds"], "sites": len(entry["sites"]),
@@ -137,10 +144,11 @@ class RunRecorder:
                 row[f"epsilon_{site['site']}"] = site.get("epsilon")
             rows.append(row)
         columns = list(dict.fromkeys(k for row in rows for k in row))
-        with open(self.run_dir / "history.csv", "w", newline="") as stream:
-            writer = csv.DictWriter(stream, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
+        stream = io.StringIO(newline="")
+        writer = csv.DictWriter(stream, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        replace_file(self.run_dir / "history.csv", stream.getvalue().encode())
 
     def _save_checkpoint(self, round_number: int, tensors: Mapping[str, torch.Tensor], strategy_state: dict[str, Any]) -> None:
         encoder = {k[len(ENCODER_PREFIX):]: v for k, v in tensors.items() if k.startswith(ENCODER_PREFIX)}

@@ -6,8 +6,10 @@ Run config (pyproject `[tool.flwr.app.config]`, set by `dermfed simulate` or `fl
 `resume` (continue run-dir from its last completed round), `site-names` (comma-separated,
 partition order, for readable histories), `stop-after-round` (0: run all rounds),
 `site-registry` (a real federation: the node-key registry of `dermfed deploy register`, which
-names every site by its key), `app-signature` (checked by the hospitals, not here),
-`fault-injection` (simulations only; tests).
+names every site by its key and holds the key each reply must be signed with),
+`run-manifest` / `run-manifest-signature` (a real federation: the operator's signed manifest;
+the hospitals check it, and the DermFed config sent to them is the manifest's, not one read
+here), `fault-injection` (simulations only; tests).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import config_to_json, load_config
+from common.config import build_config, config_to_json, load_config
 from common.data.pipeline import prepare_data
+from common.run_manifest import MANIFEST_KEY, RunManifest
 from server.deploy.registry import SiteRegistry
 from server.federation import federated_pretraining_images, plan_run
 from server.monitor import Monitor
@@ -35,7 +38,10 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run_config = context.run_config
-    config = load_config(str(run_config["config-preset"]), shlex.split(str(run_config.get("config-overrides", ""))))
+    if str(run_config.get(MANIFEST_KEY, "")):  # exactly the config the operator signed and the hospitals check
+        config = build_config(RunManifest.decode(str(run_config[MANIFEST_KEY])).dermfed_config)
+    else:
+        config = load_config(str(run_config["config-preset"]), shlex.split(str(run_config.get("config-overrides", ""))))
     run_dir = Path(str(run_config.get("run-dir", "")) or Path(config.output_dir) / f"federated-{context.run_id}")
     try:
         plan = plan_run(config, run_dir, bool(run_config.get("resume", False)))

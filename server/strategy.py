@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx
 
 from common.config import DermFedConfig
+from common.reply_signature import RECORD_KEY, ForgedReply, reply_digest, verify_reply
 from server.deploy.registry import SiteRegistry
 from server.rounds import RoundFailed, RoundRecord, RunRecorder, screen_update
 
@@ -32,9 +33,12 @@ class RobustAggregation:
     """Mixin for a Flower message-API strategy; call `attach` before `start`.
 
     With a site registry (a real federation), a site is who its key says: replies are labelled by
-    the registry entry of their node id, whatever the node reports about itself, and a node that
-    is not in the registry is sent nothing and its replies are left out. Without one (a
-    simulation on one machine), the node's configured `site-index` names it.
+    the registry entry of their node id, whatever the node reports about itself; a node that is
+    not in the registry (or was revoked) is sent nothing and its replies are left out; and a reply
+    is recorded only if it is signed by the key registered for its node id (Flower's Fleet API
+    does not bind a pushed reply's `src_node_id` to the node that pushed it), otherwise it is
+    left out as forged. Without a registry (a simulation on one machine), the node's configured
+    `site-index` names it.
     """
 
     recorder: RunRecorder
@@ -113,8 +117,8 @@ class RobustAggregation:
                 continue
             reason, metrics, index = self._check(message)
             label = self.site_label(index, node)
-            if self.registry is not None and self.registry.site(node) is None:
-                reason = "node id not in the site registry"
+            if self.registry is not None:
+                reason = self.sender_problem(message, self.round_offset + server_round) or reason
             if reason:
                 record.excluded.append({"site": label, "node": node, "reason": reason})
                 continue
@@ -131,6 +135,22 @@ class RobustAggregation:
                 f"round {record.round}: only {len(good)} valid update(s), federation.min_clients={self.min_clients}; "
                 f"left out: {record.excluded}. The last completed round's checkpoint is kept; fix the sites and resume.")
         return [message for _, _, message in sorted(good, key=lambda item: (item[0], item[1]))]
+
+    def sender_problem(self, message: Message, real_round: int) -> Optional[str]:
+        """Why a reply cannot be attributed to its node id's registered key, or None when its signature verifies."""
+        node = message.metadata.src_node_id
+        entry = self.registry.site(node) if self.registry is not None else None
+        if entry is None:
+            return "node id not in the site registry"
+        record = message.content.config_records.get(RECORD_KEY)
+        if record is None or "signature" not in record:
+            return f"unsigned reply: not recorded under node {node} (each site signs its replies with its node key)"
+        try:
+            verify_reply(entry.public_key, str(record["signature"]), message.metadata.run_id, real_round, node,
+                         message.metadata.reply_to_message_id, reply_digest(message.content))
+        except ForgedReply as exc:
+            return f"forged or altered reply: {exc}"
+        return None
 
     def _check(self, message: Message) -> tuple[Optional[str], dict[str, Any], Optional[float]]:
         content = message.content
@@ -150,7 +170,8 @@ class RobustAggregation:
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
-        sound = [m for m in replies if not m.has_error()]
+        sound = [m for m in replies if not m.has_error()
+                 and (self.registry is None or self.sender_problem(m, self.round_offset + server_round) is None)]
         metrics = super().aggregate_evaluate(self.round_offset + server_round, sound) if sound else None  # type: ignore[misc]
         if metrics is not None:
             self.recorder.record(self.round_offset + server_round).evaluate = {

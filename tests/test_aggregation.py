@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord
 
 from common.config import load_config
 from server.rounds import RoundFailed, RunRecorder, screen_update
@@ -128,17 +129,39 @@ def test_server_side_monitors(tmp_path, synthetic_root):
     assert Monitor(load("smoke", common))(initial_shared_weights(load("smoke", common))) == {}
 
 
-def test_with_a_registry_a_site_is_named_by_its_node_key_and_strangers_are_left_out(tmp_path):
+def _node_keys(tmp_path, nodes):
+    """Real node keys (as `dermfed node keygen` makes them) and a registry that holds their public halves."""
+    from common.deployment.pki import make_node_key
+    from common.reply_signature import load_node_key
     from server.deploy.registry import RegisteredSite, SiteRegistry
 
+    keys, sites = {}, {}
+    for index, (node, name) in enumerate(nodes.items()):
+        make_node_key(tmp_path / name)
+        keys[node] = load_node_key(tmp_path / name / "auth_key")
+        sites[node] = RegisteredSite(name, index, "sha", (tmp_path / name / "auth_key.pub").read_text().strip())
+    return keys, SiteRegistry(sites)
+
+
+def _signed(message, key, node_id, round_number=1):
+    """What a hospital's verifying ClientApp does before it pushes a reply."""
+    from client.trusted_app import sign_reply_in_place
+
+    sign_reply_in_place(message, key, message.metadata.run_id, node_id, round_number)
+    return message
+
+
+def test_with_a_registry_a_site_is_named_by_its_node_key_and_strangers_are_left_out(tmp_path):
     config = load_config("smoke", ["federation.min_clients=2"])
     strategy = build_strategy(config)
-    registry = SiteRegistry({10: RegisteredSite("clinic_a", 0, "k0"), 11: RegisteredSite("clinic_b", 1, "k1")})
-    strategy.attach(RunRecorder(tmp_path, config), EXPECTED, 2, registry=registry)
+    keys, registry = _node_keys(tmp_path, {10: "clinic_a", 11: "clinic_b", 99: "stranger"})
+    registry.sites.pop(99)  # a key the coordinator never registered
+    strategy.attach(RunRecorder(tmp_path / "run", config), EXPECTED, 2, registry=registry)
     strategy._sent = [10, 11, 99]
     # node 11 claims clinic_a's index; node 99 holds a key the coordinator never registered
-    replies = [reply(11, _arrays(2.0), _metrics(0, 10)), reply(10, _arrays(1.0), _metrics(1, 10)),
-               reply(99, _arrays(50.0), _metrics(2, 10))]
+    replies = [_signed(reply(11, _arrays(2.0), _metrics(0, 10)), keys[11], 11),
+               _signed(reply(10, _arrays(1.0), _metrics(1, 10)), keys[10], 10),
+               _signed(reply(99, _arrays(50.0), _metrics(2, 10)), keys[99], 99)]
     arrays, _ = strategy.aggregate_train(1, replies)
     record = strategy.recorder.current
     assert {s["node"]: s["site"] for s in record.sites} == {10: "clinic_a", 11: "clinic_b"}
@@ -148,15 +171,45 @@ def test_with_a_registry_a_site_is_named_by_its_node_key_and_strangers_are_left_
     assert [m.metadata.dst_node_id for m in kept] == [10]  # nothing is sent to an unregistered node
 
 
-def test_a_registered_site_that_fails_or_stays_silent_is_recorded_under_its_registered_name(tmp_path):
-    from server.deploy.registry import RegisteredSite, SiteRegistry
-
+def test_a_reply_pushed_under_another_nodes_id_is_refused_and_recorded(tmp_path):
+    """Flower's Fleet API lets a registered node push a reply whose src_node_id is another's: clinic_b
+    sends one as clinic_a (node 10), signed with its own key; an altered reply and an unsigned one fail too."""
     config = load_config("smoke", ["federation.min_clients=1"])
     strategy = build_strategy(config)
-    registry = SiteRegistry({10: RegisteredSite("clinic_a", 0, "k0"), 11: RegisteredSite("clinic_b", 1, "k1"),
-                             12: RegisteredSite("clinic_c", 2, "k2")})
-    strategy.attach(RunRecorder(tmp_path, config), EXPECTED, 1, registry=registry)
+    keys, registry = _node_keys(tmp_path, {10: "clinic_a", 11: "clinic_b", 12: "clinic_c"})
+    strategy.attach(RunRecorder(tmp_path / "run", config), EXPECTED, 1, registry=registry)
     strategy._sent = [10, 11, 12]
-    strategy.aggregate_train(1, [reply(10, _arrays(1.0), _metrics(0, 10)), error_reply(11, "data-error")])
+    forged = _signed(reply(10, _arrays(99.0), _metrics(0, 10)), keys[11], 10)  # clinic_b's key, clinic_a's node id
+    assert forged.metadata.src_node_id == 10
+    altered = _signed(reply(11, _arrays(1.0), _metrics(1, 10)), keys[11], 11)
+    altered.content["arrays"] = ArrayRecord({k: Array(v) for k, v in _arrays(5.0).items()})  # changed after signing
+    unsigned = reply(12, _arrays(3.0), _metrics(2, 10))
+    replayed = _signed(reply(12, _arrays(3.0), _metrics(2, 10)), keys[12], 12, round_number=7)  # another round's
+    with pytest.raises(RoundFailed):
+        strategy.aggregate_train(1, [forged, altered, unsigned])
+    reasons = {e["node"]: e["reason"] for e in strategy.recorder.current.excluded}
+    assert reasons[10].startswith("forged or altered reply: its signature does not verify against the key "
+                                  "registered for node 10")
+    assert reasons[11].startswith("forged or altered reply")
+    assert reasons[12].startswith("unsigned reply")
+    strategy.recorder.current = None
+    with pytest.raises(RoundFailed):
+        strategy.aggregate_train(1, [replayed])
+    assert strategy.recorder.current.excluded[0]["reason"].startswith("forged or altered reply")
+    genuine = _signed(reply(10, _arrays(1.0), _metrics(0, 10)), keys[10], 10)
+    strategy.recorder.current = None
+    arrays, _ = strategy.aggregate_train(1, [genuine])
+    assert np.allclose(arrays["encoder.w"].numpy(), 1.0)
+    assert strategy.recorder.current.sites[0]["site"] == "clinic_a"
+
+
+def test_a_registered_site_that_fails_or_stays_silent_is_recorded_under_its_registered_name(tmp_path):
+    config = load_config("smoke", ["federation.min_clients=1"])
+    strategy = build_strategy(config)
+    keys, registry = _node_keys(tmp_path, {10: "clinic_a", 11: "clinic_b", 12: "clinic_c"})
+    strategy.attach(RunRecorder(tmp_path / "run", config), EXPECTED, 1, registry=registry)
+    strategy._sent = [10, 11, 12]
+    strategy.aggregate_train(1, [_signed(reply(10, _arrays(1.0), _metrics(0, 10)), keys[10], 10),
+                                 error_reply(11, "data-error")])
     reasons = {e["site"]: e["reason"] for e in strategy.recorder.current.excluded}
     assert reasons == {"clinic_b": "client error: data-error", "clinic_c": "no reply within federation.round_timeout"}

@@ -8,12 +8,16 @@ import pytest
 
 from server.cli import build_parser, main
 
-SUBCOMMANDS = ["data", "config", "pretrain", "simulate", "evaluate", "report", "deploy"]
-GROUPS = (["data"], ["deploy"])  # commands whose help lists actions, not options
+SUBCOMMANDS = ["data", "config", "pretrain", "simulate", "evaluate", "report", "deploy", "node"]
+GROUPS = (["data"], ["deploy"], ["node"])  # commands whose help lists actions, not options
 
 
 @pytest.mark.parametrize("argv", [[name] for name in SUBCOMMANDS] + [["data", "synth"], ["data", "summary"],
-                                                                      ["deploy", "init"], ["deploy", "register"]])
+                                                                      ["deploy", "init"], ["deploy", "register"],
+                                                                      ["deploy", "add-hospital"], ["deploy", "sign"],
+                                                                      ["deploy", "run"], ["deploy", "revoke"],
+                                                                      ["node", "keygen"], ["node", "start"],
+                                                                      ["node", "approve"], ["node", "bundle-hash"]])
 def test_every_subcommand_has_help_with_defaults(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args([*argv, "--help"])
@@ -64,3 +68,39 @@ def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "server.cli", "config", "--config", "smoke", "--flat"],
                             capture_output=True, text=True, check=True)
     assert "data.format=\"synthetic\"" in result.stdout
+
+
+def test_federation_commands_refuse_bad_inputs_with_one_line_and_exit_2(tmp_path, capsys):
+    """Files a coordinator or a hospital can get wrong: each a line that names it, never an unexpected error."""
+    federation, hospital = tmp_path / "federation", tmp_path / "hospital"
+    assert main(["deploy", "init", "--out", str(federation), "--host", "localhost"]) == 0
+    assert main(["node", "keygen", "--dir", str(hospital), "--name", "clinic_a"]) == 0
+    (tmp_path / "garbage.json").write_text("{not json")
+    cases = {
+        "a request that is not one": ["deploy", "add-hospital", "--dir", str(federation), "--request",
+                                      str(tmp_path / "garbage.json")],
+        "no CA key where it is said to be": ["deploy", "add-hospital", "--dir", str(federation), "--request",
+                                             str(hospital / "request.json"), "--ca-key", str(tmp_path / "nowhere")],
+        "a manifest that is not one": ["deploy", "run", "--dir", str(federation), "--manifest",
+                                       str(tmp_path / "garbage.json")],
+        "no operator folder": ["deploy", "sign", "--operator", str(tmp_path / "nowhere"), "--run-dir", "/srv/r",
+                               "--out", str(tmp_path / "m.json")],
+        "a relative run folder": ["deploy", "sign", "--operator", str(federation / "operator"), "--run-dir", "runs/r",
+                                  "--out", str(tmp_path / "m.json")],
+        "an unknown hospital": ["deploy", "revoke", "clinic_z", "--dir", str(federation)],
+        "not a hash": ["node", "approve", "--dir", str(hospital), "1234"],
+        "keys made twice": ["node", "keygen", "--dir", str(hospital), "--name", "clinic_a"],
+        "a bad name": ["node", "keygen", "--dir", str(tmp_path / "other"), "--name", "../x"],
+        "not a source tree": ["node", "bundle-hash", "--source", str(tmp_path)],
+        "no SuperLink running": ["deploy", "ls", "--dir", str(federation)],
+        "a folder without its public files": ["node", "start", "--dir", str(hospital), "--data-root", str(tmp_path)],
+    }
+    for case, argv in cases.items():
+        capsys.readouterr()
+        assert main(argv) == 2, case
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and error[0].startswith("dermfed: error: "), (case, error)
+    assert main(["deploy", "add-hospital", "--dir", str(federation), "--request", str(hospital / "request.json")]) == 0
+    capsys.readouterr()
+    assert main(["deploy", "add-hospital", "--dir", str(federation), "--request", str(hospital / "request.json")]) == 2
+    assert "a hospital of this federation already" in capsys.readouterr().err

@@ -1,15 +1,16 @@
 """Keys and certificates of a federation, handled as keys.
 
-Every private key is written through `write_private`: the file is created with mode 0600 by
-`os.open`, so it is never readable by others, not even for the instant between creation and
-a `chmod`. An existing file is never overwritten.
+Every private key is written through `common.deployment.files.write_private` (mode 0600 from
+its first byte, never overwritten) and only where its owner runs: a hospital makes its own keys
+and a certificate signing request (`make_client_request`); the coordinator's CA signs the
+request (`sign_client_request`) without ever seeing the hospital's private key, and revokes a
+certificate by listing its serial in a signed revocation list (`make_crl`) that the edge reads.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from pathlib import Path
 from typing import Iterable
 
@@ -18,23 +19,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from common.deployment.files import write_private, write_public
+
 VALID_DAYS = 825
-PRIVATE_MODE = 0o600
-
-
-def write_private(path: Path, data: bytes) -> Path:
-    """Create `path` with mode 0600 from its first byte; refuse to replace an existing file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_MODE)
-    with os.fdopen(descriptor, "wb") as stream:
-        stream.write(data)
-    return path
-
-
-def write_public(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
 
 
 def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -101,6 +88,59 @@ def issue_certificate(folder: Path, stem: str, ca_key: ec.EllipticCurvePrivateKe
     write_private(folder / f"{stem}.key", _pem(key))
     write_public(folder / f"{stem}.crt", cert_pem(cert))
     return cert
+
+
+def load_ca(key_path: Path, cert_path: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{key_path} is not the federation's CA key (an EC private key)")
+    cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    if cert.public_key().public_numbers() != key.public_key().public_numbers():
+        raise ValueError(f"{key_path} is not the key of the CA certificate {cert_path}")
+    return key, cert
+
+
+def make_client_request(folder: Path, common_name: str) -> x509.CertificateSigningRequest:
+    """A hospital's TLS client key (`client.key`, 0600) and its signing request (`client.csr`)."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    request = x509.CertificateSigningRequestBuilder().subject_name(_name(common_name)).sign(key, hashes.SHA384())
+    write_private(folder / "client.key", _pem(key))
+    write_public(folder / "client.csr", request.public_bytes(serialization.Encoding.PEM))
+    return request
+
+
+def sign_client_request(request_pem: bytes, common_name: str, ca_key: ec.EllipticCurvePrivateKey,
+                        ca_cert: x509.Certificate) -> x509.Certificate:
+    """The CA's client certificate for a hospital's request, checked: self-signed by its key, named as expected."""
+    request = x509.load_pem_x509_csr(request_pem)
+    if not request.is_signature_valid:
+        raise ValueError("the certificate signing request's signature does not verify")
+    names = [a.value for a in request.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if names != [common_name]:
+        raise ValueError(f"the certificate signing request names {names}, not the hospital {common_name!r}")
+    if not isinstance(request.public_key(), ec.EllipticCurvePublicKey):
+        raise ValueError("the certificate signing request must hold an EC public key (made by `dermfed node keygen`)")
+    builder = (x509.CertificateBuilder().subject_name(_name(common_name)).issuer_name(ca_cert.subject)
+               .public_key(request.public_key()).serial_number(x509.random_serial_number()))
+    return (_validity(builder)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA384()))
+
+
+def make_crl(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, serials: Iterable[int]) -> bytes:
+    """The CA's revocation list of these certificate serials, valid as long as the CA itself."""
+    now = dt.datetime.now(dt.timezone.utc)
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
+               .last_update(now - dt.timedelta(minutes=5)).next_update(ca_cert.not_valid_after_utc))
+    for serial in sorted(set(serials)):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build())
+    return builder.sign(ca_key, hashes.SHA384()).public_bytes(serialization.Encoding.PEM)
+
+
+def crl_serials(pem: bytes) -> set[int]:
+    return {entry.serial_number for entry in x509.load_pem_x509_crl(pem)}
 
 
 def make_node_key(folder: Path) -> None:

@@ -1,0 +1,162 @@
+"""What a hospital's verifying ClientApp process checks before it installs a run's bundle
+(`client.trusted_app.approve_task`), with real Flower Messages and Contexts, a real signed manifest and
+the hospital's own folder: each case is something the coordinator controls. tests/test_deployment.py
+runs the same checks through real processes."""
+
+import base64
+import json
+import time
+from pathlib import Path
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+from client.node import approve
+from client.trusted_app import RunRefused, approve_task
+from common.config import config_to_json, load_config
+from common.deployment.layout import HospitalLayout
+from common.deployment.pki import make_signing_key
+from common.run_manifest import (MANIFEST_KEY, SIGNATURE_KEY, RunManifest, UntrustedApp, bundle_sha256,
+                                 load_signing_key, read_approved_bundles, sign_manifest)
+from tests.flower_helpers import set_identity
+
+BUNDLE = b"the app bundle's bytes"
+FEDERATION = "f" * 32
+
+
+@pytest.fixture()
+def hospital(tmp_path) -> HospitalLayout:
+    folder = tmp_path / "hospital"
+    folder.mkdir()
+    make_signing_key(tmp_path / "operator.key", folder / "trusted-app-keys.pub", "operator")
+    (folder / "hospital.json").write_text(json.dumps({"site": "clinic_a", "index": 0, "federation_id": FEDERATION}))
+    approve(folder, bundle_sha256(BUNDLE))
+    return HospitalLayout(folder)
+
+
+def _manifest(overrides=(), **fields) -> RunManifest:
+    config = json.loads(config_to_json(load_config("smoke", list(overrides))))
+    run_config = {"config-preset": "smoke", "run-dir": "/srv/runs/r1", "resume": False, "site-registry": "/srv/reg.json",
+                  "fault-injection": "", "stop-after-round": 0}
+    values = dict(federation=FEDERATION, run="a" * 32, expires=int(time.time()) + 3600,
+                  bundle_sha256=bundle_sha256(BUNDLE), run_config=run_config, dermfed_config=config)
+    return RunManifest(**{**values, **fields})
+
+
+def _task(hospital: HospitalLayout, manifest: RunManifest, *, run_config=None, instruction=None, node_config=None,
+          flower_run_id: int = 7, key_path: Path | None = None):
+    encoded, signature = sign_manifest(manifest, load_signing_key(key_path or hospital.root.parent / "operator.key"))
+    config = {**manifest.run_config, MANIFEST_KEY: encoded, SIGNATURE_KEY: signature, **(run_config or {})}
+    set_identity(run_id=flower_run_id)
+    sent = {"dermfed-config": json.dumps(manifest.dermfed_config), "server-round": 1, **(instruction or {})}
+    message = Message(content=RecordDict({"config": ConfigRecord(sent)}), dst_node_id=5, message_type=MessageType.TRAIN)
+    context = Context(run_id=flower_run_id, node_id=5, node_config=node_config or {}, state=RecordDict(),
+                      run_config=config)
+    return message, context
+
+
+def test_the_signed_run_is_accepted_and_its_later_rounds_too(hospital):
+    manifest = _manifest()
+    approve_task(*_task(hospital, manifest), BUNDLE, hospital)
+    # round 2 of the same Flower run, after the manifest expired: the run continues
+    later = _task(hospital, manifest, instruction={"server-round": 1})
+    approve_task(*later, BUNDLE, hospital, now=manifest.expires + 10)
+    accepted = json.loads(hospital.accepted_runs.read_text())
+    assert accepted[manifest.run]["flower_run_id"] == 7
+
+
+def test_a_manifest_edited_after_signing_is_refused(hospital):
+    message, context = _task(hospital, _manifest())
+    edited = _manifest(dermfed_config={**_manifest().dermfed_config, "seed": 99})
+    context.run_config[MANIFEST_KEY] = base64.urlsafe_b64encode(edited.encode()).decode()
+    with pytest.raises(UntrustedApp, match="not signed by a key this hospital trusts"):
+        approve_task(message, context, BUNDLE, hospital)
+    assert not hospital.accepted_runs.exists()
+
+
+def test_a_manifest_signed_by_another_key_is_refused(hospital, tmp_path):
+    make_signing_key(tmp_path / "other.key", tmp_path / "other.pub", "someone")
+    with pytest.raises(UntrustedApp, match="not signed by a key this hospital trusts"):
+        approve_task(*_task(hospital, _manifest(), key_path=tmp_path / "other.key"), BUNDLE, hospital)
+
+
+@pytest.mark.parametrize("case, change, expected", [
+    ("another federation", {"federation": "0" * 32}, "for federation 0000"),
+    ("no registry", {"run_config": {"site-registry": "", "run-dir": "/srv/runs/r1"}}, "has no site-registry"),
+    ("fault injection", {"run_config": {"site-registry": "/r", "fault-injection": "0:raise:1"}}, "fault-injection"),
+])
+def test_a_signed_run_this_hospital_must_not_run_is_refused(hospital, case, change, expected):
+    with pytest.raises(UntrustedApp, match=expected):
+        approve_task(*_task(hospital, _manifest(**change)), BUNDLE, hospital)
+
+
+@pytest.mark.parametrize("case, task, expected", [
+    ("a run config key changed", {"run_config": {"run-dir": "/tmp/elsewhere"}}, r"differs from the signed one in \['run-dir'\]"),
+    ("a run config key added", {"run_config": {"site-names": "x"}}, r"differs from the signed one in \['site-names'\]"),
+    ("a bool that equals 0", {"run_config": {"stop-after-round": False}}, "stop-after-round"),
+    ("another DermFed config", {"instruction": {"dermfed-config": config_to_json(load_config("smoke", ["seed=3"]))}},
+     r"not the signed one \(differs in \['seed'\]\)"),
+    ("an extra instruction key", {"instruction": {"learning-rate": 1.0}}, "keys the signed run does not cover"),
+    ("a round beyond the signed ones", {"instruction": {"server-round": 99}}, "outside the signed run's rounds"),
+    ("a proximal term not signed", {"instruction": {"proximal-mu": 0.5}}, "proximal-mu"),
+])
+def test_a_task_that_is_not_the_signed_run_is_refused(hospital, case, task, expected):
+    with pytest.raises(UntrustedApp, match=expected):
+        approve_task(*_task(hospital, _manifest(), **task), BUNDLE, hospital)
+
+
+def test_an_unapproved_bundle_is_refused_with_its_hash(hospital):
+    other = b"another bundle"
+    manifest = _manifest(bundle_sha256=bundle_sha256(other))
+    with pytest.raises(UntrustedApp, match=f"sha256 {bundle_sha256(other)} is not approved by this hospital"):
+        approve_task(*_task(hospital, manifest), other, hospital)
+    with pytest.raises(UntrustedApp, match="is not the one the manifest signs"):
+        approve_task(*_task(hospital, _manifest()), other, hospital)
+
+
+def test_expired_and_replayed_manifests_are_refused(hospital):
+    expired = _manifest(expires=int(time.time()) - 1)
+    with pytest.raises(UntrustedApp, match="expired"):
+        approve_task(*_task(hospital, expired), BUNDLE, hospital)
+    manifest = _manifest(run="b" * 32)
+    approve_task(*_task(hospital, manifest, flower_run_id=7), BUNDLE, hospital)
+    with pytest.raises(UntrustedApp, match="was used before at this hospital"):
+        approve_task(*_task(hospital, manifest, flower_run_id=8), BUNDLE, hospital)
+
+
+@pytest.mark.parametrize("node_config, overrides, expected", [
+    ({"min-batch-size": 16}, ["train.batch_size=8"],
+     "asks for train.batch_size=8, but this hospital's node config sets min-batch-size=16"),
+    ({"allow-plain-metrics": False}, ["dp.enabled=false"], "allow-plain-metrics=false"),
+    ({"min-batch-size": "16"}, [], "must be a positive whole number"),
+])
+def test_a_run_beyond_the_hospitals_limits_is_refused_naming_both_values(hospital, node_config, overrides, expected):
+    with pytest.raises(RunRefused, match=expected):
+        approve_task(*_task(hospital, _manifest(overrides), node_config=node_config), BUNDLE, hospital)
+    assert not hospital.accepted_runs.exists()  # a refused run is not spent
+
+
+def test_the_hospitals_own_overrides_count_towards_its_limits(hospital):
+    node_config = {"min-batch-size": 16, "dermfed-overrides": "train.batch_size=32"}
+    approve_task(*_task(hospital, _manifest(["train.batch_size=8"]), node_config=node_config), BUNDLE, hospital)
+
+
+def test_approvals_are_sha256_lines_with_notes(hospital):
+    text = hospital.approved_bundles.read_text()
+    assert text.startswith(bundle_sha256(BUNDLE) + "  # approved ")
+    assert approve(hospital.root, bundle_sha256(BUNDLE).upper()) is False  # already there
+    hospital.approved_bundles.write_text(text + "not-a-hash\n")
+    with pytest.raises(ValueError, match="not a sha256"):
+        read_approved_bundles(hospital.approved_bundles)
+
+
+@pytest.mark.parametrize("preset", ["paper", "demo", "smoke"])
+def test_the_config_the_serverapp_sends_is_exactly_the_signed_one(preset):
+    """The ServerApp rebuilds the config from the manifest and sends config_to_json of it: the same JSON."""
+    from common.config import build_config
+    from common.run_manifest import _same
+
+    signed = json.loads(config_to_json(load_config(preset, ["train.lr=1"])))
+    carried = base64.urlsafe_b64encode(_manifest(dermfed_config=signed).encode()).decode()
+    sent = json.loads(config_to_json(build_config(RunManifest.decode(carried).dermfed_config)))
+    assert _same(sent, signed)
