@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -32,6 +30,7 @@ from common.data.catalog import DataError
 from common.data.partition import partition_catalog
 from common.data.pipeline import PreparedData, prepare_data
 from common.model import build_vae, load_partial_state, private_state, shared_keys, shared_state, vae_loss_per_sample
+from common.run_files import atomic_write_bytes
 from common.serialization import read_site_snapshot, site_snapshot
 from common.training import LocalTrainer, SiteState, seed_everything
 
@@ -81,14 +80,6 @@ def deployment_site_data(config: DermFedConfig, node_config: Mapping[str, Any]) 
     return SiteData(name, int(node_config.get("site-index", 0)), prepared, train, val)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    with os.fdopen(handle, "wb") as stream:
-        stream.write(data)
-    os.replace(temporary, path)
-
-
 class PrivacyLedger:
     """Append-only record of a site's DP accountant (and its calibrated noise), and the privacy floor
     in force when the site first trained with DP: later runs may ask for more privacy, never less."""
@@ -110,7 +101,7 @@ class PrivacyLedger:
                                  "mechanism": accountant["mechanism"]},
                   "noise_multiplier": noise_multiplier,
                   "floor": kept if kept is not None else floor.as_record()}
-        _atomic_write(self.path, json.dumps(record, indent=1).encode())
+        atomic_write_bytes(self.path, json.dumps(record, indent=1).encode())
 
 
 @dataclass
@@ -203,7 +194,7 @@ class SiteRunner:
         self.ledger.save(self.state.accountant, self.state.noise_multiplier,
                          self.floor.stricter(PrivacyFloor.of_config(self.config)))
         blob = site_snapshot(round_number, self.state, private_state(self.model, self.scope))
-        _atomic_write(self.snapshot_path(round_number), blob)
+        atomic_write_bytes(self.snapshot_path(round_number), blob)
         for old in sorted(self.state_dir.glob("round-*.pt"))[:-SNAPSHOTS_KEPT]:
             old.unlink(missing_ok=True)
         images = max(1, result.images)

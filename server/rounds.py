@@ -9,10 +9,10 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +24,7 @@ import torch
 from common.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, CheckpointError, load_checkpoint, save_checkpoint
 from common.config import DermFedConfig, write_config
 from common.model import ENCODER_PREFIX
+from common.run_files import atomic_write_text
 
 log = logging.getLogger("dermfed.server")
 
@@ -33,11 +34,8 @@ STATUS_NAME = "run-status.json"
 
 def write_run_status(run_dir: Path, state: str, completed_round: int, reason: str = "", resumable: bool = False) -> None:
     """How the run stands (`running`, `finished`, `stopped`, `failed`), for the CLI's closing message."""
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
     status = {"state": state, "completed_round": completed_round, "reason": reason, "resumable": resumable}
-    temporary = Path(run_dir) / f".{STATUS_NAME}.tmp"
-    temporary.write_text(json.dumps(status, indent=1))
-    os.replace(temporary, Path(run_dir) / STATUS_NAME)  # readers never see a half-written file
+    atomic_write_text(Path(run_dir) / STATUS_NAME, json.dumps(status, indent=1))  # never half-written
 
 
 class RoundFailed(RuntimeError):
@@ -114,18 +112,24 @@ class RunRecorder:
         return self.current
 
     def finish(self, round_number: int, shared: Mapping[str, torch.Tensor], strategy_state: dict[str, Any]) -> None:
-        """Close a completed round: history files, console line, checkpoint."""
+        """Close a completed round: checkpoint, then history files, then the console line.
+
+        The checkpoint comes first: if it cannot be written (a full disk), the exception ends the run with
+        the previous round's checkpoint and history untouched, so the history never claims a round
+        that has no checkpoint.
+        """
         record = self.record(round_number)
         record.seconds = time.perf_counter() - self.started
         entry = _jsonable(record.__dict__.copy())
-        self.history = [h for h in self.history if h["round"] != round_number] + [entry]
+        history = [h for h in self.history if h["round"] != round_number] + [entry]
+        self._save_checkpoint(round_number, shared, strategy_state, history)
+        self.history = history
         self._write_history()
-        self._save_checkpoint(round_number, shared, strategy_state)
         self._print(record)
         self.current = None
 
     def _write_history(self) -> None:
-        (self.run_dir / "history.json").write_text(json.dumps(self.history, indent=2))
+        atomic_write_text(self.run_dir / "history.json", json.dumps(self.history, indent=2))
         rows = []
         for entry in self.history:
             row = {"round": entry["round"], "seconds": entry["seconds"], "sites": len(entry["sites"]),
@@ -137,19 +141,19 @@ class RunRecorder:
                 row[f"epsilon_{site['site']}"] = site.get("epsilon")
             rows.append(row)
         columns = list(dict.fromkeys(k for row in rows for k in row))
-        with open(self.run_dir / "history.csv", "w", newline="") as stream:
-            writer = csv.DictWriter(stream, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.run_dir / "history.csv", table.getvalue())
 
-    def _save_checkpoint(self, round_number: int, tensors: Mapping[str, torch.Tensor], strategy_state: dict[str, Any]) -> None:
+    def _save_checkpoint(self, round_number: int, tensors: Mapping[str, torch.Tensor], strategy_state: dict[str, Any],
+                         history: list[dict[str, Any]]) -> None:
         encoder = {k[len(ENCODER_PREFIX):]: v for k, v in tensors.items() if k.startswith(ENCODER_PREFIX)}
-        latest = self.run_dir / CHECKPOINT_NAME
-        if latest.is_file():
-            os.replace(latest, self.run_dir / PREVIOUS_NAME)  # the last two rounds stay on disk
-        save_checkpoint(latest, config=self.config, encoder_state=encoder,
+        save_checkpoint(self.run_dir / CHECKPOINT_NAME, config=self.config, encoder_state=encoder,
+                        previous=self.run_dir / PREVIOUS_NAME,  # the last two rounds stay on disk
                         vae_state=dict(tensors) if self.config.federation.share == "vae" else None,
-                        position={"round": round_number}, history=self.history,
+                        position={"round": round_number}, history=history,
                         extra={"shared": dict(tensors), "arm": "federated", "pretraining_images": self.pretraining_images,
                                "strategy": {name: {k: torch.from_numpy(np.array(v, copy=True)) for k, v in moments.items()}
                                             for name, moments in strategy_state.items()}})
@@ -177,7 +181,7 @@ def latest_checkpoint(run_dir: Path) -> dict[str, Any]:
     """The run's latest readable checkpoint: checkpoint.pt, or the previous round's when it is torn (with a warning)."""
     try:
         return load_checkpoint(run_dir / CHECKPOINT_NAME)
-    except CheckpointError as exc:
+    except (CheckpointError, FileNotFoundError) as exc:  # torn, or gone while a file system without hard links rotated
         if not (run_dir / PREVIOUS_NAME).is_file():
             raise
         log.warning("%s; falling back to the previous round's %s", exc, PREVIOUS_NAME)
