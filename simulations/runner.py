@@ -273,7 +273,7 @@ def run_simulation(config: DermFedConfig, run_dir: Path, resume: bool = False,
         try:
             return _run_locked(config, run_dir, lock, resume, stop_after_round, fault_injection)
         except Interrupted as exc:
-            raise SimulationInterrupted(f"interrupted by {exc.signal_name}: every process of the run was stopped; "
+            raise SimulationInterrupted(f"interrupted by {exc.signal_name}, the run's processes are stopped: "
                                         f"{after_interrupt(run_dir, config.federation.num_rounds)}") from None
         finally:
             lock.release()
@@ -329,6 +329,9 @@ def _run_locked(config: DermFedConfig, run_dir: Path, lock: RunLock, resume: boo
                 # itself) is stopped here at once, before the SuperLink's orderly stop, which may take 20 s.
                 stop_marked(token, ours)
     finally:
+        # Whatever of the run is still alive: e.g. a SuperLink whose start a signal interrupted before
+        # local_superlink could take charge of it (it carries the run's marker). Nothing, normally.
+        stop_marked(token, ours)
         reaper.kill()
         reaper.wait()
         shutil.rmtree(ray_tmp, ignore_errors=True)
