@@ -16,8 +16,9 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -39,6 +40,15 @@ def _named(exc: OSError, path: Path) -> OSError:
     if exc.filename is not None:
         return exc
     return OSError(exc.errno, exc.strerror or str(exc), str(path))  # errno picks the subclass (PermissionError, ...)
+
+
+@contextmanager
+def writing_into(folder: str | Path) -> Iterator[None]:
+    """For writers that are not ours (PIL, pandas): an OSError that names no path names `folder`."""
+    try:
+        yield
+    except OSError as exc:
+        raise _named(exc, Path(folder)) from None
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, previous: Optional[str | Path] = None) -> Path:

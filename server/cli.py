@@ -52,10 +52,12 @@ def run_folder(config: DermFedConfig, kind: str, explicit: Optional[str] = None)
 
 def cmd_data_synth(args: argparse.Namespace, config: DermFedConfig) -> int:
     from common.data.synthetic import generate
+    from common.run_files import writing_into
 
     out = Path(args.out or config.data.root or "data/synthetic")
     started = time.perf_counter()
-    metadata = generate(config, out)
+    with writing_into(out):  # a full disk names the folder
+        metadata = generate(config, out)
     print(f"wrote {len(metadata)} synthetic images of {metadata['lesion_id'].nunique()} lesions in "
           f"{metadata['dataset'].nunique()} sites to {out} ({time.perf_counter() - started:.1f} s)")
     print(f"read it with: data.format=synthetic data.root={out}")
@@ -362,10 +364,8 @@ FILE_SYSTEM_ERRORS = {
     errno.EEXIST: ("exists already, and is not a folder", "choose another path, or move the file away"),
     errno.EISDIR: ("is a folder where a file is needed", "choose another path"),
     errno.EROFS: ("is on a read-only file system", "choose a writable location"),
-    errno.ENOSPC: ("no space left on the device", "free space there or choose another location; what was "
-                   "written before is intact"),
-    errno.EDQUOT: ("disk quota exceeded", "free space there or choose another location; what was written before "
-                   "is intact"),
+    errno.ENOSPC: ("no space left on the device", "free space there or choose another location"),
+    errno.EDQUOT: ("disk quota exceeded", "free space there or choose another location"),
     errno.ENAMETOOLONG: ("the name is too long", "choose a shorter path"),
     errno.ELOOP: ("too many levels of symbolic links", "fix the links"),
 }

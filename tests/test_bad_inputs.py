@@ -662,6 +662,12 @@ def test_a_run_folder_on_a_full_disk_is_a_message_and_leaves_no_partial_file(sma
     assert sorted(p.name for p in (disk / "run").iterdir()) == ["config.yaml"]  # no temporary or torn file
 
 
+def test_synthetic_data_on_a_full_disk_names_the_folder(small_disk, capsys):
+    out = small_disk(40) / "synthetic"
+    code, _, err = run(capsys, "data", "synth", "--config", "smoke", "--out", str(out))
+    assert code == 2 and f"{out}: no space left on the device" in err.strip().splitlines()[-1], err
+
+
 def test_a_checkpoint_that_cannot_be_written_keeps_the_last_round_and_its_history(small_disk):
     """What the ServerApp records after each round (RunRecorder): a full disk must leave round 1 whole, and
     history.json must not claim round 2, whose checkpoint was never written."""
