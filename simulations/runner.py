@@ -366,10 +366,14 @@ def _report(run_dir: Path, target_rounds: int, flwr_code: int, superlink_log: Pa
     kept = (f"the checkpoint of round {done} is kept ({run_dir / CHECKPOINT_NAME})" if done
             else "no round completed")
     if status.get("state") == "failed":
-        reason = status.get("reason", "unknown")
+        reason = status.get("reason", "unknown").rstrip(".")
         what = "the sites" if reason.startswith("RoundFailed") else "that"
-        advice = (f"fix {what} and continue with: dermfed simulate --resume {run_dir}" if status.get("resumable")
-                  else "it cannot continue as configured")
+        if not status.get("resumable"):
+            advice = "it cannot continue as configured"
+        elif done:  # --resume continues only after a completed round
+            advice = f"fix {what} and continue with: dermfed simulate --resume {run_dir}"
+        else:
+            advice = f"fix {what} and start the run again (with another --out, or after removing {run_dir})"
         raise SimulationError(f"the federated run failed in round {done + 1}: {reason}. {kept}; {advice}")
     raise SimulationError(f"the federated run ended after {done} of {target_rounds} rounds without finishing "
                           f"(flwr exit code {flwr_code}; the ServerApp {'never started' if not status else 'stopped'}); "
