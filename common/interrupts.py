@@ -1,7 +1,7 @@
 """Ctrl-C and SIGTERM as an exception, so that every `finally` block cleans up on the way out.
 
 Python turns SIGINT into KeyboardInterrupt but lets SIGTERM kill the process at once, with no
-message and nothing cleaned up (a half-built cache, a run's processes). `raise_on_stop_signals`
+message and nothing cleaned up (a half-built cache, a run's processes). `stop_signals_raise`
 makes both raise `Interrupted` in the main thread, wherever it is (imports, data preparation,
 training, the end of a run). Only the first signal raises: later ones are ignored while the
 cleanup the first one started runs to its end (SIGKILL still ends everything at once).
@@ -39,19 +39,22 @@ def _raise_once(signum: int, _frame: object) -> None:
     raise Interrupted(signum)
 
 
-def raise_on_stop_signals() -> None:
-    """From now on, the first SIGINT or SIGTERM raises `Interrupted` in the main thread."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, _raise_once)
+_depth: list[int] = [0]
 
 
 @contextmanager
 def stop_signals_raise() -> Iterator[None]:
-    """`raise_on_stop_signals` for a block (a library call such as `run_simulation` used without the CLI)."""
+    """Within this block (nested blocks share it), the first SIGINT or SIGTERM raises `Interrupted` in the main
+    thread; the previous handlers come back at its end (the CLI's `main` called in a test, `run_simulation`)."""
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-    raise_on_stop_signals()
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _raise_once)
+    _depth[0] += 1
     try:
         yield
     finally:
+        _depth[0] -= 1
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if _depth[0] == 0:
+            _received.clear()

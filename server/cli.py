@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
-from common.interrupts import Interrupted, raise_on_stop_signals  # standard library only: installed first
+from common.interrupts import Interrupted, stop_signals_raise  # standard library only: installed first
 
 if TYPE_CHECKING:
     from common.config import DermFedConfig
@@ -403,7 +403,11 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: Optional[Sequence[str
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    raise_on_stop_signals()  # first: a SIGTERM during the imports below is a message and exit code 130 too
+    with stop_signals_raise():  # first: a SIGTERM during the imports below is a message and exit code 130 too
+        return _main(argv)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     verbose, command = False, "dermfed"
     try:
         parser = build_parser()
