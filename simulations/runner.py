@@ -320,6 +320,7 @@ def _run_locked(config: DermFedConfig, run_dir: Path, lock: RunLock, resume: boo
     reaper = _start_reaper(token, ray_tmp, lock)
     ours = [str(ray_tmp)]  # Ray's workers rename themselves; they are found by their open files here
     started = time.perf_counter()
+    stopped = False
     try:
         with local_superlink(port, env, flwr_home / "superlink.log"):
             try:
@@ -328,10 +329,10 @@ def _run_locked(config: DermFedConfig, run_dir: Path, lock: RunLock, resume: boo
                 # However the run ends, whatever of it is still alive (SuperExec, simulation, Ray, the SuperLink
                 # itself) is stopped here at once, before the SuperLink's orderly stop, which may take 20 s.
                 stop_marked(token, ours)
+                stopped = True
     finally:
-        # Whatever of the run is still alive: e.g. a SuperLink whose start a signal interrupted before
-        # local_superlink could take charge of it (it carries the run's marker). Nothing, normally.
-        stop_marked(token, ours)
+        if not stopped:  # a signal came before the run got this far (e.g. while the SuperLink was being started)
+            stop_marked(token, ours)
         reaper.kill()
         reaper.wait()
         shutil.rmtree(ray_tmp, ignore_errors=True)
