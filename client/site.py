@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -41,6 +39,7 @@ from common.data.catalog import DataError
 from common.data.partition import partition_catalog
 from common.data.pipeline import PreparedData, prepare_data
 from common.model import build_vae, load_partial_state, private_state, shared_keys, shared_state, vae_loss_per_sample
+from common.run_files import atomic_write_bytes
 from common.serialization import read_site_snapshot, site_snapshot
 from common.privacy import group_epsilon
 from common.training import DPPlan, LocalTrainer, SiteState, seed_everything
@@ -91,24 +90,6 @@ def deployment_site_data(config: DermFedConfig, node_config: Mapping[str, Any]) 
     return SiteData(name, int(node_config.get("site-index", 0)), prepared, train, val)
 
 
-def _atomic_write(path: Path, data: bytes, durable: bool = False) -> None:
-    """Write `data` to a temporary file beside `path` and rename it over `path`; with `durable`, synced to disk first."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    with os.fdopen(handle, "wb") as stream:
-        stream.write(data)
-        if durable:
-            stream.flush()
-            os.fsync(stream.fileno())
-    os.replace(temporary, path)
-    if durable:
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-
-
 class PrivacyLedger:
     """Append-only record of a site's DP accountant (and its calibrated noise), and the privacy floor
     in force when the site first trained with DP: later runs may ask for more privacy, never less.
@@ -156,7 +137,7 @@ class PrivacyLedger:
         record = {"accountant": {"history": history, "mechanism": (accountant or {}).get("mechanism", mechanism)},
                   "noise_multiplier": noise_multiplier,
                   "floor": kept if kept and kept.get("dp_required") else floor.as_record()}
-        _atomic_write(self.path, json.dumps(record, indent=1).encode(), durable=True)
+        atomic_write_bytes(self.path, json.dumps(record, indent=1).encode())
 
 
 @dataclass
@@ -265,7 +246,7 @@ class SiteRunner:
             log.info("%s: epsilon %.4g per image, %.4g for a lesion of 2 images (delta %g)", self.data.name,
                      result.privacy.epsilon, lesion, result.privacy.delta)
         blob = site_snapshot(round_number, self.state, private_state(self.model, self.scope))
-        _atomic_write(self.snapshot_path(round_number), blob)
+        atomic_write_bytes(self.snapshot_path(round_number), blob)
         for old in sorted(self.state_dir.glob("round-*.pt"))[:-SNAPSHOTS_KEPT]:
             old.unlink(missing_ok=True)
         images = max(1, result.images)

@@ -7,8 +7,6 @@ with `torch.load(weights_only=True)`: tensors and plain Python values only.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,6 +15,7 @@ import torch
 
 from common.config import DermFedConfig, build_config
 from common.model import ConvNeXtVAE, encoder_state_dict, strip_wrapper_prefixes
+from common.run_files import atomic_write_bytes, torch_bytes
 
 CHECKPOINT_FORMAT = "dermfed-checkpoint-v1"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -25,10 +24,12 @@ PREVIOUS_NAME = "checkpoint.prev.pt"  # the round before: kept so that a torn la
 
 def save_checkpoint(path: str | Path, *, config: DermFedConfig, encoder_state: dict[str, torch.Tensor],
                     vae_state: Optional[dict[str, torch.Tensor]] = None, position: dict[str, int],
-                    history: list[dict[str, Any]], extra: Optional[dict[str, Any]] = None) -> Path:
-    """Write atomically (temporary file, then rename): an interrupted save never leaves a torn file."""
+                    history: list[dict[str, Any]], extra: Optional[dict[str, Any]] = None,
+                    previous: Optional[str | Path] = None) -> Path:
+    """Write atomically (`common.run_files`): a failed or interrupted save leaves the last good file as it was.
+
+    With `previous` (e.g. checkpoint.prev.pt), the file it replaces is kept under that name."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "encoder_name": config.model.encoder,
@@ -39,22 +40,15 @@ def save_checkpoint(path: str | Path, *, config: DermFedConfig, encoder_state: d
         "history": history,
         "extra": extra or {},
     }
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=path.parent)
-    os.close(handle)
-    try:
-        torch.save(payload, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-    return path
+    return atomic_write_bytes(path, torch_bytes(payload), previous)
 
 
 def save_vae_checkpoint(path: str | Path, model: ConvNeXtVAE, config: DermFedConfig, position: dict[str, int],
-                        history: list[dict[str, Any]], extra: Optional[dict[str, Any]] = None) -> Path:
+                        history: list[dict[str, Any]], extra: Optional[dict[str, Any]] = None,
+                        previous: Optional[str | Path] = None) -> Path:
     return save_checkpoint(path, config=config, encoder_state=encoder_state_dict(model),
                            vae_state=strip_wrapper_prefixes(model.state_dict()), position=position,
-                           history=history, extra=extra)
+                           history=history, extra=extra, previous=previous)
 
 
 class CheckpointError(ValueError):

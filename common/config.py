@@ -8,6 +8,8 @@ back to a default. The resolved configuration is written next to every run's out
 
 from __future__ import annotations
 
+import difflib
+import functools
 import json
 import re
 from pathlib import Path
@@ -15,7 +17,9 @@ from types import UnionType
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from common.run_files import atomic_write_text
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PRESET_DIR = PROJECT_ROOT / "configs"
@@ -75,6 +79,9 @@ class DataConfig(_Section):
         "natural", description="how pooled data becomes simulated hospitals"
     )
     num_partitions: int = Field(4, ge=1, le=1000, description="hospitals for iid/dirichlet")
+    min_site_images: int = Field(10, ge=1, description=(
+        "simulation: a hospital must hold at least this many images (and at least train.batch_size); "
+        "checked before the run starts"))
     dirichlet_alpha: float = Field(0.5, gt=0.0, description="label skew; small = more skewed")
     site: Optional[str] = Field(None, description="use only this site (local-only arm)")
     pretrain_splits: list[Literal["train", "val", "test"]] = Field(
@@ -111,11 +118,23 @@ class ModelConfig(_Section):
     beta: float = Field(1.0, ge=0.0, description="weight of the KL term")
     kl_warmup_steps: int = Field(0, ge=0, description="beta ramps linearly from 0 over this many steps")
 
-    @model_validator(mode="after")
-    def _known_encoder(self) -> "ModelConfig":
-        if not self.encoder.startswith("convnext"):
-            raise ValueError(f"model.encoder={self.encoder!r}: the encoder must be a timm ConvNeXt (convnext_*)")
-        return self
+    @field_validator("encoder")
+    @classmethod
+    def _known_encoder(cls, name: str) -> str:
+        known = timm_convnext_names()
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            raise ValueError(f"not a ConvNeXt architecture of timm; {hint}known: {', '.join(known)}")
+        return name
+
+
+@functools.lru_cache(maxsize=1)
+def timm_convnext_names() -> list[str]:
+    """Every ConvNeXt architecture this timm knows (`timm.list_models('convnext*')`)."""
+    import timm  # here: only a config with a model section needs it
+
+    return list(timm.list_models("convnext*"))
 
 
 class AugmentConfig(_Section):
@@ -488,11 +507,7 @@ def config_to_yaml(config: DermFedConfig) -> str:
 
 def write_config(config: DermFedConfig, folder: str | Path, name: str = "config.yaml") -> Path:
     """Write the resolved config beside a run's outputs, so the run can be reproduced."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_text(config_to_yaml(config))
-    return path
+    return atomic_write_text(Path(folder) / name, config_to_yaml(config))
 
 
 def flatten_config(config: DermFedConfig) -> dict[str, Any]:

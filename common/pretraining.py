@@ -6,6 +6,7 @@ checkpoint after every epoch and a grid of inputs next to their reconstructions.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
@@ -15,13 +16,14 @@ import numpy as np
 import torch
 from torchvision.utils import save_image
 
-from common.checkpoint import CHECKPOINT_NAME, save_vae_checkpoint
+from common.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, save_vae_checkpoint
 from common.config import DermFedConfig, write_config
 from common.data.batches import ImageRows, read_batch, to_device_float
 from common.data.catalog import DataError
 from common.data.identity import IDENTITY_RULE, group_identities, image_identities
 from common.data.pipeline import PreparedData, prepare_data
 from common.model import ConvNeXtVAE, build_vae
+from common.run_files import atomic_write_bytes, atomic_write_text
 from common.training import EpochMetrics, LocalTrainer, SiteState, seed_everything
 
 log = logging.getLogger("dermfed.pretrain")
@@ -47,9 +49,9 @@ def save_reconstruction_grid(model: ConvNeXtVAE, images: torch.Tensor, path: Pat
     model.eval()
     device = next(model.parameters()).device
     reconstruction = model(images.to(device)).reconstruction.cpu()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(torch.cat([images, reconstruction]), path, nrow=len(images), padding=2, pad_value=1.0)
-    return path
+    png = io.BytesIO()
+    save_image(torch.cat([images, reconstruction]), png, format="png", nrow=len(images), padding=2, pad_value=1.0)
+    return atomic_write_bytes(path, png.getvalue())
 
 
 def run_pretraining(config: DermFedConfig, out: Path) -> dict[str, Any]:
@@ -80,8 +82,9 @@ def run_pretraining(config: DermFedConfig, out: Path) -> dict[str, Any]:
         print(f"epoch {metrics.epoch}: reconstruction {metrics.reconstruction:.2f}, KL {metrics.kl:.2f}, "
               f"total {metrics.total:.2f}, {metrics.images_per_second:.1f} img/s{eps}", flush=True)
         save_vae_checkpoint(out / CHECKPOINT_NAME, model, config, {"epoch": metrics.epoch, "step": state.step},
-                            history, extra={"arm": arm, "site": site, "images": len(images), "pretraining_images": seen})
-        (out / "history.json").write_text(json.dumps(history, indent=2))
+                            history, extra={"arm": arm, "site": site, "images": len(images), "pretraining_images": seen},
+                            previous=out / PREVIOUS_NAME)  # checkpoint first: history.json never claims a lost epoch
+        atomic_write_text(out / "history.json", json.dumps(history, indent=2))
 
     result = trainer.train(SiteState(), on_epoch_end=checkpoint)
     sample = to_device_float(read_batch(prepared.store, indices[:8]), torch.device("cpu"))  # as they are: no augmentation
@@ -91,5 +94,5 @@ def run_pretraining(config: DermFedConfig, out: Path) -> dict[str, Any]:
     if result.privacy is not None:
         summary["privacy"] = {"epsilon": result.privacy.epsilon, "delta": result.privacy.delta,
                               "noise_multiplier": result.privacy.noise_multiplier}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary

@@ -10,30 +10,21 @@ prints every key with its resolved value.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
+import select
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
-from client.node import NodeError
-from common.checkpoint import CheckpointError
-from common.config import (
-    PROJECT_ROOT,
-    ConfigError,
-    DermFedConfig,
-    build_config,
-    config_to_yaml,
-    flatten_config,
-    load_config,
-    write_config,
-)
-from common.data.catalog import DataError, format_summary, summary_table
-from common.deployment.proxy import DEFAULT_MAX_BODY_MB, DEFAULT_MAX_CONNECTIONS
-from common.privacy import PrivacyBudgetExhausted
-from server.deploy import DeployError
+from common.interrupts import Interrupted, stop_signals_raise  # standard library only: installed first
+
+if TYPE_CHECKING:
+    from common.config import DermFedConfig
 
 log = logging.getLogger("dermfed")
 
@@ -61,10 +52,12 @@ def run_folder(config: DermFedConfig, kind: str, explicit: Optional[str] = None)
 
 def cmd_data_synth(args: argparse.Namespace, config: DermFedConfig) -> int:
     from common.data.synthetic import generate
+    from common.run_files import writing_into
 
     out = Path(args.out or config.data.root or "data/synthetic")
     started = time.perf_counter()
-    metadata = generate(config, out)
+    with writing_into(out):  # a full disk names the folder
+        metadata = generate(config, out)
     print(f"wrote {len(metadata)} synthetic images of {metadata['lesion_id'].nunique()} lesions in "
           f"{metadata['dataset'].nunique()} sites to {out} ({time.perf_counter() - started:.1f} s)")
     print(f"read it with: data.format=synthetic data.root={out}")
@@ -72,7 +65,10 @@ def cmd_data_synth(args: argparse.Namespace, config: DermFedConfig) -> int:
 
 
 def cmd_data_summary(args: argparse.Namespace, config: DermFedConfig) -> int:
+    from common.config import write_config
+    from common.data.catalog import format_summary, summary_table
     from common.data.pipeline import prepare_data
+    from common.run_files import atomic_write_text
 
     prepared = prepare_data(config)
     catalog = prepared.catalog
@@ -81,9 +77,9 @@ def cmd_data_summary(args: argparse.Namespace, config: DermFedConfig) -> int:
     print(catalog.frame.groupby(["split"]).size().to_string())
     folder = run_folder(config, "data-summary", args.out)
     folder.mkdir(parents=True, exist_ok=True)
-    summary_table(catalog).to_csv(folder / "summary.csv")
-    catalog.skipped.to_csv(folder / "skipped.csv", index=False)
-    (folder / "summary.json").write_text(json.dumps({
+    atomic_write_text(folder / "summary.csv", summary_table(catalog).to_csv())
+    atomic_write_text(folder / "skipped.csv", catalog.skipped.to_csv(index=False))
+    atomic_write_text(folder / "summary.json", json.dumps({
         "format": config.data.format, "root": str(catalog.root), "usable": len(catalog),
         "skipped": len(catalog.skipped), "sites": {s: int(n) for s, n in catalog.frame["site"].value_counts().sort_index().items()},
         "classes": catalog.classes,
@@ -118,10 +114,12 @@ def cmd_simulate(args: argparse.Namespace, config: DermFedConfig) -> int:
         RunRefused,
         SimulationError,
         SimulationInterrupted,
+        after_interrupt,
         resume_config,
         run_simulation,
     )
 
+    from common.config import ConfigError
     from simulations.node_configs import parse_node_configs
 
     try:
@@ -129,15 +127,20 @@ def cmd_simulate(args: argparse.Namespace, config: DermFedConfig) -> int:
     except ConfigError as exc:
         print(f"dermfed simulate: {exc}", file=sys.stderr)
         return 2
+
+    run_dir: Optional[Path] = None
     try:
         if args.resume:
+            config = resume_config(Path(args.resume), args.overrides)  # checked before anything is written
             run_dir = Path(args.resume)
-            config = resume_config(run_dir, args.overrides)  # checked before anything is written
         else:
             run_dir = run_folder(config, "federated", args.out)
-            if (run_dir / "checkpoint.pt").exists() or (run_dir / "sites").exists():
+            if (run_dir / "checkpoint.pt").exists():
                 raise RunRefused(f"{run_dir} already holds a federated run; continue it with --resume {run_dir} "
                                  "or choose another --out")
+            if (run_dir / "sites").exists():
+                raise RunRefused(f"{run_dir} holds a federated run that completed no round; remove it or choose "
+                                 "another --out")
         run_simulation(config, run_dir, resume=bool(args.resume), stop_after_round=args.stop_after_round,
                        fault_injection=args.fault_injection, node_configs=node_configs)
     except RunRefused as exc:
@@ -145,6 +148,10 @@ def cmd_simulate(args: argparse.Namespace, config: DermFedConfig) -> int:
         return 2
     except SimulationInterrupted as exc:
         print(f"dermfed simulate: {exc}", file=sys.stderr)
+        return 130
+    except Interrupted as exc:  # before the run began or after it ended
+        left = after_interrupt(run_dir.resolve(), config.federation.num_rounds) if run_dir else "nothing was started"
+        print(f"dermfed simulate: interrupted by {exc.signal_name}: {left}", file=sys.stderr)
         return 130
     except SimulationError as exc:
         print(f"dermfed simulate: {exc}", file=sys.stderr)
@@ -269,10 +276,13 @@ def cmd_node_approve(args: argparse.Namespace, config: DermFedConfig) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace, config: DermFedConfig) -> int:
+    from server.evaluation.arms import load_imagenet_file
     from server.evaluation.report import write_report
     from server.evaluation.run import run_evaluation
 
     config = with_external_sets(config, args.external)
+    if args.imagenet_weights:  # a wrong file is refused now, not after the other arms were evaluated
+        load_imagenet_file(Path(args.imagenet_weights), config.evaluation.imagenet_model)
     folder = run_folder(config, "evaluation", args.out)
     metrics = run_evaluation(config, Path(args.checkpoint), folder, args.imagenet_weights, args.pooled, args.local)
     report = write_report(folder, metrics)
@@ -283,6 +293,8 @@ def cmd_evaluate(args: argparse.Namespace, config: DermFedConfig) -> int:
 
 def parse_external(spec: str) -> dict[str, str]:
     """`FORMAT:ROOT[:NAME]` -> an `evaluation.external` entry (a ROOT holding ':' needs the config list)."""
+    from common.config import ConfigError
+
     fmt, _, rest = spec.partition(":")
     root, name = rest.rsplit(":", 1) if ":" in rest else (rest, "")
     if not fmt or not root:
@@ -292,6 +304,8 @@ def parse_external(spec: str) -> dict[str, str]:
 
 def with_external_sets(config: DermFedConfig, specs: Sequence[str]) -> DermFedConfig:
     """The config's `evaluation.external` list (its one owner), extended by `--external` flags and validated."""
+    from common.config import build_config
+
     if not specs:
         return config
     tree = config.model_dump(mode="json")
@@ -310,6 +324,8 @@ def cmd_report(args: argparse.Namespace, config: DermFedConfig) -> int:
 
 
 def cmd_config(args: argparse.Namespace, config: DermFedConfig) -> int:
+    from common.config import config_to_yaml, flatten_config
+
     if args.flat:
         for key, value in flatten_config(config).items():
             print(f"{key}={json.dumps(value)}")
@@ -322,6 +338,9 @@ def cmd_config(args: argparse.Namespace, config: DermFedConfig) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from common.config import PROJECT_ROOT
+    from common.deployment.proxy import DEFAULT_MAX_BODY_MB, DEFAULT_MAX_CONNECTIONS
+
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="dermfed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -477,7 +496,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-USER_ERRORS = (ConfigError, DataError, PrivacyBudgetExhausted, DeployError, NodeError, CheckpointError, FileNotFoundError)
+# Errors that are the input's, not the program's: one line, exit code 2. Named, not imported: an error of
+# one of these classes can only exist once its module was imported, so `dermfed config` imports none of them.
+USER_ERRORS = (("common.config", "ConfigError"), ("common.data.catalog", "DataError"),
+               ("common.privacy", "PrivacyBudgetExhausted"), ("server.deploy", "DeployError"),
+               ("client.node", "NodeError"), ("common.checkpoint", "CheckpointError"),
+               ("server.evaluation.arms", "WeightsFileError"))
+
+
+def is_user_error(exc: BaseException) -> bool:
+    return any(module in sys.modules and isinstance(exc, getattr(sys.modules[module], name, ()))
+               for module, name in USER_ERRORS)
+
+
+# What a file-system error means for the person who typed the command, and what to do about it.
+FILE_SYSTEM_ERRORS = {
+    errno.ENOENT: ("does not exist", "check the path"),
+    errno.EACCES: ("permission denied", "give this user access to it, or choose another path"),
+    errno.EPERM: ("operation not permitted", "give this user access to it, or choose another path"),
+    errno.ENOTDIR: ("a part of this path is a file, not a folder", "choose another path"),
+    errno.EEXIST: ("exists already, and is not a folder", "choose another path, or move the file away"),
+    errno.EISDIR: ("is a folder where a file is needed", "choose another path"),
+    errno.EROFS: ("is on a read-only file system", "choose a writable location"),
+    errno.ENOSPC: ("no space left on the device", "free space there or choose another location"),
+    errno.EDQUOT: ("disk quota exceeded", "free space there or choose another location"),
+    errno.ENAMETOOLONG: ("the name is too long", "choose a shorter path"),
+    errno.ELOOP: ("too many levels of symbolic links", "fix the links"),
+}
+
+
+def file_system_message(exc: OSError) -> Optional[str]:
+    """One line for an operating-system error about a path (None: not one of those, a bug)."""
+    if exc.errno not in FILE_SYSTEM_ERRORS:
+        return str(exc) if isinstance(exc, FileNotFoundError) and exc.errno is None else None  # our own message
+    what, todo = FILE_SYSTEM_ERRORS[exc.errno]
+    where = os.fsdecode(exc.filename) if exc.filename is not None else "(a file of this command)"
+    return f"{where}: {what}; {todo}"
+
+
+def _stdout_is_gone() -> bool:
+    """Whether the reader of our standard output went away (`dermfed config | head`), not some other pipe or socket."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 def parse_arguments(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -493,27 +557,46 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: Optional[Sequence[str
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parse_arguments(parser, argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    with stop_signals_raise():  # first: a SIGTERM during the imports below is a message and exit code 130 too
+        return _main(argv)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    verbose, command = False, "dermfed"
     try:
+        parser = build_parser()
+        args = parse_arguments(parser, argv)
+        verbose, command = args.verbose, f"dermfed {args.command}"
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                            format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        from common.config import load_config
+
         config = load_config(args.config, args.overrides)
         return args.handler(args, config)
-    except USER_ERRORS as exc:
-        print(f"dermfed: error: {exc}", file=sys.stderr)
-        if args.verbose:
-            traceback.print_exc()
-        return 2
-    except KeyboardInterrupt:
-        print("dermfed: interrupted", file=sys.stderr)
-        return 130
+    except Interrupted as exc:
+        return _fail(f"{command}: interrupted by {exc.signal_name}", verbose, 130)
+    except BrokenPipeError:
+        if not _stdout_is_gone():
+            return _unexpected(sys.exc_info()[1], verbose)  # type: ignore[arg-type]
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to write; no second error at exit
+        return 141  # as a program ended by SIGPIPE: what a shell expects of `... | head`
+    except OSError as exc:
+        message = file_system_message(exc)
+        return _fail(f"dermfed: error: {message}", verbose, 2) if message else _unexpected(exc, verbose)
     except Exception as exc:  # noqa: BLE001 - one line for the user; the stack trace with -v
-        print(f"dermfed: unexpected error: {type(exc).__name__}: {exc} (run again with -v for the stack trace)",
-              file=sys.stderr)
-        if args.verbose:
-            traceback.print_exc()
-        return 1
+        return _fail(f"dermfed: error: {exc}", verbose, 2) if is_user_error(exc) else _unexpected(exc, verbose)
+
+
+def _fail(message: str, verbose: bool, code: int) -> int:
+    print(message, file=sys.stderr)
+    if verbose:
+        traceback.print_exc()
+    return code
+
+
+def _unexpected(exc: BaseException, verbose: bool) -> int:
+    return _fail(f"dermfed: unexpected error: {type(exc).__name__}: {exc} (run again with -v for the stack trace)",
+                 verbose, 1)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ import torch
 
 from common.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, CheckpointError, load_checkpoint, save_checkpoint
 from common.config import DermFedConfig, write_config
-from common.deployment.files import replace_file
 from common.model import ENCODER_PREFIX
+from common.run_files import atomic_write_text
 
 log = logging.getLogger("dermfed.server")
 
@@ -44,7 +44,7 @@ def write_run_status(run_dir: Path, state: str, completed_round: int, reason: st
     """How the run stands (`running`, `finished`, `stopped`, `failed`), for the CLI's closing message."""
     owner_only_folder(run_dir)
     status = {"state": state, "completed_round": completed_round, "reason": reason, "resumable": resumable}
-    replace_file(Path(run_dir) / STATUS_NAME, json.dumps(status, indent=1).encode())  # never half-written
+    atomic_write_text(Path(run_dir) / STATUS_NAME, json.dumps(status, indent=1))  # never half-written
 
 
 class RoundFailed(RuntimeError):
@@ -121,18 +121,24 @@ class RunRecorder:
         return self.current
 
     def finish(self, round_number: int, shared: Mapping[str, torch.Tensor], strategy_state: dict[str, Any]) -> None:
-        """Close a completed round: history files, console line, checkpoint."""
+        """Close a completed round: checkpoint, then history files, then the console line.
+
+        The checkpoint comes first: if it cannot be written (a full disk), the exception ends the run with
+        the previous round's checkpoint and history untouched, so the history never claims a round
+        that has no checkpoint.
+        """
         record = self.record(round_number)
         record.seconds = time.perf_counter() - self.started
         entry = _jsonable(record.__dict__.copy())
-        self.history = [h for h in self.history if h["round"] != round_number] + [entry]
+        history = [h for h in self.history if h["round"] != round_number] + [entry]
+        self._save_checkpoint(round_number, shared, strategy_state, history)
+        self.history = history
         self._write_history()
-        self._save_checkpoint(round_number, shared, strategy_state)
         self._print(record)
         self.current = None
 
     def _write_history(self) -> None:
-        replace_file(self.run_dir / "history.json", json.dumps(self.history, indent=2).encode())
+        atomic_write_text(self.run_dir / "history.json", json.dumps(self.history, indent=2))
         rows = []
         for entry in self.history:
             row = {"round": entry["round"], "seconds": entry["seconds"], "sites": len(entry["sites"]),
@@ -144,20 +150,19 @@ class RunRecorder:
                 row[f"epsilon_{site['site']}"] = site.get("epsilon")
             rows.append(row)
         columns = list(dict.fromkeys(k for row in rows for k in row))
-        stream = io.StringIO(newline="")
-        writer = csv.DictWriter(stream, fieldnames=columns)
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-        replace_file(self.run_dir / "history.csv", stream.getvalue().encode())
+        atomic_write_text(self.run_dir / "history.csv", table.getvalue())
 
-    def _save_checkpoint(self, round_number: int, tensors: Mapping[str, torch.Tensor], strategy_state: dict[str, Any]) -> None:
+    def _save_checkpoint(self, round_number: int, tensors: Mapping[str, torch.Tensor], strategy_state: dict[str, Any],
+                         history: list[dict[str, Any]]) -> None:
         encoder = {k[len(ENCODER_PREFIX):]: v for k, v in tensors.items() if k.startswith(ENCODER_PREFIX)}
-        latest = self.run_dir / CHECKPOINT_NAME
-        if latest.is_file():
-            os.replace(latest, self.run_dir / PREVIOUS_NAME)  # the last two rounds stay on disk
-        save_checkpoint(latest, config=self.config, encoder_state=encoder,
+        save_checkpoint(self.run_dir / CHECKPOINT_NAME, config=self.config, encoder_state=encoder,
+                        previous=self.run_dir / PREVIOUS_NAME,  # the last two rounds stay on disk
                         vae_state=dict(tensors) if self.config.federation.share == "vae" else None,
-                        position={"round": round_number}, history=self.history,
+                        position={"round": round_number}, history=history,
                         extra={"shared": dict(tensors), "arm": "federated", "pretraining_images": self.pretraining_images,
                                "strategy": {name: {k: torch.from_numpy(np.array(v, copy=True)) for k, v in moments.items()}
                                             for name, moments in strategy_state.items()}})
@@ -185,7 +190,7 @@ def latest_checkpoint(run_dir: Path) -> dict[str, Any]:
     """The run's latest readable checkpoint: checkpoint.pt, or the previous round's when it is torn (with a warning)."""
     try:
         return load_checkpoint(run_dir / CHECKPOINT_NAME)
-    except CheckpointError as exc:
+    except (CheckpointError, FileNotFoundError) as exc:  # torn, or gone while a file system without hard links rotated
         if not (run_dir / PREVIOUS_NAME).is_file():
             raise
         log.warning("%s; falling back to the previous round's %s", exc, PREVIOUS_NAME)

@@ -84,8 +84,10 @@ def main(grid: Grid, context: Context) -> None:
             evaluate_fn=after_round,
         )
     except Exception as exc:
-        # A round without enough valid updates can be repeated once the sites are fixed; other failures cannot.
-        recorder.write_status("failed", f"{type(exc).__name__}: {exc}", resumable=isinstance(exc, RoundFailed))
+        # A round without enough valid updates can be repeated once the sites are fixed, and a checkpoint that
+        # could not be written (a full disk: the previous one is intact) once there is room; other failures cannot.
+        recorder.write_status("failed", f"{type(exc).__name__}: {exc}",
+                              resumable=isinstance(exc, (RoundFailed, OSError)))
         raise
     finished = plan.round_offset + rounds >= config.federation.num_rounds
     recorder.write_status("finished" if finished else "stopped")

@@ -8,7 +8,7 @@ GPU resources, and runs this app with `flwr run . <connection> --stream`.
 
 A run owns its processes: every one (SuperLink, SuperExec, the simulation, Ray's daemons and
 actors) carries the run's marker in its environment, and all of them are stopped when the run
-ends, when `dermfed simulate` gets SIGINT or SIGTERM (the run stays resumable), and, through a
+ends, when `dermfed simulate` gets SIGINT or SIGTERM (at any moment: `common.interrupts`), and, through a
 guard process (`simulations.reaper`), when `dermfed simulate` itself is killed. The run folder
 is locked while a run uses it: a second `simulate` or `--resume` is refused with a message.
 
@@ -47,8 +47,9 @@ import torch
 from client import simulated_nodes
 from common.checkpoint import CHECKPOINT_NAME
 from common.config import PROJECT_ROOT, ConfigError, DermFedConfig, flatten_config, load_config, toml_string, write_config
-from common.data.partition import partition_catalog
+from common.data.partition import check_partitions, partition_catalog
 from common.data.pipeline import prepare_data
+from common.interrupts import Interrupted, stop_signals_raise
 from common.processes import RUN_MARKER, die_with_parent, stop_marked
 from server.federation import ResumeError, initial_shared_weights
 from server.rounds import STATUS_NAME, latest_checkpoint
@@ -169,19 +170,20 @@ class RunRefused(SimulationError):
     """The run was not started: its folder is in use, or a resume would change what cannot change."""
 
 
-@contextmanager
-def interrupts_raise() -> Iterator[None]:
-    """SIGINT/SIGTERM become SimulationInterrupted here, so that the run's processes are stopped in `finally`."""
-
-    def interrupted(signum, _frame):  # type: ignore[no-untyped-def]
-        raise SimulationInterrupted(f"interrupted by {signal.Signals(signum).name}")
-
-    previous = {sig: signal.signal(sig, interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
+def after_interrupt(run_dir: Path, num_rounds: int) -> str:
+    """What an interrupted run left, and whether `--resume` can continue it (only between its first and last round)."""
     try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        done = completed_rounds(run_dir)
+    except Exception:  # noqa: BLE001 - an unreadable checkpoint: say so rather than fail while stopping
+        done = -1
+    if done < 0:
+        return f"the run's checkpoint in {run_dir} cannot be read; start the run again in a new folder"
+    if done == 0:
+        return (f"no round had completed, so there is nothing to resume; start the run again (with another --out, "
+                f"or after removing {run_dir})")
+    if done >= num_rounds:
+        return f"all {num_rounds} rounds had completed: the checkpoint is {run_dir / CHECKPOINT_NAME}"
+    return f"{done} of {num_rounds} rounds had completed; continue with: dermfed simulate --resume {run_dir}"
 
 
 class RunLock:
@@ -276,11 +278,15 @@ def run_simulation(config: DermFedConfig, run_dir: Path, resume: bool = False,
     come from `resume_config` (checked against the run's own).
     """
     run_dir = run_dir.resolve()
-    lock = RunLock(run_dir)
-    try:
-        return _run_locked(config, run_dir, lock, resume, stop_after_round, fault_injection, node_configs)
-    finally:
-        lock.release()
+    with stop_signals_raise():  # already so under the CLI; also for a caller without it
+        lock = RunLock(run_dir)
+        try:
+            return _run_locked(config, run_dir, lock, resume, stop_after_round, fault_injection, node_configs)
+        except Interrupted as exc:
+            raise SimulationInterrupted(f"interrupted by {exc.signal_name}, the run's processes are stopped: "
+                                        f"{after_interrupt(run_dir, config.federation.num_rounds)}") from None
+        finally:
+            lock.release()
 
 
 def _simulated_node_configs(run_dir: Path, names: list[str], resume: bool,
@@ -308,7 +314,11 @@ def _run_locked(config: DermFedConfig, run_dir: Path, lock: RunLock, resume: boo
     parts, names = partition_catalog(prepared.catalog, config.data.partition, config.data.num_partitions,
                                      config.data.dirichlet_alpha, config.seed)
     if len(parts) < config.federation.min_clients:
-        raise SimulationError(f"{len(parts)} partitions but federation.min_clients={config.federation.min_clients}")
+        raise ConfigError(f"data.partition={config.data.partition} makes {len(parts)} hospital(s) ({', '.join(names)}) "
+                          f"but federation.min_clients={config.federation.min_clients}: lower federation.min_clients "
+                          "or make more hospitals (data.partition=iid data.num_partitions=N)")
+    check_partitions(prepared.catalog, parts, names, config.data.pretrain_splits, config.train.batch_size,
+                     config.data.min_site_images)
     if config.federation.initial_checkpoint and not resume:
         try:
             initial_shared_weights(config)  # a torn or mismatched checkpoint is refused before any process starts
@@ -336,19 +346,19 @@ def _run_locked(config: DermFedConfig, run_dir: Path, lock: RunLock, resume: boo
     reaper = _start_reaper(token, ray_tmp, lock)
     ours = [str(ray_tmp)]  # Ray's workers rename themselves; they are found by their open files here
     started = time.perf_counter()
+    stopped = False
     try:
-        with interrupts_raise(), local_superlink(port, env, flwr_home / "superlink.log"):
+        with local_superlink(port, env, flwr_home / "superlink.log"):
             try:
                 returncode = _follow(subprocess.Popen(command, env=env, cwd=PROJECT_ROOT), run_dir, token, ours)
             finally:
                 # However the run ends, whatever of it is still alive (SuperExec, simulation, Ray, the SuperLink
                 # itself) is stopped here at once, before the SuperLink's orderly stop, which may take 20 s.
                 stop_marked(token, ours)
-    except SimulationInterrupted as exc:
-        done = completed_rounds(run_dir)
-        raise SimulationInterrupted(f"{exc}: every process of the run was stopped after {done} completed round(s); "
-                                    f"continue with: dermfed simulate --resume {run_dir}") from None
+                stopped = True
     finally:
+        if not stopped:  # a signal came before the run got this far (e.g. while the SuperLink was being started)
+            stop_marked(token, ours)
         reaper.kill()
         reaper.wait()
         shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -383,9 +393,14 @@ def _report(run_dir: Path, target_rounds: int, flwr_code: int, superlink_log: Pa
     kept = (f"the checkpoint of round {done} is kept ({run_dir / CHECKPOINT_NAME})" if done
             else "no round completed")
     if status.get("state") == "failed":
-        reason = status.get("reason", "unknown")
-        advice = (f"fix the sites and continue with: dermfed simulate --resume {run_dir}" if status.get("resumable")
-                  else "it cannot continue as configured")
+        reason = status.get("reason", "unknown").rstrip(".")
+        what = "the sites" if reason.startswith("RoundFailed") else "that"
+        if not status.get("resumable"):
+            advice = "it cannot continue as configured"
+        elif done:  # --resume continues only after a completed round
+            advice = f"fix {what} and continue with: dermfed simulate --resume {run_dir}"
+        else:
+            advice = f"fix {what} and start the run again (with another --out, or after removing {run_dir})"
         raise SimulationError(f"the federated run failed in round {done + 1}: {reason}. {kept}; {advice}")
     raise SimulationError(f"the federated run ended after {done} of {target_rounds} rounds without finishing "
                           f"(flwr exit code {flwr_code}; the ServerApp {'never started' if not status else 'stopped'}); "

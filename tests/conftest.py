@@ -10,17 +10,10 @@ import pytest
 from PIL import Image
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-
-def _ham_sample() -> Path:
-    """DERMFED_HAM_SAMPLE, else `../shared/...` beside the project, else two levels up (a git worktree's layout)."""
-    if os.environ.get("DERMFED_HAM_SAMPLE"):
-        return Path(os.environ["DERMFED_HAM_SAMPLE"])
-    candidates = [base / "shared" / "data" / "ham10000-sample" for base in (PROJECT_ROOT.parent, PROJECT_ROOT.parent.parent)]
-    return next((c for c in candidates if (c / "HAM10000_metadata.csv").is_file()), candidates[0])
-
-
-HAM_SAMPLE = _ham_sample()
+# Beside the project (CI, /work/main), or beside the folder of worktrees (/work/wt/NAME); DERMFED_HAM_SAMPLE wins.
+_HAM_CANDIDATES = [Path(os.environ["DERMFED_HAM_SAMPLE"])] if os.environ.get("DERMFED_HAM_SAMPLE") else [
+    base / "shared" / "data" / "ham10000-sample" for base in (PROJECT_ROOT.parent, PROJECT_ROOT.parent.parent)]
+HAM_SAMPLE = next((c for c in _HAM_CANDIDATES if (c / "HAM10000_metadata.csv").is_file()), _HAM_CANDIDATES[0])
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never download (the ImageNet arm's online path is tested with a stub)

@@ -2,12 +2,18 @@
 
 `scan` decodes each catalogued file once (in threads: PIL releases the GIL while decoding),
 drops the unusable ones with a reason, and, with `data.use_cache`, writes the resized uint8
-arrays to one memory-mapped `.npy` file keyed by the source files and the size. Later epochs,
-rounds and runs read pixels from that file instead of decoding JPEGs again.
+arrays to one `.npy` file keyed by the source files and the size, read back memory-mapped. Later
+epochs, rounds and runs read pixels from that file instead of decoding JPEGs again.
+
+A full disk is a message, never a crash: the free space is checked before building, the file is
+written with plain writes (a write into a memory map on a full disk is a SIGBUS), and a failed or
+interrupted build leaves nothing behind. A cache folder whose files do not match what it must
+hold (a truncated `images.npy`, a torn `status.json`) is rebuilt with a warning that names it.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -17,7 +23,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal, Optional, Protocol
+from typing import Callable, Literal, Optional, Protocol
 
 import numpy as np
 import pandas as pd
@@ -25,12 +31,14 @@ from tqdm.auto import tqdm
 
 from common.config import DataConfig
 from common.data.catalog import SKIP_COLUMNS, Catalog, DataError
-from common.data.images import decode_image
+from common.data.images import DecodeResult, decode_image
 
 log = logging.getLogger("dermfed.data")
 
 CACHE_FORMAT_VERSION = 1
 MAX_WARNINGS_LISTED = 10
+IMAGES_NAME = "images.npy"
+STATUS_NAME = "status.json"
 
 
 class ImageStore(Protocol):
@@ -89,22 +97,25 @@ def cache_key(paths: list[str], size: int, min_side: int, non_rgb: str) -> str:
     return digest.hexdigest()[:20]
 
 
-def _decode_all(paths: list[str], cfg: DataConfig, sink: Optional[np.ndarray], desc: str) -> list[Optional[str]]:
-    """Decode every path, write good ones into `sink[i]`, return per-path skip reasons."""
+def _decode_all(paths: list[str], cfg: DataConfig, desc: str,
+                sink: Optional[Callable[[Optional[np.ndarray]], None]] = None) -> list[Optional[str]]:
+    """Decode every path (in threads); hand each result to `sink` in path order; return per-path skip reasons."""
 
-    def work(item: tuple[int, str]) -> tuple[int, Optional[str]]:
-        i, path = item
-        result = decode_image(path, cfg.image_size, cfg.min_image_side, cfg.non_rgb)
-        if result.array is not None and sink is not None:
-            sink[i] = result.array
-        return i, result.reason
+    def work(path: str) -> DecodeResult:
+        return decode_image(path, cfg.image_size, cfg.min_image_side, cfg.non_rgb)
 
-    reasons: list[Optional[str]] = [None] * len(paths)
+    reasons: list[Optional[str]] = []
     workers = max(1, min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for i, reason in tqdm(pool.map(work, enumerate(paths)), total=len(paths), desc=desc, unit="img", leave=False,
-                                  disable=None):
-            reasons[i] = reason
+        try:
+            for result in tqdm(pool.map(work, paths), total=len(paths), desc=desc, unit="img", leave=False,
+                               disable=None):
+                if sink is not None:
+                    sink(result.array)
+                reasons.append(result.reason)
+        except BaseException:  # an interrupt or a full disk: do not decode the rest before stopping
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     return reasons
 
 
@@ -121,31 +132,124 @@ def _require_every_site(usable: pd.DataFrame, before: pd.DataFrame, skipped: pd.
         raise DataError(f"{source}: site {site!r} has no usable image ({reasons}); fix or remove its files")
 
 
-def _load_or_build_cache(paths: list[str], cfg: DataConfig, source: str) -> tuple[np.ndarray, list[Optional[str]]]:
-    key = cache_key(paths, cfg.image_size, cfg.min_image_side, cfg.non_rgb)
-    folder = Path(cfg.cache_dir).expanduser() / f"{source}-{cfg.image_size}px-{key}"
-    if (folder / "images.npy").is_file() and (folder / "status.json").is_file():
-        reasons = json.loads((folder / "status.json").read_text())["reasons"]
-        log.info("%s: using preprocessing cache %s", source, folder)
-        return np.load(folder / "images.npy", mmap_mode="r"), reasons
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent))
+class CacheUnusable(Exception):
+    """A cache folder that cannot be trusted (torn or truncated files); it is rebuilt."""
+
+
+def _read_cache(folder: Path, paths: list[str], size: int) -> tuple[np.ndarray, list[Optional[str]]]:
+    """The cache in `folder`, checked against what it must hold: its status, its array's shape and its file size."""
     try:
-        sink = np.lib.format.open_memmap(
-            staging / "images.npy", mode="w+", dtype=np.uint8, shape=(len(paths), cfg.image_size, cfg.image_size, 3)
-        )
-        reasons = _decode_all(paths, cfg, sink, desc=f"caching {source} at {cfg.image_size}px")
-        sink.flush()
-        del sink
-        (staging / "status.json").write_text(json.dumps({"paths": paths, "reasons": reasons}))
+        status = json.loads((folder / STATUS_NAME).read_text())
+    except FileNotFoundError:
+        raise CacheUnusable(f"{STATUS_NAME} is missing") from None
+    except (ValueError, UnicodeDecodeError):
+        raise CacheUnusable(f"{STATUS_NAME} is not valid JSON (torn by a crash?)") from None
+    if not isinstance(status, dict) or status.get("paths") != paths or len(status.get("reasons") or ()) != len(paths):
+        raise CacheUnusable(f"{STATUS_NAME} does not describe these {len(paths)} images")
+    expected = (len(paths), size, size, 3)
+    try:
+        pixels = np.load(folder / IMAGES_NAME, mmap_mode="r")
+    except FileNotFoundError:
+        raise CacheUnusable(f"{IMAGES_NAME} is missing") from None
+    except (ValueError, EOFError) as exc:  # a truncated file: "mmap length is greater than file size"
+        raise CacheUnusable(f"{IMAGES_NAME} is truncated or damaged ({exc})") from None
+    if pixels.shape != expected or pixels.dtype != np.uint8:
+        raise CacheUnusable(f"{IMAGES_NAME} holds {pixels.dtype} {pixels.shape}, not uint8 {expected}")
+    return pixels, status["reasons"]
+
+
+_CACHE_PROBLEMS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                   errno.EEXIST: "a file is in the way: it, or a folder above it, is a file",
+                   errno.ENOTDIR: "a file is in the way: a folder above it is a file",
+                   errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                   errno.EROFS: "read-only file system"}
+
+
+def _cache_error(cfg: DataConfig, folder: Path, exc: OSError) -> DataError:
+    problem = _CACHE_PROBLEMS.get(exc.errno, exc.strerror or str(exc))
+    return DataError(f"data.cache_dir={cfg.cache_dir}: cannot write the preprocessing cache in {folder} ({problem}); "
+                     "free space there, set data.cache_dir to a writable folder on a disk with room, or set "
+                     "data.use_cache=false")
+
+
+def _remove_abandoned_builds(parent: Path) -> None:
+    """Staging folders of builds whose process is gone (killed outright) would fill the disk over time."""
+    for staging in parent.glob(".building-*-*"):
+        pid = staging.name.split("-")[1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def _build_cache(paths: list[str], cfg: DataConfig, source: str, parent: Path, folder: Path) -> None:
+    """Decode every image into a staging folder, written with plain writes (a memory map turns a full disk
+    into SIGBUS), and rename it into place; on any failure the staging folder is removed."""
+    shape = (len(paths), cfg.image_size, cfg.image_size, 3)
+    needed = int(np.prod(shape)) + len(json.dumps(paths)) + 2 * len(paths) + 2**16
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned_builds(parent)
+        free = shutil.disk_usage(parent).free
+        if free < needed:
+            raise DataError(f"data.cache_dir={cfg.cache_dir}: the preprocessing cache of {len(paths)} images needs "
+                            f"{needed / 2**20:.1f} MiB in {parent}, but only {free / 2**20:.1f} MiB are free; free "
+                            "space there, set data.cache_dir to a folder on a disk with room, or set data.use_cache=false")
+        staging = Path(tempfile.mkdtemp(prefix=f".building-{os.getpid()}-", dir=parent))
+    except OSError as exc:
+        raise _cache_error(cfg, parent, exc) from None
+    try:
+        blank = bytes(cfg.image_size * cfg.image_size * 3)
+        with open(staging / IMAGES_NAME, "wb") as stream:
+            np.lib.format.write_array_header_1_0(
+                stream, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                         "shape": shape})
+
+            def write(array: Optional[np.ndarray]) -> None:
+                stream.write(blank if array is None else np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+            reasons = _decode_all(paths, cfg, f"caching {source} at {cfg.image_size}px", write)
+            stream.flush()
+            os.fsync(stream.fileno())
+        (staging / STATUS_NAME).write_text(json.dumps({"paths": paths, "reasons": reasons}))
         try:
             staging.rename(folder)
         except OSError:  # another process built the same cache meanwhile
             shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise _cache_error(cfg, parent, exc) from None
+    except BaseException:  # an interrupt, or a decoding failure: nothing half-built stays behind
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return np.load(folder / "images.npy", mmap_mode="r"), reasons
+
+
+def _load_or_build_cache(paths: list[str], cfg: DataConfig, source: str) -> tuple[np.ndarray, list[Optional[str]]]:
+    key = cache_key(paths, cfg.image_size, cfg.min_image_side, cfg.non_rgb)
+    parent = Path(cfg.cache_dir).expanduser()
+    folder = parent / f"{source}-{cfg.image_size}px-{key}"
+    if folder.is_dir():
+        try:
+            cached = _read_cache(folder, paths, cfg.image_size)
+            log.info("%s: using preprocessing cache %s", source, folder)
+            return cached
+        except CacheUnusable as why:
+            log.warning("%s: the preprocessing cache %s is unusable (%s); rebuilding it", source, folder, why)
+            shutil.rmtree(folder, ignore_errors=True)
+    _build_cache(paths, cfg, source, parent, folder)
+    try:
+        return _read_cache(folder, paths, cfg.image_size)
+    except CacheUnusable as why:  # only if another process wrote a bad one between our rename and this read
+        raise DataError(f"the preprocessing cache {folder} is unusable right after it was built ({why}); remove it "
+                        "and run again") from None
 
 
 def scan(catalog: Catalog, cfg: DataConfig) -> tuple[Catalog, ImageStore]:
@@ -158,7 +262,7 @@ def scan(catalog: Catalog, cfg: DataConfig) -> tuple[Catalog, ImageStore]:
     if cfg.use_cache:
         pixels, reasons = _load_or_build_cache(paths, cfg, catalog.source)
     else:
-        pixels, reasons = None, _decode_all(paths, cfg, None, desc=f"checking {catalog.source}")
+        pixels, reasons = None, _decode_all(paths, cfg, desc=f"checking {catalog.source}")
     bad = np.array([reason is not None for reason in reasons], dtype=bool)
     frame = catalog.frame
     skipped = frame[bad].assign(reason=[r for r in reasons if r is not None])[SKIP_COLUMNS]

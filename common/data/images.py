@@ -95,6 +95,8 @@ def decode_image(
         return DecodeResult(None, "image too large (decompression bomb guard)")
     except FileNotFoundError:
         return DecodeResult(None, "image file missing")
+    except PermissionError:
+        return DecodeResult(None, "permission denied (the file is not readable for this user)")
     except (OSError, SyntaxError, ValueError) as exc:
         text = str(exc).lower()
         if "truncated" in text:
@@ -165,16 +167,16 @@ def walk_files(root: str | Path) -> tuple[list[Path], list[tuple[str, str]]]:
     return files, problems
 
 
-def index_image_files(root: str | Path) -> tuple[dict[str, Path], list[tuple[str, str]]]:
-    """Map file stem -> path for every image-suffixed file below `root` (any sub-folder, links followed).
+def index_image_files(root: str | Path) -> tuple[dict[str, list[Path]], list[tuple[str, str]]]:
+    """Map file stem -> every image-suffixed file of that stem below `root` (any sub-folder, links followed).
 
     Official downloads split folders differently (HAM10000_images_part_1/_part_2,
-    ISIC_2019_Training_Input/, jpeg/train/), so loaders find images by id, not by folder.
-    Also returns what `walk_files` could not use.
+    ISIC_2019_Training_Input/, jpeg/train/), so loaders find images by id, not by folder; an id
+    with two files is the loader's to refuse. Also returns what `walk_files` could not use.
     """
     files, problems = walk_files(root)
-    found: dict[str, Path] = {}
+    found: dict[str, list[Path]] = {}
     for path in files:
         if path.suffix.lower() in IMAGE_SUFFIXES:
-            found.setdefault(path.stem, path)
+            found.setdefault(path.stem, []).append(path)
     return found, problems

@@ -66,3 +66,19 @@ def partition_catalog(
     else:
         raise DataError(f"unknown data.partition={scheme!r}; allowed: natural, iid, dirichlet")
     return parts, [f"part-{i}" for i in range(num_partitions)]
+
+
+def check_partitions(catalog: Catalog, parts: list[np.ndarray], names: list[str], pretrain_splits: list[str],
+                     batch_size: int, min_images: int) -> None:
+    """Refuse, before any process starts, hospitals too small to train: fewer images than a batch or than
+    `data.min_site_images`, or none in the pretraining splits. The message lists every partition's size."""
+    split = catalog.frame["split"].to_numpy()
+    floor = max(batch_size, min_images)
+    sizes = [(name, len(rows), int(np.isin(split[rows], pretrain_splits).sum())) for name, rows in zip(names, parts)]
+    small = [name for name, total, training in sizes if total < floor or training == 0]
+    if small:
+        listed = ", ".join(f"{name} {total} ({training} for pretraining)" for name, total, training in sizes)
+        raise DataError(f"hospital(s) {', '.join(small)} hold too few images: each needs at least {floor} "
+                        f"(train.batch_size={batch_size}, data.min_site_images={min_images}) and at least one in "
+                        f"data.pretrain_splits={pretrain_splits}. Partition sizes: {listed}. Use fewer partitions "
+                        "(data.num_partitions), a larger data.dirichlet_alpha, or a smaller train.batch_size")

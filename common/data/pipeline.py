@@ -27,13 +27,15 @@ def ensure_synthetic_data(config: DermFedConfig) -> None:
     """The embedded default data needs no download: write it where `data.root` points if absent."""
     from common.data.sources import SYNTHETIC_CSV
     from common.data.synthetic import generate
+    from common.run_files import writing_into
 
     if config.data.format != "synthetic" or not config.data.root:
         return
     root = Path(config.data.root)
     if not (root / SYNTHETIC_CSV).is_file():
         log.info("no synthetic data at %s yet: generating it (seed %d)", root, config.seed)
-        generate(config, root)
+        with writing_into(root):  # a full disk names the folder
+            generate(config, root)
 
 
 def prepare_data(config: DermFedConfig) -> PreparedData:

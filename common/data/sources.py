@@ -16,7 +16,7 @@ import pandas as pd
 
 from common.config import DataConfig
 from common.data.catalog import Catalog, DataError, make_catalog
-from common.data.images import IMAGE_SUFFIXES, index_image_files, walk_files
+from common.data.images import IMAGE_SUFFIXES, display_path, index_image_files, walk_files
 from common.data.labels import (
     HAM10000_DX,
     ISIC2019_COLUMNS,
@@ -71,6 +71,7 @@ def _find_csv(root: Path, explicit: Optional[str], default_name: str, fmt: str) 
         path = path if path.is_absolute() else root / path
     else:
         matches = sorted(root.rglob(default_name))
+        _one_candidate(matches, f"{fmt}: {len(matches)} files named {default_name} below {root}", "data.metadata_csv")
         path = matches[0] if matches else root / default_name
     if not path.is_file():
         raise DataError(
@@ -80,9 +81,18 @@ def _find_csv(root: Path, explicit: Optional[str], default_name: str, fmt: str) 
     return path
 
 
-def _read_csv(path: Path, required: list[str], fmt: str) -> pd.DataFrame:
+def _one_candidate(candidates: list[Path], what: str, key: str) -> None:
+    """Two files that could each be the one meant: refuse to pick one by walk order."""
+    if len(candidates) > 1:
+        listed = ", ".join(str(c) for c in candidates[:5]) + (", ..." if len(candidates) > 5 else "")
+        raise DataError(f"{what}: {listed}; which one is meant is ambiguous: set {key}=PATH, or move the others "
+                        "out of data.root")
+
+
+def _read_csv(path: Path, required: list[str], fmt: str, ids: tuple[str, ...] = ()) -> pd.DataFrame:
+    """The CSV with id columns read as text (an image named 0001 stays 0001) and text cells trimmed."""
     try:
-        frame = pd.read_csv(path)
+        frame = pd.read_csv(path, dtype={column: str for column in ids})
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         raise DataError(f"{fmt}: cannot read {path}: {exc}") from None
     missing = [c for c in required if c not in frame.columns]
@@ -90,6 +100,9 @@ def _read_csv(path: Path, required: list[str], fmt: str) -> pd.DataFrame:
         raise DataError(f"{fmt}: {path} lacks column(s) {missing}; it has {list(frame.columns)}")
     if frame.empty:
         raise DataError(f"{fmt}: {path} has a header but no rows; is it the complete file?")
+    for column in frame.columns:  # " rosendahl" and "rosendahl " are the site rosendahl (README, "Data")
+        if pd.api.types.is_string_dtype(frame[column]):
+            frame[column] = frame[column].str.strip()
     return frame
 
 
@@ -99,8 +112,40 @@ def _walk_problems(problems: list[tuple[str, str]]) -> list[dict]:
             for path, reason in problems]
 
 
-def _paths(image_ids: pd.Series, index: dict[str, Path]) -> pd.Series:
-    return image_ids.map(lambda image_id: index.get(str(image_id)))
+def _paths(image_ids: pd.Series, index: dict[str, list[Path]], fmt: str, root: Path) -> pd.Series:
+    """The one file of each image id; an id that matches two files (a copy in thumbs/, a .png beside the .jpg)
+    is an error listing them, never resolved by the order of the folder walk."""
+    ids = image_ids.astype(str)
+    ambiguous = sorted({i for i in ids if len(index.get(i, ())) > 1})
+    if ambiguous:
+        examples = "; ".join(f"{i}: {', '.join(display_path(p.relative_to(root)) for p in index[i])}"
+                             for i in ambiguous[:3])
+        raise DataError(f"{fmt}: {len(ambiguous)} image id(s) match more than one file below {root}, e.g. {examples}. "
+                        "Keep one file per image (move copies, thumbnails and conversions out of data.root)")
+    return ids.map(lambda image_id: index[image_id][0] if image_id in index else None)
+
+
+SPLIT_VALUES = ("train", "val", "test")
+
+
+def _checked_splits(meta: pd.DataFrame, csv_path: Path, fmt: str) -> pd.Series:
+    """A metadata `split` column, checked: every value train, val or test, and no lesion on two sides."""
+    split = meta["split"]
+    bad = split.isna() | ~split.astype(str).isin(SPLIT_VALUES)
+    if bad.any():
+        rows = [f"row {int(position) + 2} ({'empty' if pd.isna(value) else repr(value)})"
+                for position, value in zip(np.flatnonzero(bad.to_numpy()), split[bad])][:5]
+        raise DataError(f"{fmt}: {csv_path}: the `split` column must hold train, val or test in every row; "
+                        f"{int(bad.sum())} row(s) do not: {', '.join(rows)}")
+    groups = _group_or_image(meta["lesion_id"], meta["image_id"])
+    counts = split.groupby(groups).nunique()
+    crossing = counts[counts > 1].index.tolist()
+    if crossing:
+        examples = ", ".join(f"{lesion} ({'/'.join(sorted(set(split[groups == lesion])))})" for lesion in crossing[:5])
+        raise DataError(f"{fmt}: {csv_path}: {len(crossing)} lesion(s) lie on two sides of the `split` column, e.g. "
+                        f"{examples}; one lesion's images must all be in one split (or remove the column to let "
+                        "DermFed draw a grouped split)")
+    return split.astype(str)
 
 
 def _group_or_image(groups: pd.Series, image_ids: pd.Series) -> pd.Series:
@@ -128,10 +173,12 @@ def load_ham_layout(cfg: DataConfig, csv_name: str, fmt: str) -> Catalog:
     """HAM10000 metadata layout: lesion_id,image_id,dx,...,dataset (the site)."""
     root = _require_root(cfg)
     csv_path = _find_csv(root, cfg.metadata_csv, csv_name, fmt)
-    meta = _read_csv(csv_path, ["lesion_id", "image_id", "dx", "dataset"], fmt)
+    meta = _read_csv(csv_path, ["lesion_id", "image_id", "dx", "dataset"], fmt, ids=("lesion_id", "image_id", "dataset"))
     unknown = sorted(map(str, set(meta["dx"]) - set(HAM10000_DX)))
     if unknown:
         raise DataError(f"{fmt}: {csv_path}: unknown dx codes {unknown}; known: {sorted(HAM10000_DX)}")
+    if "split" in meta.columns:  # the data set's own split (the synthetic data's; or a user's), checked
+        meta = meta.assign(split=_checked_splits(meta, csv_path, fmt))
     index, problems = index_image_files(root)
     no_site = meta["dataset"].isna() | (meta["dataset"].astype(str).str.strip() == "")
     skipped = [{"image_id": str(i), "path": None, "site": None, "label": HAM10000_DX.get(dx),
@@ -141,13 +188,15 @@ def load_ham_layout(cfg: DataConfig, csv_name: str, fmt: str) -> Catalog:
     rows = pd.DataFrame(
         {
             "image_id": meta["image_id"].astype(str),
-            "path": _paths(meta["image_id"], index),
+            "path": _paths(meta["image_id"], index, fmt, root),
             "site": meta["dataset"].astype(str),
             "group": _group_or_image(meta["lesion_id"], meta["image_id"]),
             "label": meta["dx"].map(HAM10000_DX),
         }
     )
-    for extra in ("split", "shortcut_artifact", "artifacts"):
+    # Columns read besides the required ones: `split` (checked above) in both formats; the synthetic data's
+    # artefact flags only in its own format. Any other column (dx_type, age, sex, localization, ...) is ignored.
+    for extra in ("split", "shortcut_artifact", "artifacts") if fmt == "synthetic" else ("split",):
         if extra in meta.columns:
             rows[extra] = meta[extra].to_numpy()
     catalog = make_catalog(rows, ordered_classes(rows["label"]), fmt, root, skipped + _walk_problems(problems))
@@ -184,13 +233,13 @@ def load_isic2019(cfg: DataConfig) -> Catalog:
     """ISIC 2019 training set with FLamby's six-centre split (rows without a centre are skipped)."""
     root = _require_root(cfg)
     gt_path = _find_csv(root, cfg.metadata_csv, ISIC2019_GT_CSV, "isic2019")
-    gt = _read_csv(gt_path, ["image", *ISIC2019_COLUMNS], "isic2019")
+    gt = _read_csv(gt_path, ["image", *ISIC2019_COLUMNS], "isic2019", ids=("image",))
     meta_path = _find_csv(root, None, ISIC2019_META_CSV, "isic2019")
-    meta = _read_csv(meta_path, ["image", "lesion_id"], "isic2019")
+    meta = _read_csv(meta_path, ["image", "lesion_id"], "isic2019", ids=("image", "lesion_id"))
     ham_meta = None
     ham_path = Path(cfg.ham_metadata_csv).expanduser() if cfg.ham_metadata_csv else root / HAM10000_CSV
     if ham_path.is_file():
-        ham_meta = _read_csv(ham_path, ["image_id", "dataset"], "isic2019")
+        ham_meta = _read_csv(ham_path, ["image_id", "dataset"], "isic2019", ids=("image_id", "dataset"))
     elif cfg.ham_metadata_csv:
         raise DataError(f"isic2019: data.ham_metadata_csv={cfg.ham_metadata_csv} not found")
     for frame, path in ((gt, gt_path), (meta, meta_path)):
@@ -205,7 +254,7 @@ def load_isic2019(cfg: DataConfig) -> Catalog:
     rows = pd.DataFrame(
         {
             "image_id": merged["image"].astype(str),
-            "path": _paths(merged["image"], index),
+            "path": _paths(merged["image"], index, "isic2019", root),
             "site": centre,
             "group": _group_or_image(merged["lesion_id"], merged["image"]),
             "label": labels,
@@ -220,7 +269,8 @@ def load_isic2019(cfg: DataConfig) -> Catalog:
 
 
 def _lesion_groups(root: Path, csv_path: Path) -> Optional[pd.Series]:
-    """ISIC challenges publish lesion groupings in a separate CSV (image, lesion_id)."""
+    """ISIC challenges publish lesion groupings in a separate CSV (image, lesion_id); two such files are ambiguous."""
+    found = []
     for candidate in sorted(root.rglob("*.csv")):
         if candidate == csv_path:
             continue
@@ -229,9 +279,13 @@ def _lesion_groups(root: Path, csv_path: Path) -> Optional[pd.Series]:
         except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError):
             continue
         if {"image", "lesion_id"} <= set(head.columns):
-            groups = pd.read_csv(candidate, usecols=["image", "lesion_id"])
-            return groups.drop_duplicates("image").set_index("image")["lesion_id"]
-    return None
+            found.append(candidate)
+    _one_candidate(found, f"isic-gt: {len(found)} lesion-grouping CSVs (columns image, lesion_id) below {root}",
+                   "a single one in data.root")
+    if not found:
+        return None
+    groups = pd.read_csv(found[0], usecols=["image", "lesion_id"], dtype=str)
+    return groups.assign(image=groups["image"].str.strip()).drop_duplicates("image").set_index("image")["lesion_id"]
 
 
 def load_isic_gt(cfg: DataConfig) -> Catalog:
@@ -241,13 +295,12 @@ def load_isic_gt(cfg: DataConfig) -> Catalog:
         csv_path = _find_csv(root, cfg.metadata_csv, "", "isic-gt")
     else:
         candidates = sorted(root.rglob("*GroundTruth*.csv"))
-        if len(candidates) != 1:
-            raise DataError(
-                f"isic-gt: expected one *GroundTruth*.csv under {root}, found {len(candidates)}; "
-                "set data.metadata_csv=PATH"
-            )
+        if not candidates:
+            raise DataError(f"isic-gt: no *GroundTruth*.csv under {root}; set data.metadata_csv=PATH")
+        _one_candidate(candidates, f"isic-gt: {len(candidates)} *GroundTruth*.csv files below {root}",
+                       "data.metadata_csv")
         csv_path = candidates[0]
-    gt = _read_csv(csv_path, ["image"], "isic-gt")
+    gt = _read_csv(csv_path, ["image"], "isic-gt", ids=("image",))
     class_columns = [c for c in gt.columns if c not in {"image", "score_weight", "validation_weight"}]
     if not class_columns:
         raise DataError(f"isic-gt: {csv_path} has no class columns besides `image`")
@@ -258,7 +311,7 @@ def load_isic_gt(cfg: DataConfig) -> Catalog:
     rows = pd.DataFrame(
         {
             "image_id": gt["image"].astype(str),
-            "path": _paths(gt["image"], index),
+            "path": _paths(gt["image"], index, "isic-gt", root),
             "site": root.name,
             "group": _group_or_image(lesion, gt["image"]),
             "label": labels,
@@ -272,7 +325,7 @@ def load_isic2020(cfg: DataConfig) -> Catalog:
     """ISIC 2020 train.csv: binary `target` (1 = melanoma), grouped by patient."""
     root = _require_root(cfg)
     csv_path = _find_csv(root, cfg.metadata_csv, ISIC2020_CSV, "isic2020")
-    meta = _read_csv(csv_path, ["image_name", "patient_id", "target"], "isic2020")
+    meta = _read_csv(csv_path, ["image_name", "patient_id", "target"], "isic2020", ids=("image_name", "patient_id"))
     bad = sorted(set(meta["target"].unique()) - set(ISIC2020_TARGET))
     if bad:
         raise DataError(f"isic2020: {csv_path}: target must be 0 or 1, found {bad}")
@@ -280,7 +333,7 @@ def load_isic2020(cfg: DataConfig) -> Catalog:
     rows = pd.DataFrame(
         {
             "image_id": meta["image_name"].astype(str),
-            "path": _paths(meta["image_name"], index),
+            "path": _paths(meta["image_name"], index, "isic2020", root),
             "site": "ISIC2020",
             "group": _group_or_image(meta["patient_id"], meta["image_name"]),
             "label": meta["target"].map(ISIC2020_TARGET),

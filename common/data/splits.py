@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 
-from common.data.catalog import Catalog
+from common.data.catalog import Catalog, DataError
 
 SPLITS = ("train", "val", "test")
 
@@ -46,8 +46,8 @@ def assign_splits(catalog: Catalog, val_fraction: float, test_fraction: float, s
     frame = catalog.frame.copy()
     if catalog.predefined_splits:
         unknown = set(frame["split"]) - set(SPLITS)
-        if unknown:
-            raise ValueError(f"predefined split values {sorted(unknown)} are not in {SPLITS}")
+        if unknown:  # the loaders check the column row by row (`sources._checked_splits`); this is a guard
+            raise DataError(f"{catalog.source}: split values {sorted(map(str, unknown))} are not in {SPLITS}")
         return replace(catalog, frame=frame, predefined_splits=True)
     split = np.full(len(frame), "train", dtype=object)
     test = _hold_out(frame, test_fraction, seed)

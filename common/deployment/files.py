@@ -3,15 +3,17 @@
 Every private key goes through `write_private`: the file is created with mode 0600 by `os.open`,
 so it is never readable by others, not even for the instant between creation and a `chmod`,
 and an existing file is never overwritten. `replace_file` writes state (registries, ledgers,
-revocation lists) atomically, with the mode it is given from its first byte.
+revocation lists) atomically and durably through `common.run_files`, never readable by others
+before it has the mode it is given.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-import tempfile
 from pathlib import Path
+
+from common.run_files import atomic_write_bytes
 
 PRIVATE_MODE = 0o600
 
@@ -32,18 +34,11 @@ def write_public(path: Path, data: bytes) -> Path:
 
 
 def replace_file(path: Path, data: bytes, mode: int = PRIVATE_MODE) -> Path:
-    """Write `path` atomically (readers see the old or the new file, never half of one), with `mode`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(descriptor, mode)
-        with os.fdopen(descriptor, "wb") as stream:
-            stream.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    """Write `path` atomically and durably (see `common.run_files`), then give it `mode`."""
+    atomic_write_bytes(path, data)  # created 0600 by mkstemp: never readable by others in between
+    if mode != PRIVATE_MODE:
+        os.chmod(path, mode)
+    return Path(path)
 
 
 def private_folder(path: Path) -> Path:

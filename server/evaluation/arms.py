@@ -24,7 +24,7 @@ import timm
 import torch
 from torch import nn
 
-from common.checkpoint import frozen_encoder, load_checkpoint
+from common.checkpoint import CHECKPOINT_FORMAT, frozen_encoder, load_checkpoint
 from server.evaluation.leakage import EXTERNAL, NO_PRETRAINING, PretrainingImages, pretraining_images
 from server.evaluation.provenance import checkpoint_provenance
 
@@ -38,6 +38,10 @@ EXPECTED_KIND = {"federated": "federated", "pooled": "pooled", "local": "local-o
 
 class ArmUnavailable(RuntimeError):
     """This arm cannot run here; the message says how to provide what it needs."""
+
+
+class WeightsFileError(ArmUnavailable):
+    """The file given as --imagenet-weights is not ImageNet weights of the arm's architecture; says what it is."""
 
 
 @dataclass
@@ -95,9 +99,7 @@ def imagenet_arm(model_name: str, weights_file: Optional[str]) -> Arm:
     architecture = model_name.split(".")[0]
     if weights_file:
         path = Path(weights_file).expanduser()
-        if not path.is_file():
-            raise ArmUnavailable(f"--imagenet-weights {path}: no such file")
-        model = timm.create_model(model_name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(path)))
+        model = load_imagenet_file(path, model_name)
         return Arm("imagenet", ARM_LABELS["imagenet"], _frozen(model), f"{model_name} ImageNet weights from {path}", EXTERNAL)
     cached = cached_imagenet_file(model_name)
     if cached is not None:
@@ -123,6 +125,59 @@ def imagenet_arm(model_name: str, weights_file: Optional[str]) -> Arm:
                              f"{exc}). {fixes}") from None
     return Arm("imagenet", ARM_LABELS["imagenet"], _frozen(model), f"{model_name} ImageNet weights from the Hugging Face Hub",
                EXTERNAL)
+
+
+def weights_file_kind(path: Path) -> str:
+    """What a file is, from its first bytes: 'safetensors', 'torch' (zip or legacy pickle), or a description."""
+    size = path.stat().st_size
+    if size == 0:
+        return "an empty file"
+    with open(path, "rb") as stream:
+        head = stream.read(4096)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "torch"
+    header = int.from_bytes(head[:8], "little") if len(head) >= 9 else 0
+    if 0 < header <= size - 8 and head[8:9] == b"{":
+        return "safetensors"
+    try:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return f"an image ({image.format} {image.size[0]}x{image.size[1]})"
+    except Exception:  # noqa: BLE001 - not an image: go on guessing
+        pass
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return "neither a safetensors nor a torch file"
+
+
+def load_imagenet_file(path: Path, model_name: str) -> nn.Module:
+    """`model_name` (timm) with the ImageNet weights in `path`, or a WeightsFileError that says what the file is."""
+    wanted = (f"--imagenet-weights takes the model.safetensors or pytorch_model.bin of timm/{model_name} "
+              "(Hugging Face Hub)")
+    if not path.is_file():
+        raise WeightsFileError(f"--imagenet-weights {path}: no such file; {wanted}")
+    kind = weights_file_kind(path)
+    if kind not in ("safetensors", "torch"):
+        raise WeightsFileError(f"--imagenet-weights {path} is {kind}, not a weights file; {wanted}")
+    if kind == "torch":
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torn, or pickled objects that weights_only refuses
+            raise WeightsFileError(f"--imagenet-weights {path} is a torch file that cannot be read as plain tensors "
+                                   f"({type(exc).__name__}); {wanted}") from None
+        if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
+            raise WeightsFileError(f"--imagenet-weights {path} is a DermFed checkpoint ({payload.get('encoder_name')} "
+                                   "pretrained by DermFed), not ImageNet weights; give DermFed runs as --checkpoint, "
+                                   f"--pooled or --local. {wanted}")
+    try:
+        return timm.create_model(model_name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(path)))
+    except Exception as exc:  # noqa: BLE001 - timm reports missing/unexpected keys and shape mismatches as RuntimeError
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise WeightsFileError(f"--imagenet-weights {path} is a {kind} file whose weights do not fit {model_name} "
+                               f"({reason}); {wanted}") from None
 
 
 def _hub_unreachable(timeout: float = 3.0) -> Optional[str]:
