@@ -1,26 +1,56 @@
-"""One image, one identity, whatever format read it: what the evaluation's leak guard compares.
+"""One image, one identity, whatever format read it and whatever name a copy carries: what the
+evaluation's leak guard compares.
 
-Each format names an image its own way: HAM10000 and the ISIC CSVs by id (`ISIC_0024308`), the
-folder format by its path below the root (`HAM10000_images/ISIC_0024308.jpg`), a copy may carry
-another case (`isic_0024308.JPG`). An image's identity is its file stem, case-insensitive: the
-last path component, without an image suffix (`.jpg`, `.png`, ...) and without ISIC 2019's
-`_downsampled` tag, lower-cased. Two images of one data set that differ only in suffix or folder
-(`a/x.jpg`, `b/x.png`) share an identity; for a leak check that errs on the side of refusing.
+By name. Each format names an image its own way: HAM10000 and the ISIC CSVs by id
+(`ISIC_0024308`), the folder format by its path below the root (`HAM10000_images/ISIC_0024308.jpg`),
+a copy may carry another case (`isic_0024308.JPG`). An image's name identity is its file stem,
+case-insensitive: the last path component, without an image suffix (`.jpg`, `.png`, ...) and
+without ISIC 2019's `_downsampled` tag, lower-cased. Two images of one data set that differ only in
+suffix or folder (`a/x.jpg`, `b/x.png`) share an identity; for a leak check that errs on the side of
+refusing.
 
-Lesion and patient ids (the catalog's `group`) are normalised the same way (stripped,
-lower-cased) where a data set has them; an image without one (its group is its own id) has no
-group identity, so two such images are only ever compared by image identity.
+By content, for copies under another name (`Copy of ISIC_0024308.jpg`, `17.jpg`):
+- the SHA-256 of the file's bytes (a byte-identical copy, whatever its name);
+- a 64-bit difference hash of its decoded pixels (`difference_hash`): the image, turned upright by
+  its EXIF orientation, converted to 8-bit grayscale (PIL's "L": ITU-R 601-2 luma), reduced to
+  9 x 8 pixels by area averaging (PIL's BOX filter), and one bit per pair of horizontal neighbours,
+  1 where the left one is brighter, row by row from the top left, most significant bit first;
+  written as 16 hexadecimal digits. A lossless re-encoding (the same pixels as PNG) has the same
+  hash; a re-compressed, resized or edited copy often has another. Hashes match only when equal.
+
+Both are computed once per file and kept in `<data.cache_dir>/content-identity.json`, keyed by the
+file's absolute path, size and modification time (as the preprocessing cache is).
+
+Lesion and patient ids (the catalog's `group`) are normalised like names (stripped, lower-cased)
+where a data set has them; an image without one (its group is its own id) has no group identity,
+so two such images are only ever compared by image identity.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 import re
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional
 
+import numpy as np
 import pandas as pd
+from PIL import Image, ImageOps
 
 from common.data.images import IMAGE_SUFFIXES
 
+log = logging.getLogger("dermfed.data")
+
 IDENTITY_RULE = "file stem, case-insensitive (folders, image suffix and ISIC's _downsampled tag dropped)"
+CONTENT_RULE = ("file content: equal SHA-256 of the bytes, or an equal 64-bit difference hash of the pixels "
+                "(upright, grayscale, 9x8 area average)")
+CONTENT_CACHE = "content-identity.json"
+HASH_SIZE = 8  # 8 rows of 8 comparisons: 64 bits
 _SUFFIX = re.compile("(" + "|".join(re.escape(s) for s in sorted(IMAGE_SUFFIXES)) + r")$", re.IGNORECASE)
 _DOWNSAMPLED = re.compile(r"_downsampled$", re.IGNORECASE)
 
@@ -46,3 +76,78 @@ def group_identities(frame: pd.DataFrame) -> pd.Series:
     (the loaders then make the image its own group)."""
     groups, images = frame["group"].astype(str), frame["image_id"].astype(str)
     return pd.Series([group_identity(g) if g != i else None for g, i in zip(groups, images)], index=frame.index, dtype=object)
+
+
+def has_group_ids(frame: pd.DataFrame) -> bool:
+    """Whether any row has a lesion or patient id (a format without them gives every image its own group)."""
+    return bool(group_identities(frame).notna().any())
+
+
+def difference_hash(image: Image.Image) -> str:
+    """The 64-bit difference hash of an image (see the module docstring), as 16 hexadecimal digits."""
+    gray = ImageOps.exif_transpose(image).convert("L").resize((HASH_SIZE + 1, HASH_SIZE), Image.Resampling.BOX)
+    pixels = np.asarray(gray, dtype=np.int16)
+    bits = (pixels[:, :-1] > pixels[:, 1:]).flatten()
+    return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_content(path: str | Path) -> tuple[str, Optional[str]]:
+    """(SHA-256 of the bytes, difference hash of the pixels); the hash is None where the file does not decode."""
+    digest = file_sha256(path)
+    try:
+        with Image.open(path) as image:
+            return digest, difference_hash(image)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return digest, None
+
+
+def _key(path: str) -> str:
+    stat = os.stat(path)
+    return f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}"
+
+
+def content_identities(paths: list[str], cache_dir: Optional[str | Path]) -> pd.DataFrame:
+    """`sha256` and `dhash` of every path (rows in order), computed once per file and kept in the cache folder."""
+    cache = Path(cache_dir).expanduser() / CONTENT_CACHE if cache_dir else None
+    known: dict[str, list] = {}
+    if cache is not None and cache.is_file():
+        try:
+            known = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            known = {}  # a torn or foreign file: computed again
+    keys = [_key(p) for p in paths]
+    missing = sorted({(k, p) for k, p in zip(keys, paths) if k not in known})
+    if missing:
+        with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+            for (key, _), content in zip(missing, pool.map(lambda item: file_content(item[1]), missing)):
+                known[key] = list(content)
+        if cache is not None:
+            _write_atomically(cache, known)
+    return pd.DataFrame({"sha256": [known[k][0] for k in keys], "dhash": [known[k][1] for k in keys]})
+
+
+def _write_atomically(path: Path, content: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=".content-", suffix=".json", dir=path.parent)
+        with os.fdopen(handle, "w") as stream:
+            json.dump(content, stream)
+        os.replace(temporary, path)
+    except OSError as exc:  # a read-only cache folder costs time, not correctness
+        log.warning("could not keep content hashes in %s (%s); they are computed again next time", path, exc)
+
+
+def with_content(frame: pd.DataFrame, cache_dir: Optional[str | Path]) -> pd.DataFrame:
+    """The catalog frame with `sha256` and `dhash` columns (kept if already there)."""
+    if {"sha256", "dhash"} <= set(frame.columns):
+        return frame
+    content = content_identities(frame["path"].astype(str).tolist(), cache_dir)
+    return frame.assign(sha256=content["sha256"].to_numpy(), dhash=content["dhash"].to_numpy())
