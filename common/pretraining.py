@@ -48,7 +48,7 @@ def pretraining_record(prepared: PreparedData, splits: list[str], cache_dir: Opt
     frame = with_content(prepared.catalog.frame.iloc[pretraining_indices(prepared, splits)], cache_dir)
     groups = sorted(set(group_identities(frame).dropna())) if has_group_ids(prepared.catalog.frame) else None
     return {"identity": IDENTITY_RULE, "content": CONTENT_RULE, "image_ids": sorted(set(image_identities(frame))),
-            "groups": groups, "sha256": sorted(set(frame["sha256"])), "dhash": sorted(set(frame["dhash"].dropna()))}
+            "groups": groups, "sha256": sorted(set(frame["sha256"])), "phash": sorted(set(frame["phash"].dropna()))}
 
 
 STAGE_KEYS = ("arm", "site", "objective", "pretraining_images")  # what a warm start passes on (never weights)
@@ -81,7 +81,7 @@ def with_warm_start(record: dict[str, Any], stage: dict[str, Any]) -> dict[str, 
     if "unknown" in record:
         return {**record, "warm_start": stage}
     return {"identity": IDENTITY_RULE, "content": CONTENT_RULE,
-            **{key: _union(record.get(key), inherited.get(key)) for key in ("image_ids", "groups", "sha256", "dhash")},
+            **{key: _union(record.get(key), inherited.get(key)) for key in ("image_ids", "groups", "sha256", "phash")},
             "warm_start": stage}
 
 

@@ -35,11 +35,14 @@ ARM_LABELS = {
     "imagenet": "B: ImageNet ConvNeXt-Tiny",
     "random": "C: random init (control)",
 }
-# SHA-256 of weights files known to be timm's published ImageNet-1k weights, per timm model name. Empty: no hash could
-# be checked against the Hugging Face Hub from where this was written; a file from timm's own download or the Hugging
-# Face cache is recognised by its cache entry instead (`_cache_entry_matches`). Add a hash only from the Hub's own
-# record of the file (its Git LFS oid).
-KNOWN_IMAGENET_SHA256: dict[str, frozenset[str]] = {}
+# SHA-256 of weights files known to be timm's published ImageNet-1k weights, per timm model name: the one place that
+# lists them. convnext_tiny.fb_in1k's model.safetensors (https://huggingface.co/timm/convnext_tiny.fb_in1k): the hash two
+# independent public projects pin for that URL; it could not be checked against the Hub from where this was written.
+# A file from timm's own download or the Hugging Face cache is also recognised by its cache entry
+# (`_cache_entry_matches`). Add a hash only from the Hub's own record of the file (its Git LFS oid).
+KNOWN_IMAGENET_SHA256: dict[str, frozenset[str]] = {
+    "convnext_tiny.fb_in1k": frozenset({"08b9dc9c3a3a29421de7996761e176501896d1ae7fc3085cf56a643772329276"}),
+}
 CHECKPOINT_LETTERS = {"federated": "A", "pooled": "D", "local": "E"}
 EXPECTED_KIND = {"federated": "federated", "pooled": "pooled", "local": "local-only"}
 

@@ -7,7 +7,7 @@ pixels, or why they are unknown); a run warm-started from another checkpoint rec
 both (`common.pretraining.with_warm_start`). Names are compared as identities, never raw
 (`common.data.identity`: file stem, case-insensitive), so an image read as
 `HAM10000_images/ISIC_0024308.jpg` by the folder format is the `ISIC_0024308` of the HAM10000
-format; contents are compared as equal file hashes or equal pixel hashes, so `Copy of
+format; contents are compared as equal file hashes or near-equal perceptual hashes of the pixels, so `Copy of
 ISIC_0024308.jpg` is that image too.
 
 A record is not taken on trust: where the checkpoint's own config lets its pretraining images be
@@ -43,6 +43,7 @@ from common.data.identity import (
     has_group_ids,
     image_identities,
     image_identity,
+    pixel_matches,
     with_content,
 )
 
@@ -50,7 +51,7 @@ log = logging.getLogger("dermfed.evaluate")
 
 EXAMPLES = 3
 COMPARED = f"names compared by {IDENTITY_RULE}; contents by {CONTENT_RULE}"
-SETS = ("image_ids", "groups", "sha256", "dhash")
+SETS = ("image_ids", "groups", "sha256", "phash")
 
 
 class PretrainingLeak(DataError):
@@ -63,7 +64,7 @@ class PretrainingImages:
     groups: Optional[frozenset[str]]  # normalised lesion/patient ids; None: not recorded or not known
     source: str
     sha256: Optional[frozenset[str]] = None  # the files' SHA-256; None: not recorded (an older checkpoint)
-    dhash: Optional[frozenset[str]] = None  # the pixels' difference hashes; None: not recorded
+    phash: Optional[frozenset[str]] = None  # the pixels' perceptual hashes; None: not recorded
 
     @property
     def known(self) -> bool:
@@ -89,7 +90,7 @@ def identities_of(frame: pd.DataFrame, source: str, cache_dir: Optional[str] = N
     frame = with_content(frame, cache_dir)
     return PretrainingImages(frozenset(image_identities(frame)),
                              frozenset(group_identities(frame).dropna()) if has_group_ids(frame) else None, source,
-                             frozenset(frame["sha256"]), frozenset(frame["dhash"].dropna()))
+                             frozenset(frame["sha256"]), frozenset(frame["phash"].dropna()))
 
 
 def _from_record(recorded: dict[str, Any], source: str) -> PretrainingImages:
@@ -102,7 +103,7 @@ def _from_record(recorded: dict[str, Any], source: str) -> PretrainingImages:
     if recorded.get("sha256") is None:
         source += " (an older record: names only, not contents)"
     return PretrainingImages(_set(recorded["image_ids"], image_identity), groups, source,
-                             _set(recorded.get("sha256")), _set(recorded.get("dhash")))
+                             _set(recorded.get("sha256")), _set(recorded.get("phash")))
 
 
 def _union(a: PretrainingImages, b: PretrainingImages, source: str) -> PretrainingImages:
@@ -113,7 +114,7 @@ def _union(a: PretrainingImages, b: PretrainingImages, source: str) -> Pretraini
         return None if x is None or y is None else x | y
 
     return PretrainingImages(a.image_ids | b.image_ids, join(a.groups, b.groups), source,  # type: ignore[operator]
-                             join(a.sha256, b.sha256), join(a.dhash, b.dhash))
+                             join(a.sha256, b.sha256), join(a.phash, b.phash))
 
 
 def rebuild(config_tree: dict[str, Any], cache_dir: Optional[str]) -> tuple[Optional[PretrainingImages], str]:
@@ -154,7 +155,7 @@ def _contradiction(name: str, recorded: PretrainingImages, rebuilt: PretrainingI
         if have is not None and found is not None and found - have:
             lacking[key] = sorted(found - have)
     if lacking:
-        words = {"image_ids": "images", "groups": "lesions or patients", "sha256": "file hashes", "dhash": "pixel hashes"}
+        words = {"image_ids": "images", "groups": "lesions or patients", "sha256": "file hashes", "phash": "pixel hashes"}
         counts = ", ".join(f"{len(v)} {words[k]} (e.g. {', '.join(v[:2])})" for k, v in lacking.items())
         raise PretrainingLeak(
             f"checkpoint {name}: its record of pretraining images lacks {counts} that its own config's data on this "
@@ -219,8 +220,8 @@ def _matches(images: PretrainingImages, frame: pd.DataFrame) -> dict[str, pd.Ser
     """Per row of `frame`: same name, same file, same pixels as one of the arm's pretraining images."""
     names = image_identities(frame).isin(images.image_ids or frozenset())
     files = frame["sha256"].isin(images.sha256) if images.sha256 is not None else pd.Series(False, index=frame.index)
-    pixels = (frame["dhash"].isin(images.dhash) & frame["dhash"].notna()) if images.dhash is not None \
-        else pd.Series(False, index=frame.index)
+    pixels = pd.Series(pixel_matches(frame["phash"].tolist(), images.phash), index=frame.index) \
+        if images.phash is not None else pd.Series(False, index=frame.index)
     return {"name": names, "file": files, "pixels": pixels}
 
 
@@ -297,7 +298,7 @@ def _same_lesion_words(counts: Any, where: str) -> str:
 
 
 def _how(by: Optional[dict[str, Any]]) -> str:
-    if not by:
+    if not by or not any(by.values()):
         return ""
     return f" ({by['name']} by name, {by['file']} by file hash, {by['pixels']} by pixel hash)"
 

@@ -65,9 +65,12 @@ class Provenance:
     def describe(self) -> str:
         """E.g. `federated VAE encoder (3 rounds, 4 sites, DP-SGD epsilon <= 4.20)`, or with a warm start
         `federated VAE encoder (1 round, 2 sites), warm-started from a pooled VAE encoder (1 epoch); DP-SGD off`."""
+        unverified = (f"; unverified: its record calls it {self.claimed!r}, its position {self._position()} says "
+                      f"{self.kind}" if self.claimed else "")
         if self.warm_start is None:
             stage = self._stage()
-            return f"{stage[:-1]}, {self._dp_words()})" if stage.endswith(")") else f"{stage} ({self._dp_words()})"
+            described = f"{stage[:-1]}, {self._dp_words()})" if stage.endswith(")") else f"{stage} ({self._dp_words()})"
+            return described + unverified
         chain = ", warm-started from a ".join(s._stage() for s in self.stages())
         stages = self.stages()
         if all(s.stage_dp for s in stages):
@@ -77,7 +80,10 @@ class Provenance:
         else:
             off = ", ".join(s._stage() for s in stages if not s.stage_dp)
             dp = f"DP-SGD not in every stage: off in the {off} (no formal guarantee for its images)"
-        return f"{chain}; {dp}"
+        return f"{chain}; {dp}{unverified}"
+
+    def _position(self) -> str:
+        return _count(self.rounds, "round") if self.rounds is not None else _count(self.epochs or 0, "epoch")
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "description": self.describe()}
