@@ -96,6 +96,8 @@ def identities_of(frame: pd.DataFrame, source: str, cache_dir: Optional[str] = N
 def _from_record(recorded: dict[str, Any], source: str) -> PretrainingImages:
     """A record as stored: normalised names (older records hold raw ones), lesions and contents where recorded."""
     groups = _set(recorded.get("groups"), group_identity)
+    if groups is not None and not groups and recorded.get("image_ids"):
+        groups = None  # images without a single lesion: a data set without lesion ids (older records wrote [])
     if "groups" not in recorded:
         source += " (an older record: images only, not their lesions)"
     elif groups is None:
