@@ -1,6 +1,7 @@
 """Central evaluation end to end: arms, cached features, per-site metrics, and the HTML report."""
 
 import base64
+import hashlib
 import json
 import re
 import shutil
@@ -63,6 +64,10 @@ def test_imagenet_weights_load_from_a_file_or_the_cache(tmp_path):
     path = tmp_path / "pytorch_model.bin"
     torch.save(reference.state_dict(), path)
     arm = imagenet_arm("convnext_tiny.fb_in1k", str(path))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    # random weights in timm's layout are not ImageNet's: named by their file and hash, their pretraining unknown
+    assert "ImageNet" not in arm.label and "unverified weights" in arm.label and digest[:12] in arm.label, arm.label
+    assert not arm.pretraining.known and digest in arm.source
     loaded = arm.encoder.state_dict()
     assert "head.fc.weight" not in loaded  # classifier dropped: a frozen feature extractor
     assert torch.equal(loaded["stem.0.weight"], reference.state_dict()["stem.0.weight"])
@@ -72,6 +77,20 @@ def test_imagenet_weights_load_from_a_file_or_the_cache(tmp_path):
     (tmp_path / "hub" / "models--timm--convnext_tiny.fb_in1k" / "refs").mkdir()
     (tmp_path / "hub" / "models--timm--convnext_tiny.fb_in1k" / "refs" / "main").write_text("abc123")
     assert cached_imagenet_file("convnext_tiny.fb_in1k", str(tmp_path / "hub")) == snapshot / "pytorch_model.bin"
+
+
+
+def test_imagenet_weights_are_named_imagenet_only_by_a_known_hash(tmp_path, monkeypatch):
+    from server.evaluation import arms
+
+    assert "08b9dc9c3a3a29421de7996761e176501896d1ae7fc3085cf56a643772329276" in \
+        arms.KNOWN_IMAGENET_SHA256["convnext_tiny.fb_in1k"]  # timm/convnext_tiny.fb_in1k model.safetensors
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(timm.create_model("convnext_tiny", pretrained=False).state_dict(), path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    monkeypatch.setitem(arms.KNOWN_IMAGENET_SHA256, "convnext_tiny.fb_in1k", frozenset({digest}))
+    arm = imagenet_arm("convnext_tiny.fb_in1k", str(path))
+    assert arm.label == "B: ImageNet ConvNeXt-Tiny" and arm.pretraining.known and digest in arm.source
 
 
 @pytest.fixture(scope="module")

@@ -130,8 +130,7 @@ def _labelled(model_name: str, model: nn.Module, path: Path, where: str, verifie
     if verified or digest in KNOWN_IMAGENET_SHA256.get(model_name, frozenset()):
         return Arm("imagenet", ARM_LABELS["imagenet"], _frozen(model),
                    f"{model_name} ImageNet-1k weights {where} (sha256 {digest})", EXTERNAL)
-    label = (f"B: {_architecture(model_name)} weights from {path.name} (sha256 {digest[:12]}..., not verified as timm's "
-             "ImageNet-1k weights)")
+    label = f"B: {_architecture(model_name)}, unverified weights (sha256 {digest[:12]}..., {path.name})"
     unknown = PretrainingImages(None, None, f"unknown: weights from {path} (sha256 {digest}) that are not known to be "
                                             f"timm's ImageNet-1k {model_name}; what they were trained on is not known")
     return Arm("imagenet", label, _frozen(model), f"{model_name} weights {where} (sha256 {digest}; not verified)", unknown)
