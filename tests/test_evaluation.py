@@ -139,8 +139,9 @@ def test_small_evaluation_on_real_ham10000(ham_evaluation):
         chosen = [s["gap_at_chosen"]["balanced_accuracy"] for s in arm["seeds"]]
         assert arm["gap"]["at_chosen_epoch"]["mean"] == pytest.approx(np.mean(chosen))
         assert len(arm["curves"]["val_balanced_accuracy"]) == 4  # the training curves carry the selection metric
-        recall = arm["per_class_recall"]["DF"]  # a Wilson interval over the class's test images, not over 2 seeds
-        assert "Wilson" in recall["covers"] and recall["n"] > 0 and recall["low"] < recall["high"]
+        recall = arm["per_class_recall"]["DF"]  # a bootstrap interval over the test lesions, not over 2 seeds
+        assert "lesions" in recall["covers"] and recall["n"] > 0 and recall["low"] < recall["high"]
+        assert recall["images"] >= recall["lesions"] > 0
         assert arm["pretraining_overlap"]["val"] == arm["pretraining_overlap"]["test"] == 0
     assert arms["federated"]["pretraining_overlap"]["train"] == arms["federated"]["pretraining_overlap"]["pretraining_images"] > 0
     vienna = arms["federated"]["per_site"]["vienna_dias"]["classes_present"]
@@ -192,7 +193,7 @@ def test_report_renders_in_headless_chromium(ham_evaluation, tmp_path):
     federated = next(arm for arm in metrics["arms"] if arm["key"] == "federated")
     assert f"{federated['summary']['balanced_accuracy']['mean']:.3f}" in dom
     assert "vienna_dias" in dom and "Arm imagenet did not run" in dom
-    assert "What it cannot mean on its own" in dom and "(seeds: " in dom and "Wilson" in dom  # what each interval covers
+    assert "What it cannot mean on its own" in dom and "(seeds: " in dom and "per-class recall included" in dom  # what each interval covers
     assert "generalisation to external" not in dom  # no external set: the source's answer comes first
     assert "DP-SGD off." in dom and not (run / "figures" / "privacy.png").exists()  # words, not an empty chart
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', dom)
@@ -250,7 +251,7 @@ def test_a_checkpoint_pretrained_on_another_split_is_refused(ham_sample, tmp_pat
                  *common, "seed=0", "evaluation.epochs=1", "evaluation.seeds=[0]"])
     message = capsys.readouterr().err
     assert code == 2
-    assert re.search(r"arm federated \(A: pooled VAE encoder \(1 epoch, DP-SGD off\)\) pretrained on [1-9]\d* test and "
+    assert re.search(r"arm federated \(A: pooled VAE encoder \(1 epoch, DP-SGD off\)\) pretrained on [1-9]\d* test \([^)]*\) and "
                      r"\d+ validation images", message), message
     assert not (tmp_path / "eval" / "metrics.json").exists()
 

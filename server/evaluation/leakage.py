@@ -231,6 +231,7 @@ def count_in(images: PretrainingImages, frame: pd.DataFrame) -> dict[str, Any]:
     """Rows of `frame` (with content columns) that are one of `images` by name, file or pixels ("images", and each
     way apart), and rows that are not but whose lesion or patient is ("same_lesion"); None where not known (or where
     either side has no lesion ids). Up to 3 example ids of each."""
+    frame = with_content(frame, None)  # no-op where the caller added them (with its cache folder)
     if not images.known:
         return {"images": None, "by_name": None, "by_file": None, "by_pixels": None, "content_checked": False,
                 "same_lesion": None, "examples": []}
