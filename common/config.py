@@ -280,6 +280,9 @@ class EvaluationConfig(_Section):
         "also redraw the train/val/test split with these seeds (default: only `seed`'s split); an arm "
         "pretrained on another split is refused"))
     bootstrap_replicates: int = Field(2000, ge=100, description="paired bootstrap over test lesions and seeds")
+    min_test_groups: int = Field(30, ge=1, description=(
+        "fewest test lesions (or patients) a test set needs for a verdict; below it the report gives the intervals "
+        "and says there are too few test lesions to decide"))
     select_on: Literal["val_balanced_accuracy", "val_loss"] = Field(
         "val_balanced_accuracy", description="validation quantity that picks each head's best epoch")
     arms: list[Literal["federated", "imagenet", "random", "pooled", "local"]] = Field(

@@ -10,17 +10,25 @@ import io
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from torchvision.utils import save_image
 
-from common.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, save_vae_checkpoint
+from common.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, load_checkpoint, save_vae_checkpoint
 from common.config import DermFedConfig, write_config
 from common.data.batches import ImageRows, read_batch, to_device_float
 from common.data.catalog import DataError
-from common.data.identity import IDENTITY_RULE, group_identities, image_identities
+from common.data.identity import (
+    CONTENT_RULE,
+    IDENTITY_RULE,
+    file_sha256,
+    group_identities,
+    has_group_ids,
+    image_identities,
+    with_content,
+)
 from common.data.pipeline import PreparedData, prepare_data
 from common.model import ConvNeXtVAE, build_vae
 from common.run_files import atomic_write_bytes, atomic_write_text
@@ -34,13 +42,49 @@ def pretraining_indices(prepared: PreparedData, splits: list[str]) -> np.ndarray
     return np.flatnonzero(prepared.catalog.frame["split"].isin(splits).to_numpy())
 
 
-def pretraining_record(prepared: PreparedData, splits: list[str]) -> dict[str, Any]:
-    """Which images (and lesions or patients) a pretraining run saw, by normalised identity
-    (`common.data.identity`): stored in its checkpoint, so that evaluation can refuse an arm that saw
-    one of its validation or test images, or another image of a test lesion, whatever format reads them."""
-    frame = prepared.catalog.frame.iloc[pretraining_indices(prepared, splits)]
-    groups = group_identities(frame).dropna()
-    return {"identity": IDENTITY_RULE, "image_ids": sorted(set(image_identities(frame))), "groups": sorted(set(groups))}
+def pretraining_record(prepared: PreparedData, splits: list[str], cache_dir: Optional[str] = None) -> dict[str, Any]:
+    """Which images (and lesions or patients) a pretraining run saw, by normalised name and by content
+    (`common.data.identity`): stored in its checkpoint, so that evaluation can refuse an arm that saw one of its
+    validation or test images, a copy of one under another name, or another image of a test lesion, whatever format
+    reads them. `groups` is None where the data set has no lesion or patient ids (not recorded, rather than none)."""
+    frame = with_content(prepared.catalog.frame.iloc[pretraining_indices(prepared, splits)], cache_dir)
+    groups = sorted(set(group_identities(frame).dropna())) if has_group_ids(prepared.catalog.frame) else None
+    return {"identity": IDENTITY_RULE, "content": CONTENT_RULE, "image_ids": sorted(set(image_identities(frame))),
+            "groups": groups, "sha256": sorted(set(frame["sha256"])), "phash": sorted(set(frame["phash"].dropna()))}
+
+
+STAGE_KEYS = ("arm", "site", "objective", "pretraining_images")  # what a warm start passes on (never weights)
+
+
+def warm_start_stage(path: str | Path) -> dict[str, Any]:
+    """What a run started from the checkpoint at `path` inherits besides its weights: that checkpoint's config,
+    position, history and pretraining record (itself composed if it was warm-started too), and the file's SHA-256."""
+    path = Path(path)
+    file = path / CHECKPOINT_NAME if path.is_dir() else path
+    payload = load_checkpoint(file)
+    extra = payload.get("extra") or {}
+    return {"checkpoint": str(file.resolve()), "sha256": file_sha256(file), "encoder_name": payload["encoder_name"],
+            "config": payload["config"], "position": payload["position"], "history": payload.get("history") or [],
+            "extra": {k: extra[k] for k in STAGE_KEYS if k in extra}}
+
+
+def _union(first: Optional[list], second: Optional[list]) -> Optional[list]:
+    return None if first is None or second is None else sorted(set(first) | set(second))
+
+
+def with_warm_start(record: dict[str, Any], stage: dict[str, Any]) -> dict[str, Any]:
+    """A run started from another checkpoint's weights has, through them, seen what that checkpoint saw: its record
+    is the union of its own images and the warm start's (unknown when either is), and names the warm start."""
+    inherited = stage["extra"].get("pretraining_images")
+    if not isinstance(inherited, dict) or "image_ids" not in inherited:
+        why = inherited.get("unknown") if isinstance(inherited, dict) and "unknown" in inherited else "not recorded"
+        return {"unknown": f"warm-started from {stage['checkpoint']}, whose pretraining images are unknown ({why})",
+                "warm_start": stage}
+    if "unknown" in record:
+        return {**record, "warm_start": stage}
+    return {"identity": IDENTITY_RULE, "content": CONTENT_RULE,
+            **{key: _union(record.get(key), inherited.get(key)) for key in ("image_ids", "groups", "sha256", "phash")},
+            "warm_start": stage}
 
 
 @torch.no_grad()
@@ -70,7 +114,7 @@ def run_pretraining(config: DermFedConfig, out: Path) -> dict[str, Any]:
     images = ImageRows(prepared.store, indices)
     site = config.data.site or "pooled"
     trainer = LocalTrainer(config, model, images, site=site)
-    seen = pretraining_record(prepared, config.data.pretrain_splits)
+    seen = pretraining_record(prepared, config.data.pretrain_splits, config.data.cache_dir)
     history: list[dict[str, Any]] = []
     arm = "local-only" if config.data.site else "pooled"
     log.info("%s pretraining on %d images (%s), %d steps per epoch, %d epochs", arm, len(images),

@@ -12,11 +12,11 @@ from typing import Any, Optional
 
 import torch
 
-from common.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, load_checkpoint
+from common.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, CheckpointError, load_checkpoint
 from common.config import DermFedConfig
 from common.data.pipeline import PreparedData
 from common.model import ENCODER_PREFIX, build_vae, shared_state
-from common.pretraining import pretraining_record
+from common.pretraining import pretraining_record, warm_start_stage, with_warm_start
 from common.training import seed_everything
 from server.rounds import load_resume_point
 
@@ -77,13 +77,24 @@ def plan_run(config: DermFedConfig, run_dir: Path, resume: bool) -> RunPlan:
 
 
 def federated_pretraining_images(config: DermFedConfig, prepared: Optional[PreparedData]) -> dict[str, Any]:
-    """Which images the sites pretrain on, for evaluation's leak check.
+    """Which images the sites pretrain on, for evaluation's leak check, and what a warm start brings with it.
 
     In a simulation the server holds the pooled data (`prepared`) the virtual hospitals are cut
     from: every row of `data.pretrain_splits`, whatever the partition. In a real federation
     (`prepared` is None) the hospitals' images are theirs and their names never reach the
-    coordinator: recorded as unknown.
+    coordinator: recorded as unknown. A run started from `federation.initial_checkpoint` has seen,
+    through its weights, whatever that checkpoint saw: the record is the union of both (unknown if
+    the warm start's is), and names the warm start, so evaluation labels and checks it as such.
     """
     if prepared is None:
-        return {"unknown": "a real federation: the hospitals' images are not known to the coordinator"}
-    return pretraining_record(prepared, config.data.pretrain_splits)
+        record: dict[str, Any] = {"unknown": "a real federation: the hospitals' images are not known to the coordinator"}
+    else:
+        record = pretraining_record(prepared, config.data.pretrain_splits, config.data.cache_dir)
+    if not config.federation.initial_checkpoint:
+        return record
+    try:
+        stage = warm_start_stage(config.federation.initial_checkpoint)
+    except (OSError, CheckpointError) as exc:  # a resumed run whose warm start has gone since: unknown, never none
+        return {"unknown": f"warm-started from {config.federation.initial_checkpoint}, which cannot be read now "
+                           f"({type(exc).__name__}: {exc})", "warm_start": {"checkpoint": config.federation.initial_checkpoint}}
+    return with_warm_start(record, stage)

@@ -7,7 +7,7 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from common.config import load_config
 from server.evaluation.heads import train_head
-from server.evaluation.metrics import classification_metrics, macro_auroc, seed_spread, wilson_interval
+from server.evaluation.metrics import classification_metrics, macro_auroc, seed_spread
 
 CLASSES = ["MEL", "NV", "BKL"]
 
@@ -68,16 +68,39 @@ def test_absent_classes_are_reported_not_hidden():
     assert np.isnan(macro_auroc(np.array([1, 1]), proba[:2]))
 
 
-def test_per_class_recall_interval_is_wilson_over_the_class_images():
-    """7 of 9 images: about 0.45-0.94 (the issue's case, printed before as 0.78 [0.78, 0.78] from three equal seeds)."""
-    for k, n in ((7, 9), (9, 9), (0, 4), (30, 41)):
-        reference = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
-        ci = wilson_interval(k / n, n)
-        assert ci["low"] == pytest.approx(reference.low, abs=1e-12) and ci["high"] == pytest.approx(reference.high, abs=1e-12)
-        assert ci["n"] == n and "Wilson" in ci["covers"]
-    assert wilson_interval(7 / 9, 9)["low"] == pytest.approx(0.453, abs=1e-3)
-    assert wilson_interval(1.0, 9)["high"] == 1.0 and wilson_interval(1.0, 9)["low"] < 0.75  # not a point at 1
-    assert wilson_interval(None, 0)["mean"] is None
+def _recall_of_class_one(groups, correct, replicates=2000):
+    """Per-class recall as `dermfed evaluate` computes it: class 1's images, `correct` of them predicted right."""
+    from server.evaluation.run import TestSet, _class_recall
+    from server.evaluation.uncertainty import cluster_weights
+
+    n = len(groups)
+    labels = np.r_[np.ones(n, dtype=int), np.zeros(4, dtype=int)]
+    groups = np.r_[np.asarray(groups, dtype=str), [f"other{i}" for i in range(4)]]
+    proba = np.tile([0.9, 0.1], (n + 4, 1))
+    proba[:correct] = [0.1, 0.9]
+    rng = np.random.default_rng(0)
+    test = TestSet("t", labels, np.array(["s"] * (n + 4)), {0: np.arange(n + 4)},
+                   {0: cluster_weights(groups, replicates, rng)}, groups)
+    return _class_recall(test, {0: [proba, proba, proba]}, ["a", "b"], rng)["b"]
+
+
+def test_per_class_recall_interval_is_a_bootstrap_over_test_lesions_not_a_point():
+    """7 of 9 images right, three equal head seeds: the issue's "0.78 [0.78, 0.78]"; over 9 lesions about 0.5-1.0."""
+    alone = _recall_of_class_one([f"l{i}" for i in range(9)], 7)
+    assert alone["mean"] == pytest.approx(7 / 9) and alone["images"] == 9 and alone["lesions"] == 9
+    assert alone["low"] < 0.6 and alone["high"] == 1.0 and "lesions" in alone["covers"]
+    # the same 9 images as 3 lesions of 3 images (the 7 right ones: two whole lesions and one image of the third):
+    # the images of one lesion are drawn together, so the interval is wider than the 9 independent images' one
+    clustered = _recall_of_class_one(["l0"] * 3 + ["l1"] * 3 + ["l2"] * 3, 7)
+    assert clustered["lesions"] == 3 and clustered["low"] < alone["low"] - 0.1
+
+
+def test_a_class_most_replicates_miss_is_counted_not_silently_dropped():
+    """A class with one test lesion: about a third of the replicates draw none of it; they are counted and the
+    interval is flagged as unable to support a verdict."""
+    single = _recall_of_class_one(["only"], 1)
+    assert single["undefined"] > 0.2 * single["replicates"] and single["n"] + single["undefined"] == single["replicates"]
+    assert single["degenerate"]
 
 
 def test_the_seeds_spread_says_it_covers_head_seeds_only():
@@ -137,6 +160,7 @@ def test_validation_loss_is_weighted_like_the_training_objective():
 
 
 def test_weighted_bootstrap_metrics_equal_scikit_learn_with_sample_weights():
+    from server.evaluation.metrics import UNDECIDED, predicted_labels
     from server.evaluation.uncertainty import cluster_weights, weighted_balanced_accuracy, weighted_macro_auroc
 
     rng = np.random.default_rng(0)
@@ -149,8 +173,9 @@ def test_weighted_bootstrap_metrics_equal_scikit_learn_with_sample_weights():
         reference = [roc_auc_score(y[drawn] == c, proba[drawn, c], sample_weight=w[drawn])
                      for c in range(4) if 0 < (w * (y == c)).sum() < w.sum()]
         assert aurocs[b] == pytest.approx(np.mean(reference), abs=1e-12)
-        assert balanced[b] == pytest.approx(balanced_accuracy_score(y[drawn], proba[drawn].argmax(1),
+        assert balanced[b] == pytest.approx(balanced_accuracy_score(y[drawn], predicted_labels(proba[drawn]),
                                                                     sample_weight=w[drawn]), abs=1e-12)
+    assert (predicted_labels(proba) == UNDECIDED).any()  # the ties are undecided, as the ISIC scorer makes them
 
 
 def _arm(y, quality, seeds, rng):
@@ -177,3 +202,14 @@ def test_paired_bootstrap_an_arm_against_itself_contains_zero_a_better_arm_exclu
         assert itself["low"] <= 0 <= itself["high"] and not itself["excludes_zero"]
         better = difference(arm_replicates(METRICS[metric], y, strong, weights, np.random.default_rng(3)), a)
         assert better["excludes_zero"] and better["low"] > 0 and better["mean"] > 0
+
+
+def test_a_tied_prediction_is_undecided_as_the_isic_scorer_makes_it():
+    """The ISIC scorer's `_to_labels` gives a row whose highest probability is shared no label: never right.
+    argmax would credit the first tied class (here the true one) and inflate accuracy and recall."""
+    y = np.array([0, 0, 1, 1])
+    proba = np.array([[0.5, 0.5], [0.9, 0.1], [0.2, 0.8], [0.3, 0.7]])
+    result = classification_metrics(y, proba, ["a", "b"])
+    assert result["undecided"] == 1 and result["accuracy"] == pytest.approx(3 / 4)
+    assert result["per_class_recall"] == {"a": 0.5, "b": 1.0} and result["balanced_accuracy"] == pytest.approx(0.75)
+    assert result["confusion_matrix"] == [[1, 0], [0, 2]]  # the undecided row has no column

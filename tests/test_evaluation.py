@@ -1,6 +1,7 @@
 """Central evaluation end to end: arms, cached features, per-site metrics, and the HTML report."""
 
 import base64
+import hashlib
 import json
 import re
 import shutil
@@ -63,6 +64,10 @@ def test_imagenet_weights_load_from_a_file_or_the_cache(tmp_path):
     path = tmp_path / "pytorch_model.bin"
     torch.save(reference.state_dict(), path)
     arm = imagenet_arm("convnext_tiny.fb_in1k", str(path))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    # random weights in timm's layout are not ImageNet's: named by their file and hash, their pretraining unknown
+    assert "ImageNet" not in arm.label and "unverified weights" in arm.label and digest[:12] in arm.label, arm.label
+    assert not arm.pretraining.known and digest in arm.source
     loaded = arm.encoder.state_dict()
     assert "head.fc.weight" not in loaded  # classifier dropped: a frozen feature extractor
     assert torch.equal(loaded["stem.0.weight"], reference.state_dict()["stem.0.weight"])
@@ -72,6 +77,20 @@ def test_imagenet_weights_load_from_a_file_or_the_cache(tmp_path):
     (tmp_path / "hub" / "models--timm--convnext_tiny.fb_in1k" / "refs").mkdir()
     (tmp_path / "hub" / "models--timm--convnext_tiny.fb_in1k" / "refs" / "main").write_text("abc123")
     assert cached_imagenet_file("convnext_tiny.fb_in1k", str(tmp_path / "hub")) == snapshot / "pytorch_model.bin"
+
+
+
+def test_imagenet_weights_are_named_imagenet_only_by_a_known_hash(tmp_path, monkeypatch):
+    from server.evaluation import arms
+
+    assert "08b9dc9c3a3a29421de7996761e176501896d1ae7fc3085cf56a643772329276" in \
+        arms.KNOWN_IMAGENET_SHA256["convnext_tiny.fb_in1k"]  # timm/convnext_tiny.fb_in1k model.safetensors
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(timm.create_model("convnext_tiny", pretrained=False).state_dict(), path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    monkeypatch.setitem(arms.KNOWN_IMAGENET_SHA256, "convnext_tiny.fb_in1k", frozenset({digest}))
+    arm = imagenet_arm("convnext_tiny.fb_in1k", str(path))
+    assert arm.label == "B: ImageNet ConvNeXt-Tiny" and arm.pretraining.known and digest in arm.source
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +139,9 @@ def test_small_evaluation_on_real_ham10000(ham_evaluation):
         chosen = [s["gap_at_chosen"]["balanced_accuracy"] for s in arm["seeds"]]
         assert arm["gap"]["at_chosen_epoch"]["mean"] == pytest.approx(np.mean(chosen))
         assert len(arm["curves"]["val_balanced_accuracy"]) == 4  # the training curves carry the selection metric
-        recall = arm["per_class_recall"]["DF"]  # a Wilson interval over the class's test images, not over 2 seeds
-        assert "Wilson" in recall["covers"] and recall["n"] > 0 and recall["low"] < recall["high"]
+        recall = arm["per_class_recall"]["DF"]  # a bootstrap interval over the test lesions, not over 2 seeds
+        assert "lesions" in recall["covers"] and recall["n"] > 0 and recall["low"] < recall["high"]
+        assert recall["images"] >= recall["lesions"] > 0
         assert arm["pretraining_overlap"]["val"] == arm["pretraining_overlap"]["test"] == 0
     assert arms["federated"]["pretraining_overlap"]["train"] == arms["federated"]["pretraining_overlap"]["pretraining_images"] > 0
     vienna = arms["federated"]["per_site"]["vienna_dias"]["classes_present"]
@@ -173,7 +193,7 @@ def test_report_renders_in_headless_chromium(ham_evaluation, tmp_path):
     federated = next(arm for arm in metrics["arms"] if arm["key"] == "federated")
     assert f"{federated['summary']['balanced_accuracy']['mean']:.3f}" in dom
     assert "vienna_dias" in dom and "Arm imagenet did not run" in dom
-    assert "What it cannot mean on its own" in dom and "(seeds: " in dom and "Wilson" in dom  # what each interval covers
+    assert "What it cannot mean on its own" in dom and "(seeds: " in dom and "per-class recall included" in dom  # what each interval covers
     assert "generalisation to external" not in dom  # no external set: the source's answer comes first
     assert "DP-SGD off." in dom and not (run / "figures" / "privacy.png").exists()  # words, not an empty chart
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', dom)
@@ -231,7 +251,7 @@ def test_a_checkpoint_pretrained_on_another_split_is_refused(ham_sample, tmp_pat
                  *common, "seed=0", "evaluation.epochs=1", "evaluation.seeds=[0]"])
     message = capsys.readouterr().err
     assert code == 2
-    assert re.search(r"arm federated \(A: pooled VAE encoder \(1 epoch, DP-SGD off\)\) pretrained on [1-9]\d* test and "
+    assert re.search(r"arm federated \(A: pooled VAE encoder \(1 epoch, DP-SGD off\)\) pretrained on [1-9]\d* test \([^)]*\) and "
                      r"\d+ validation images", message), message
     assert not (tmp_path / "eval" / "metrics.json").exists()
 

@@ -47,8 +47,8 @@ def test_pretraining_through_the_folder_format_and_testing_through_another_is_re
     message = capsys.readouterr().err
     test_images = int((pd.read_csv(synthetic_root / "synthetic_metadata.csv")["split"] == "test").sum())
     assert code == 2, message
-    assert re.search(rf"arm federated \(A: pooled VAE encoder [^)]*\)\) pretrained on {test_images} test and [1-9]\d* "
-                     "validation images", message), message
+    assert re.search(rf"arm federated \(A: pooled VAE encoder [^)]*\)\) pretrained on {test_images} test "
+                     rf"\({test_images} by name, \d+ by file hash, \d+ by pixel hash\) and [1-9]\d* validation images", message), message
     assert "file stem, case-insensitive" in message
     assert not (tmp_path / "eval" / "metrics.json").exists()
 

@@ -18,6 +18,7 @@ import numpy as np
 from common.config import DataConfig, ExternalSetConfig
 from common.data.cache import ImageStore, SubsetStore, scan
 from common.data.catalog import Catalog, DataError
+from common.data.identity import with_content
 from common.data.sources import load_catalog
 from server.evaluation.leakage import count_in, identities_of, refuse_shared_with_source
 
@@ -71,8 +72,9 @@ def load_external(entry: ExternalSetConfig, source: DataConfig, source_catalog: 
                         f"are trained on ({', '.join(classes)}); its classes: {', '.join(catalog.classes)}")
     scored = catalog.subset(known)
     scored.frame["split"] = "test"
-    scored = Catalog(scored.frame, classes, scored.source, scored.root, scored.skipped)
-    refuse_shared_with_source(entry.name or "", count_in(identities_of(source_catalog.frame, "source"), scored.frame))
+    scored = Catalog(with_content(scored.frame, source.cache_dir), classes, scored.source, scored.root, scored.skipped)
+    refuse_shared_with_source(entry.name or "", count_in(identities_of(source_catalog.frame, "source", source.cache_dir),
+                                                         scored.frame))
     labels = scored.label_indices().to_numpy()
     skipped = {str(k): int(v) for k, v in catalog.skipped["reason"].value_counts().items()} if len(catalog.skipped) else {}
     return ExternalSet(entry, scored, SubsetStore(store, np.flatnonzero(known)), labels, excluded, skipped)

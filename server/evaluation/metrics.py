@@ -1,4 +1,4 @@
-"""Classification metrics as the ISIC challenge scorer defines them; per-class recall's Wilson interval; the seeds' spread.
+"""Classification metrics as the ISIC challenge scorer defines them; the seeds' spread.
 
 The ISIC scorer (`isic-challenge-scoring`) computes, per diagnostic category, one-vs-rest AUROC
 on that category's raw probability column, and averages over the categories; balanced accuracy
@@ -7,6 +7,11 @@ no positives: its recall and AUROC are undefined and it is left out of both mean
 NaN-skipping mean). A site's test images often miss classes, so this matters: renormalising the
 probabilities over the present classes, or collapsing two present classes into one binary AUROC,
 gives other numbers than the field's scorer.
+
+A prediction is the class of the highest probability; a row whose highest probability is shared by
+two or more classes is "undecided", as the scorer's `_to_labels` makes it: never right, so it
+counts against the recall of its true class and against accuracy, and it has no column in the
+confusion matrix (counted apart, as `undecided`).
 """
 
 from __future__ import annotations
@@ -15,8 +20,18 @@ import warnings
 from typing import Optional, Sequence
 
 import numpy as np
-from scipy import stats
 from sklearn.metrics import accuracy_score, confusion_matrix, recall_score, roc_auc_score
+
+
+UNDECIDED = -1  # the predicted label of a row whose highest probability is tied
+
+
+def predicted_labels(scores: np.ndarray) -> np.ndarray:
+    """The ISIC scorer's prediction per row: the index of the highest score, or UNDECIDED where it is tied."""
+    scores = np.asarray(scores)
+    labels = scores.argmax(axis=1)
+    tied = (scores == scores.max(axis=1, keepdims=True)).sum(axis=1) > 1
+    return np.where(tied, UNDECIDED, labels)
 
 
 def per_class_auroc(y_true: np.ndarray, proba: np.ndarray) -> np.ndarray:
@@ -48,7 +63,7 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: Seque
     with warnings.catch_warnings():  # small test sets miss classes; handled explicitly below
         warnings.simplefilter("ignore", UserWarning)
         y_true = np.asarray(y_true)
-        y_pred = proba.argmax(axis=1)
+        y_pred = predicted_labels(proba)
         labels = list(range(len(classes)))
         recalls = recall_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
         aurocs = per_class_auroc(y_true, proba)
@@ -61,25 +76,13 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: Seque
             "macro_auroc": float(np.nanmean(aurocs)) if np.isfinite(aurocs).any() else float("nan"),
             "per_class_recall": {c: (float(r) if i in present else None) for i, (c, r) in enumerate(zip(classes, recalls))},
             "per_class_auroc": {c: (float(a) if np.isfinite(a) else None) for c, a in zip(classes, aurocs)},
-            "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+            "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),  # undecided rows left out
+            "undecided": int(np.sum(y_pred == UNDECIDED)),
         }
 
 
-METRICS_FORMAT = "dermfed-evaluation-v2"  # metrics.json with external sets, provenance, and what each interval covers
-COVERS_WILSON = "test images of the class: Wilson score interval (recall averaged over head seeds; head seeds not covered)"
+METRICS_FORMAT = "dermfed-evaluation-v3"  # v3: content-checked overlap, verdicts withheld on too few lesions, ties
 COVERS_SEEDS = "head seeds only: mean, lowest and highest (test and validation images fixed; not a confidence interval)"
-
-
-def wilson_interval(recall: Optional[float], n: float, confidence: float = 0.95) -> dict:
-    """Wilson score interval of a proportion `recall` over `n` images: honest at 0 and 1 and for a handful of
-    images, where a bootstrap or a t-interval over seeds collapses to a point."""
-    if recall is None or not np.isfinite(recall) or n <= 0:
-        return {"mean": None, "low": None, "high": None, "n": int(round(n)), "covers": COVERS_WILSON}
-    z = float(stats.norm.ppf(0.5 + confidence / 2))
-    centre = (recall + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * np.sqrt(recall * (1 - recall) / n + z * z / (4 * n * n))
-    return {"mean": float(recall), "low": float(max(0.0, centre - half)), "high": float(min(1.0, centre + half)),
-            "n": int(round(n)), "covers": COVERS_WILSON}
 
 
 def seed_spread(values: Sequence[Optional[float]]) -> dict:

@@ -33,20 +33,25 @@ METRIC_NAMES = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy"
 COLOURS = {"train": "#1f77b4", "val": "#d62728"}
 
 
+def _undefined(ci: dict) -> str:
+    """How many bootstrap replicates left the metric undefined (e.g. drew one class only), when any did."""
+    return f" ({ci['undefined']} of {ci['replicates']} replicates undefined)" if ci.get("undefined") else ""
+
+
 def _fmt(ci: Optional[dict], digits: int = 3) -> str:
-    """A bootstrap interval: mean [low, high]."""
+    """A bootstrap interval: mean [low, high], and how many replicates were undefined."""
     if not ci or ci.get("mean") is None:
         return "n/a"
     if ci["n"] < 2:
         return f"{ci['mean']:.{digits}f}"
-    return f"{ci['mean']:.{digits}f} [{ci['low']:.{digits}f}, {ci['high']:.{digits}f}]"
+    return f"{ci['mean']:.{digits}f} [{ci['low']:.{digits}f}, {ci['high']:.{digits}f}]{_undefined(ci)}"
 
 
-def _fmt_wilson(ci: Optional[dict]) -> str:
-    """A Wilson interval over a class's test images: mean [low, high] of n images."""
+def _fmt_recall(ci: Optional[dict]) -> str:
+    """A class's recall with its bootstrap interval over test lesions, and how many images and lesions it rests on."""
     if not ci or ci.get("mean") is None:
         return "n/a"
-    return f"{ci['mean']:.2f} [{ci['low']:.2f}, {ci['high']:.2f}] of {ci['n']}"
+    return f"{_fmt(ci, 2)}; {ci.get('images', '?')} images, {ci.get('lesions', '?')} lesions"
 
 
 def _fmt_spread(spread: Optional[dict]) -> str:
@@ -258,21 +263,35 @@ pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:.8em}.note{background
 """
 
 
-def _comparisons_html(arms: list[dict], comparisons: list[dict], replicates: Any, where: str) -> str:
+def _comparisons_html(arms: list[dict], comparisons: list[dict], replicates: Any, where: str, split_seeds: list) -> str:
     """The paired differences on one test set: verdicts in words, then the table."""
     labels = {arm["key"]: arm["label"] for arm in arms}
+    seeds, per_split = _seeds_words(split_seeds)
     rows = [[f"{labels[c['a']]} minus {labels[c['b']]}", METRIC_NAMES.get(c["metric"], c["metric"]), _fmt_diff(c),
-             "yes" if c["excludes_zero"] else "no"] for c in comparisons]
+             f"no verdict: {c['withheld']}" if c.get("withheld") else "yes" if c["excludes_zero"] else "no"]
+            for c in comparisons]
     verdicts = "".join(f"<li>{html.escape(c['words'])}</li>" for c in comparisons)
     caveats = sorted({caveat for c in comparisons for caveat in c.get("caveats", [])})
     qualified = "".join(f'<p class="note"><b>Qualified verdicts.</b> {html.escape(c)}.</p>' for c in caveats)
+    withheld = sorted({c["withheld"] for c in comparisons if c.get("withheld")})
+    too_few = "".join(f'<p class="note"><b>No verdict.</b> {html.escape(w)}: the intervals are shown, but they cannot '
+                      "decide which arm is better.</p>" for w in withheld)
     return f"""<p>Each row compares two arms on the <em>same</em> {html.escape(where)}: the difference of their metric (mean over
-head seeds) and its 95% interval from a paired bootstrap ({replicates} replicates) that redraws these test lesions (or patients;
-an image without either alone) with replacement and, for each arm, its head seeds. An interval that excludes 0 is a difference
-these test images support; one that includes 0 is not, whatever the two means.</p>
+{html.escape(seeds)}) and its 95% interval from a paired bootstrap ({replicates} replicates{html.escape(per_split)}) that redraws
+these test lesions (or patients; an image without either alone) with replacement and, for each arm, its head seeds. An interval
+that excludes 0 is a difference these test images support; one that includes 0 is not, whatever the two means.</p>
+{too_few}
 {qualified}
 <ul class="verdicts">{verdicts}</ul>
 {_table(["comparison", "metric", "difference [95% bootstrap interval]", "interval excludes 0"], rows, "comparisons")}"""
+
+
+def _seeds_words(split_seeds: list) -> tuple[str, str]:
+    """What the means and intervals average over: head seeds, and the split seeds when there are several."""
+    if len(split_seeds) > 1:
+        return (f"head seeds and the {len(split_seeds)} split seeds {split_seeds}",
+                f" per split seed, pooled: the interval covers redrawing the split too")
+    return "head seeds (one split: the interval does not cover redrawing the split)", ""
 
 
 def _scored_html(arms: list[dict], classes: list[str], title: str, overlap_header: str, overlap_cell: Any,
@@ -283,7 +302,10 @@ def _scored_html(arms: list[dict], classes: list[str], title: str, overlap_heade
     site_rows = [[site, values.get("n", ""), ", ".join(values.get("classes_present", [])), arm["label"],
                   _fmt(values["balanced_accuracy"]), _fmt(values["accuracy"]), _fmt(values["macro_auroc"])]
                  for arm in arms for site, values in arm["per_site"].items()]
-    recall_rows = [[arm["label"], *[_fmt_wilson(arm["per_class_recall"][c]) for c in classes]] for arm in arms]
+    recall_rows = [[arm["label"], *[_fmt_recall(arm["per_class_recall"][c]) for c in classes]] for arm in arms]
+    undecided = [f"{arm['label']}: {arm['undecided']}" for arm in arms if arm.get("undecided")]
+    undecided_note = (f"<p>Undecided predictions (the highest probability shared by two or more classes; the ISIC scorer "
+                      f"counts them wrong), summed over seeds: {html.escape('; '.join(undecided))}.</p>" if undecided else "")
     return f"""<h3>{html.escape(title)}</h3>
 <p>Mean over head seeds, with the 95% bootstrap interval over these test lesions (or patients) and the head seeds. Balanced
 accuracy (mean recall over the classes present) and macro AUROC (mean one-vs-rest AUROC over the classes present, on the raw
@@ -294,9 +316,11 @@ probabilities) are the ISIC challenge scorer's definitions.</p>
 <p>Metrics over each site's test images, averaged over the classes present there (listed); intervals as above.</p>
 {_table(["site", "test images", "classes present", "arm", "balanced accuracy", "accuracy", "macro AUROC"], site_rows)}
 <h3>Per-class recall</h3>
-<p>Recall of each class, averaged over head seeds, with a 95% Wilson score interval over that class's test images (their number
-follows "of"). It covers the test images, not the head seeds; a class with few images has a wide interval, as it should.</p>
-{_table(["arm", *classes], recall_rows, "recall")}"""
+<p>Recall of each class, averaged over head seeds, with its 95% bootstrap interval over the test lesions (or patients) and head
+seeds: the images of one lesion are resampled together, as for every metric here. A class with few lesions has a wide interval;
+where many replicates drew none of its lesions their number is given, and the interval rests on the others.</p>
+{_table(["arm", *classes], recall_rows, "recall")}
+{undecided_note}"""
 
 
 SOURCE_OVERLAP_NOTE = (
@@ -328,11 +352,28 @@ def write_report(run_dir: Path, metrics: Optional[dict[str, Any]] = None) -> Pat
         source = run_dir / "metrics.json"
         if not source.is_file():
             raise FileNotFoundError(f"{source} not found: run `dermfed evaluate` first")
-        metrics = json.loads(source.read_text())
-        if metrics.get("format") != METRICS_FORMAT:
-            raise DataError(f"{source} was written by an older `dermfed evaluate` (format {metrics.get('format', 'v1')}); "
-                            "it lacks what this report shows (each arm's provenance, what each interval covers): run "
+        try:
+            metrics = json.loads(source.read_text())
+        except (ValueError, OSError) as exc:  # truncated, not JSON, not UTF-8, unreadable
+            raise DataError(f"{source} is not a readable metrics.json ({type(exc).__name__}: {exc}); it was cut short or "
+                            "is not `dermfed evaluate`'s: run `dermfed evaluate` again") from None
+        if not isinstance(metrics, dict):
+            raise DataError(f"{source} holds a JSON {type(metrics).__name__}, not `dermfed evaluate`'s metrics: run "
                             "`dermfed evaluate` again")
+        if metrics.get("format") != METRICS_FORMAT:
+            raise DataError(f"{source} was written by an older `dermfed evaluate` or another program (format "
+                            f"{metrics.get('format', 'v1')!r}, expected {METRICS_FORMAT!r}); it lacks what this report shows "
+                            "(each arm's provenance, what each interval covers): run `dermfed evaluate` again")
+        try:
+            return _write_report(run_dir, metrics)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise DataError(f"{source} says format {METRICS_FORMAT} but lacks or garbles what the report needs "
+                            f"({type(exc).__name__}: {exc}): run `dermfed evaluate` again") from None
+    return _write_report(run_dir, metrics)
+
+
+def _write_report(run_dir: Path, metrics: dict[str, Any]) -> Path:
+    """The report of `metrics` (as `dermfed evaluate` writes them) into `run_dir`."""
     figures = run_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     arms, data, head = metrics["arms"], metrics["data"], metrics["head"]
@@ -346,6 +387,10 @@ def write_report(run_dir: Path, metrics: Optional[dict[str, Any]] = None) -> Pat
     loss = figure_pretraining_loss(history, figures / "pretraining_loss.png")
     privacy = figure_privacy(history, figures / "privacy.png")
     replicates = head.get("bootstrap_replicates", "")
+    split_seeds = list(data.get("split_seeds") or [])
+    seeds_words, _ = _seeds_words(split_seeds)
+    reference = next((arm for arm in arms if arm["key"] == "federated"), None)  # arm A, wherever evaluation.arms put it
+    evaluated = reference is not None and metrics["pretraining"].get("evaluated", True)
 
     external_html = ""
     for number, (name, ext) in enumerate(metrics.get("external", {}).items()):
@@ -360,7 +405,7 @@ Every image of this set is test data: the heads were trained and selected on the
 and no image here shares an identity or a lesion with the source. The bootstrap resamples {html.escape(ext['resampled'])}.
 Images of classes the heads were not trained on are excluded, not scored: {html.escape(excluded)}. Images that could not be used:
 {html.escape(skipped_images)}.</p>
-{_comparisons_html(ext['arms'], ext['comparisons'], replicates, f"images of {name}")}
+{_comparisons_html(ext['arms'], ext['comparisons'], replicates, f"images of {name}", split_seeds)}
 {_scored_html(ext['arms'], classes, f"Test metrics on {name}", "pretraining images here; same lesion",
               lambda arm: _external_overlap(arm["pretraining_overlap"]), EXTERNAL_OVERLAP_NOTE)}
 {_embed(matrices, f"Confusion matrices on {name}, summed over seeds (colour: row-normalised)")}"""
@@ -387,26 +432,37 @@ Images of classes the heads were not trained on are excluded, not scored: {html.
                     "updates carry no formal privacy guarantee.</p>")
     loss_html = _embed(loss, "Reconstruction loss during pretraining") if loss else (
         '<p class="muted">No reconstruction loss was reported: under DP-SGD the sites send only their privacy status.</p>')
+    pretraining_html = (f"""<h2>Pretraining history of arm A</h2>
+<p>{html.escape(reference['label'] if reference else '')}, {html.escape(metrics['pretraining']['encoder'])} from
+<code>{html.escape(metrics['checkpoint'])}</code> ({html.escape(json.dumps(metrics['pretraining']['position']))}).</p>
+""" + loss_html + privacy_html if evaluated else
+                        '<h2>Pretraining history</h2><p class="muted">Arm A (<code>--checkpoint</code>) was not evaluated '
+                        f"(evaluation.arms={html.escape(str(head.get('arms')))}, or it did not run), so its pretraining "
+                        "is not shown.</p>")
     config_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else json.dumps(head, indent=1)
     position = metrics["pretraining"]["position"]
     gap_name = "validation minus training loss" if selected == "loss" else f"training minus validation {METRIC_NAMES[selected]}"
     body = f"""
 <h1>DermFed evaluation report</h1>
-<p class="muted">The encoder under study, arm {html.escape(arms[0]['label'] if arms and arms[0]['key'] == 'federated' else 'A: did not run')},
-{html.escape(metrics['pretraining']['encoder'])} from <code>{html.escape(metrics['checkpoint'])}</code> ({html.escape(json.dumps(position))}).
+<p class="muted">{(f"The encoder under study, arm {html.escape(reference['label'])}, {html.escape(metrics['pretraining']['encoder'])} "
+  f"from <code>{html.escape(metrics['checkpoint'])}</code> ({html.escape(json.dumps(position))}).") if evaluated else
+ "The encoder under study (arm A, <code>--checkpoint</code>) was not evaluated; the arms below are compared with "
+ f"{html.escape(arms[0]['label']) if arms else 'none'}."}
 Source (heads trained, selected and first tested here): {html.escape(data['format'])} at <code>{html.escape(str(data['root']))}</code>,
 {data['image_size']}x{data['image_size']} px, classes {html.escape(', '.join(classes))}; split sizes {html.escape(json.dumps(data['split_sizes']))}
 ({data.get('test_groups', '?')} test lesions; split seeds {html.escape(str(data.get('split_seeds', [])))}).
 External test sets: {html.escape(', '.join(metrics.get('external', {})) or 'none')}.
 Every arm is a frozen encoder feeding the same {html.escape(head['head'])} head ({head['epochs']} epochs, lr {head['lr']},
 imbalance: {html.escape(head['imbalance'])}), trained with head seeds {html.escape(str(head['seeds']))}.</p>
-<p class="muted">Intervals: <b>[low, high]</b> after a metric is a 95% bootstrap interval over the test lesions (or patients) and
-the head seeds; per-class recall's <b>[low, high] of n</b> is a 95% Wilson interval over the class's n test images;
-<b>(seeds: low to high)</b> is the spread over head seeds only, not a confidence interval.</p>
+<p class="muted">Intervals: <b>[low, high]</b> after a metric, per-class recall included, is a 95% bootstrap interval over the
+test lesions (or patients; the images of one lesion are drawn together) and the head seeds; means are over
+{html.escape(seeds_words)}. <b>(seeds: low to high)</b> is the spread over {"head and split seeds" if len(split_seeds) > 1 else
+"head seeds"} only, not a confidence interval. With fewer than {head.get('min_test_groups', '?')} test lesions
+(evaluation.min_test_groups) the report gives intervals but no verdict.</p>
 {skipped}
 {external_html}
 <h2>{html.escape(source_title)}</h2>
-{_comparisons_html(arms, metrics.get("comparisons", []), replicates, "test images of the source")}
+{_comparisons_html(arms, metrics.get("comparisons", []), replicates, "test images of the source", split_seeds)}
 {_scored_html(arms, classes, "Final test metrics", "pretraining images in train / val / test; same lesion in val / test",
               lambda arm: _overlap(arm["pretraining_overlap"]), SOURCE_OVERLAP_NOTE)}
 {_embed(confusion, "Confusion matrices on the source's test set, summed over seeds (colour: row-normalised)")}
@@ -421,9 +477,7 @@ over seeds; dotted lines mark the epochs the seeds chose (on {html.escape(select
 {_embed(curves, "Loss, accuracy and balanced accuracy per epoch, one column per arm")}
 {_embed(gap, "Overfitting gap per epoch, in the metric heads are selected on")}
 {shortcut_html}
-<h2>Pretraining history</h2>
-{loss_html}
-{privacy_html}
+{pretraining_html}
 <h2>How to read this report</h2>
 <ul>
 <li>Start with the paired differences, on the external test sets first when there are any (the generalisation answer), then on

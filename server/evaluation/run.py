@@ -26,6 +26,7 @@ from common.augment import build_augmentation
 from common.checkpoint import checkpoint_config, load_checkpoint
 from common.config import ConfigError, DermFedConfig, write_config
 from common.data.catalog import Catalog, DataError
+from common.data.identity import with_content
 from common.data.pipeline import PreparedData, prepare_data
 from common.data.splits import assign_splits, split_indices
 from common.data.synthetic import shortcut_matches_class
@@ -34,13 +35,14 @@ from server.evaluation.external import ExternalSet, load_external
 from server.evaluation.features import FeatureExtractor
 from server.evaluation.heads import SELECTION_METRIC, train_head
 from server.evaluation.leakage import external_overlap, overlap, refuse_external_leaks, refuse_leaks
-from server.evaluation.metrics import METRICS_FORMAT, classification_metrics, seed_spread, wilson_interval
+from server.evaluation.metrics import METRICS_FORMAT, classification_metrics, seed_spread
 from server.evaluation.uncertainty import (
     COVERS_BOOTSTRAP,
     METRICS,
     ArmReplicates,
     Metric,
     arm_replicates,
+    class_recall,
     cluster_weights,
     difference,
     interval,
@@ -71,11 +73,11 @@ def _arms(config: DermFedConfig, checkpoint: Path, encoder_name: str, imagenet_w
           pooled: Optional[str], local: Optional[str], skipped: dict[str, str]) -> Iterator[Arm]:
     """Build each requested arm when its turn comes (one encoder in memory at a time); record the skipped."""
     makers = {
-        "federated": lambda: checkpoint_arm("federated", checkpoint),
+        "federated": lambda: checkpoint_arm("federated", checkpoint, config.data.cache_dir),
         "imagenet": lambda: imagenet_arm(config.evaluation.imagenet_model, imagenet_weights),
         "random": lambda: random_arm(encoder_name, config.seed),
-        "pooled": lambda: checkpoint_arm("pooled", pooled) if pooled else None,
-        "local": lambda: checkpoint_arm("local", local) if local else None,
+        "pooled": lambda: checkpoint_arm("pooled", pooled, config.data.cache_dir) if pooled else None,
+        "local": lambda: checkpoint_arm("local", local, config.data.cache_dir) if local else None,
     }
     for key in config.evaluation.arms:
         try:
@@ -131,7 +133,12 @@ class TestSet:
     sites: np.ndarray
     rows: dict[int, np.ndarray]  # per split seed: the scored rows
     weights: dict[int, np.ndarray]  # per split seed: replicates x scored rows
+    groups: np.ndarray  # lesion (or patient) per row of its catalog; an image without either is its own
     shortcut: Optional[np.ndarray] = None  # per row: the artefact agrees with the class (synthetic data, shortcut on)
+
+    def lesions(self) -> int:
+        """The fewest distinct test lesions (or patients) of any split seed: what the bootstrap resamples."""
+        return min(int(len(np.unique(self.groups[rows]))) for rows in self.rows.values())
 
     def truth(self, split_seed: int) -> np.ndarray:
         return self.labels[self.rows[split_seed]]
@@ -140,14 +147,16 @@ class TestSet:
 def source_test_set(prepared: PreparedData, splits: list[Split], labels: np.ndarray,
                     shortcut_mask: Optional[np.ndarray]) -> TestSet:
     return TestSet(SOURCE, labels, prepared.catalog.frame["site"].to_numpy(), {s.seed: s.rows["test"] for s in splits},
-                   {s.seed: s.weights for s in splits}, shortcut_mask)
+                   {s.seed: s.weights for s in splits}, prepared.catalog.frame["group"].astype(str).to_numpy(),
+                   shortcut_mask)
 
 
 def external_test_set(external: ExternalSet, splits: list[Split], replicates: int, rng: np.random.Generator) -> TestSet:
     rows = np.arange(len(external.catalog))
     groups = external.catalog.frame["group"].to_numpy()
     return TestSet(external.name, external.labels, external.catalog.frame["site"].to_numpy(),
-                   {s.seed: rows for s in splits}, {s.seed: cluster_weights(groups, replicates, rng) for s in splits})
+                   {s.seed: rows for s in splits}, {s.seed: cluster_weights(groups, replicates, rng) for s in splits},
+                   groups.astype(str))
 
 
 def evaluate_arm(arm: Arm, config: DermFedConfig, prepared: PreparedData, splits: list[Split], labels: np.ndarray,
@@ -163,9 +172,10 @@ def evaluate_arm(arm: Arm, config: DermFedConfig, prepared: PreparedData, splits
         refuse_external_leaks(arm.key, arm.label, name, counts)
     extract = FeatureExtractor(arm.encoder, prepared.store, cfg.feature_batch_size)
     started = time.perf_counter()
-    features = extract(np.arange(len(prepared.catalog)), desc=f"{arm.key} features")  # every image, once
-    external_features = {ext.name: FeatureExtractor(arm.encoder, ext.store, cfg.feature_batch_size)(
-        np.arange(len(ext.catalog)), desc=f"{arm.key} features of {ext.name}") for ext in externals}
+    features = _finite(arm, extract(np.arange(len(prepared.catalog)), desc=f"{arm.key} features"), "the source")
+    external_features = {ext.name: _finite(arm, FeatureExtractor(arm.encoder, ext.store, cfg.feature_batch_size)(
+        np.arange(len(ext.catalog)), desc=f"{arm.key} features of {ext.name}"), f"external set {ext.name!r}")
+        for ext in externals}
     feature_seconds = time.perf_counter() - started
     augment = build_augmentation(config.train.augment) if cfg.augment else None
     selected = SELECTION_METRIC[cfg.select_on]
@@ -205,6 +215,17 @@ def evaluate_arm(arm: Arm, config: DermFedConfig, prepared: PreparedData, splits
     return out, probabilities
 
 
+def _finite(arm: Arm, features: np.ndarray, where: str) -> np.ndarray:
+    """Features a head can be trained on: an encoder whose weights hold NaN or overflow gives NaN or inf features,
+    which no head can learn from; refused in one line naming the arm rather than failing inside the head."""
+    bad = ~np.isfinite(features).all(axis=1)
+    if bad.any():
+        raise DataError(f"arm {arm.key} ({arm.label}): its encoder gives NaN or infinite features for {int(bad.sum())} of "
+                        f"{len(features)} images of {where} ({arm.source}); its weights are broken (a diverged or damaged "
+                        "checkpoint). Evaluate a checkpoint from before it diverged, or pretrain again")
+    return features
+
+
 def _replicates(metric: Metric, test: TestSet, probabilities: dict[int, list[np.ndarray]], rng: np.random.Generator,
                 mask_of: Optional[Callable[[int], np.ndarray]] = None) -> ArmReplicates:
     """One arm's metric over all split seeds: the mean of the splits' points, their replicates side by side."""
@@ -228,21 +249,27 @@ def _per_seed_metrics(test: TestSet, probabilities: dict[int, list[np.ndarray]],
     return results
 
 
-def _class_recall(test: TestSet, per_seed: list[dict[str, Any]], classes: list[str]) -> dict[str, dict[str, Any]]:
-    """Per-class recall, averaged over seeds, with a Wilson interval over the class's test images."""
+def _class_recall(test: TestSet, probabilities: dict[int, list[np.ndarray]], classes: list[str],
+                  rng: np.random.Generator) -> dict[str, dict[str, Any]]:
+    """Per-class recall, averaged over head seeds, with the bootstrap interval over test lesions (the same clustered
+    resampling as every other metric: two images of one lesion are not two independent trials), its number of test
+    images and lesions of the class."""
     recall = {}
+    first = next(iter(test.rows))
     for index, name in enumerate(classes):
-        images = float(np.mean([np.sum(test.truth(s) == index) for s in test.rows]))
-        recall[name] = wilson_interval(nanmean([r["per_class_recall"][name] if r["per_class_recall"][name] is not None
-                                                else float("nan") for r in per_seed]), images)
+        members = test.truth(first) == index
+        replicated = _replicates(class_recall(index), test, probabilities, rng)
+        recall[name] = {**interval(replicated.point, replicated.replicates), "images": int(members.sum()),
+                        "lesions": int(len(np.unique(test.groups[test.rows[first]][members])))}
     return recall
 
 
 def score(test: TestSet, arms: list[dict[str, Any]], probabilities: dict[str, dict[int, list[np.ndarray]]],
-          classes: list[str], seed: int, stream: int = 0) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+          classes: list[str], seed: int, stream: int = 0,
+          min_groups: int = 0) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """Every arm's metrics on one test set, with bootstrap intervals over its lesions and head seeds (pooled, per site,
-    shortcut subsets), per-class recall with Wilson intervals, and the paired differences: the reference arm (A)
-    minus each other arm, on the same images."""
+    per class, shortcut subsets), and the paired differences: the reference arm (A) minus each other arm, on the same
+    images. With fewer than `min_groups` test lesions the differences keep their intervals but carry no verdict."""
     scored: dict[str, dict[str, Any]] = {}
     replicates: dict[str, dict[str, ArmReplicates]] = {}
     first = next(iter(test.rows))
@@ -256,7 +283,8 @@ def score(test: TestSet, arms: list[dict[str, Any]], probabilities: dict[str, di
             "seeds": per_seed,
             "summary": {m: interval(r.point, r.replicates) for m, r in replicates[key].items()},
             "confusion_matrix": np.sum([r["confusion_matrix"] for r in per_seed], axis=0).tolist(),
-            "per_class_recall": _class_recall(test, per_seed, classes),
+            "per_class_recall": _class_recall(test, probas, classes, rng),
+            "undecided": int(sum(r["undecided"] for r in per_seed)),
             "per_site": {},
         }
         for site in sorted(set(test.sites[test.rows[first]])):
@@ -277,14 +305,21 @@ def score(test: TestSet, arms: list[dict[str, Any]], probabilities: dict[str, di
     keys = [arm["key"] for arm in arms]
     reference = REFERENCE_ARM if REFERENCE_ARM in keys else keys[0]
     comparisons = []
+    lesions = test.lesions()
+    too_few = (f"too few test lesions to decide: {lesions} (or patients) here, evaluation.min_test_groups={min_groups}"
+               if lesions < min_groups else None)
     for arm in arms:
         if arm["key"] == reference:
             continue
         for metric in COMPARED_METRICS:
             diff = difference(replicates[reference][metric], replicates[arm["key"]][metric])
+            withheld = too_few or diff["degenerate"]
+            if withheld:
+                diff["excludes_zero"] = None  # no verdict either way
             caveats = [c for c in (_unknown_overlap(a, test.name) for a in arms if a["key"] in (reference, arm["key"])) if c]
             comparisons.append({"a": reference, "b": arm["key"], "metric": metric, **diff, "covers": COVERS_BOOTSTRAP,
-                                "caveats": caveats, "words": _words(arms, reference, arm["key"], metric, diff, caveats)})
+                                "test_groups": lesions, "withheld": withheld, "caveats": caveats,
+                                "words": _words(arms, reference, arm["key"], metric, diff, caveats, withheld)})
     return scored, comparisons
 
 
@@ -302,20 +337,25 @@ def _unknown_overlap(arm: dict[str, Any], test_name: str) -> Optional[str]:
     return None
 
 
-def _words(arms: list[dict[str, Any]], a: str, b: str, metric: str, diff: dict[str, Any], caveats: list[str]) -> str:
+def _words(arms: list[dict[str, Any]], a: str, b: str, metric: str, diff: dict[str, Any], caveats: list[str],
+           withheld: Optional[str] = None) -> str:
     labels = {r["key"]: r["label"] for r in arms}
     name = metric.replace("_", " ").replace("macro auroc", "macro AUROC")
     if diff["mean"] is None:
         return f"{labels[a]} minus {labels[b]}, {name}: undefined on these test images"
     span = f"{diff['mean']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}]"
-    if not diff["excludes_zero"]:
+    undefined = (f" ({diff['undefined']} of {diff['replicates']} bootstrap replicates undefined, left out)"
+                 if diff.get("undefined") else "")
+    if withheld:
+        verdict = f"no verdict: {withheld}"
+    elif not diff["excludes_zero"]:
         verdict = "no difference shown: the 95% interval includes 0"
     elif diff["mean"] > 0:
         verdict = f"{labels[a]} is better (the 95% interval excludes 0)"
     else:
         verdict = f"{labels[a]} is worse (the 95% interval excludes 0)"
     qualified = f". Qualified: {'; '.join(caveats)}" if caveats else ""
-    return f"{labels[a]} minus {labels[b]}, {name}: {span}; {verdict}{qualified}"
+    return f"{labels[a]} minus {labels[b]}, {name}: {span}{undefined}; {verdict}{qualified}"
 
 
 def run_evaluation(config: DermFedConfig, checkpoint: Path, out: Path, imagenet_weights: Optional[str] = None,
@@ -331,6 +371,7 @@ def run_evaluation(config: DermFedConfig, checkpoint: Path, out: Path, imagenet_
     prepared = prepare_data(config)
     if not prepared.catalog.labelled:
         raise DataError(f"evaluation needs labels; data.format={config.data.format} has none")
+    prepared.catalog.frame = with_content(prepared.catalog.frame, config.data.cache_dir)  # for the leak guard
     externals = [load_external(entry, config.data, prepared.catalog) for entry in config.evaluation.external]
     splits = make_splits(config, prepared, np.random.default_rng([config.seed, 7]))
     labels = prepared.catalog.label_indices().to_numpy()
@@ -350,7 +391,8 @@ def run_evaluation(config: DermFedConfig, checkpoint: Path, out: Path, imagenet_
         raise DataError(f"no arm could run: {skipped}")
     classes = prepared.catalog.classes
     source = source_test_set(prepared, splits, labels, shortcut_mask)
-    scored, comparisons = score(source, results, probabilities[SOURCE], classes, config.seed)
+    min_groups = config.evaluation.min_test_groups
+    scored, comparisons = score(source, results, probabilities[SOURCE], classes, config.seed, min_groups=min_groups)
     for result in results:  # the source's results keep their place in each arm's entry
         for training, metrics_of_seed in zip(result["seeds"], scored[result["key"]].pop("seeds")):
             training.update(metrics_of_seed)
@@ -360,7 +402,8 @@ def run_evaluation(config: DermFedConfig, checkpoint: Path, out: Path, imagenet_
     rng = np.random.default_rng([config.seed, 8])
     for number, ext in enumerate(externals, start=1):
         test = external_test_set(ext, splits, config.evaluation.bootstrap_replicates, rng)
-        ext_scored, ext_comparisons = score(test, results, probabilities[ext.name], classes, config.seed, stream=number)
+        ext_scored, ext_comparisons = score(test, results, probabilities[ext.name], classes, config.seed, stream=number,
+                                            min_groups=min_groups)
         ext_arms = [{"key": r["key"], "label": r["label"], **ext_scored[r["key"]],
                      "pretraining_overlap": r["external_overlap"][ext.name]} for r in results]
         external[ext.name] = {**ext.describe(), "arms": ext_arms, "comparisons": ext_comparisons}
@@ -371,7 +414,8 @@ def run_evaluation(config: DermFedConfig, checkpoint: Path, out: Path, imagenet_
     metrics = {
         "format": METRICS_FORMAT,
         "checkpoint": str(checkpoint.resolve()),
-        "pretraining": {"position": pretraining["position"], "encoder": pretraining["encoder_name"],
+        "pretraining": {"evaluated": any(r["key"] == REFERENCE_ARM for r in results),
+                        "position": pretraining["position"], "encoder": pretraining["encoder_name"],
                         "history": pretraining["history"], "arm": pretraining.get("extra", {}).get("arm"),
                         "dp": checkpoint_config(pretraining).dp.enabled},
         "data": {"format": config.data.format, "root": config.data.root, "image_size": size,
@@ -414,11 +458,15 @@ def _save_predictions(out: Path, probabilities: dict[str, dict[str, dict[int, li
         rows = split.rows["test"]
         arrays[f"split{split.seed}_image_id"] = catalog.frame["image_id"].to_numpy()[rows].astype(str)
         arrays[f"split{split.seed}_label"] = labels[rows]
+        arrays[f"split{split.seed}_site"] = catalog.frame["site"].to_numpy()[rows].astype(str)
+        arrays[f"split{split.seed}_group"] = catalog.frame["group"].to_numpy()[rows].astype(str)
         for key, per_split in probabilities[SOURCE].items():
             arrays[f"split{split.seed}_{key}"] = np.stack(per_split[split.seed])  # seeds x images x classes
     for ext in externals:
         arrays[f"external_{ext.name}_image_id"] = ext.catalog.frame["image_id"].to_numpy().astype(str)
         arrays[f"external_{ext.name}_label"] = ext.labels
+        arrays[f"external_{ext.name}_site"] = ext.catalog.frame["site"].to_numpy().astype(str)
+        arrays[f"external_{ext.name}_group"] = ext.catalog.frame["group"].to_numpy().astype(str)
         for key, per_split in probabilities[ext.name].items():
             for split_seed, probas in per_split.items():
                 arrays[f"external_{ext.name}_split{split_seed}_{key}"] = np.stack(probas)  # seeds x images x classes

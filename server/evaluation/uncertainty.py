@@ -17,16 +17,19 @@ from typing import Callable
 
 import numpy as np
 
+from server.evaluation.metrics import predicted_labels
+
 CONFIDENCE = 0.95
 COVERS_BOOTSTRAP = ("bootstrap: test lesions (or patients; an image without either counts alone) resampled with "
                     "replacement, and head seeds")
+MAX_UNDEFINED_FRACTION = 0.05  # a verdict needs the metric defined in at least 95% of the replicates
 
 Metric = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 def weighted_accuracy(y: np.ndarray, proba: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Accuracy per row of `weights` (replicates x images)."""
-    correct = (proba.argmax(axis=1) == y).astype(float)
+    """Accuracy per row of `weights` (replicates x images); a tied row is undecided, never right (ISIC scorer)."""
+    correct = (predicted_labels(proba) == y).astype(float)
     total = weights.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(total > 0, (weights @ correct) / total, np.nan)
@@ -34,14 +37,28 @@ def weighted_accuracy(y: np.ndarray, proba: np.ndarray, weights: np.ndarray) -> 
 
 def weighted_balanced_accuracy(y: np.ndarray, proba: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Mean recall over the classes present (weight > 0) in each replicate."""
-    correct = (proba.argmax(axis=1) == y).astype(float)
+    return _nanmean_rows(_weighted_recalls(y, proba, weights))
+
+
+def _weighted_recalls(y: np.ndarray, proba: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Replicates x classes: each class's recall in each replicate; NaN where the replicate holds none of it."""
+    correct = (predicted_labels(proba) == y).astype(float)
     recalls = []
     for c in range(proba.shape[1]):
         members = (y == c).astype(float)
         total = weights @ members
         with np.errstate(invalid="ignore", divide="ignore"):
             recalls.append(np.where(total > 0, (weights @ (members * correct)) / total, np.nan))
-    return _nanmean_rows(np.stack(recalls, axis=1))
+    return np.stack(recalls, axis=1)
+
+
+def class_recall(c: int) -> "Metric":
+    """The recall of class `c` per replicate, as a metric of its own (per-class recall's bootstrap interval)."""
+
+    def recall(y: np.ndarray, proba: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        return _weighted_recalls(y, proba, weights)[:, c]
+
+    return recall
 
 
 def weighted_macro_auroc(y: np.ndarray, proba: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -118,17 +135,31 @@ def arm_replicates(metric: Metric, y: np.ndarray, probas: list[np.ndarray], weig
 
 
 def interval(point: float, replicates: np.ndarray, confidence: float = CONFIDENCE) -> dict:
-    """Percentile interval; `n` counts the replicates where the metric is defined."""
+    """Percentile interval over the replicates where the metric is defined; `n` counts those, `undefined` the others
+    (e.g. AUROC of a replicate that drew one class only); `degenerate` says why the interval cannot support a verdict
+    (every replicate equal, or more than MAX_UNDEFINED_FRACTION of them undefined), else None."""
+    total = int(len(replicates))
     finite = replicates[np.isfinite(replicates)]
+    undefined = total - int(len(finite))
     if not np.isfinite(point) or len(finite) == 0:
-        return {"mean": None, "low": None, "high": None, "n": 0, "covers": COVERS_BOOTSTRAP}
+        return {"mean": None, "low": None, "high": None, "n": 0, "undefined": undefined, "replicates": total,
+                "degenerate": "undefined on these test images", "covers": COVERS_BOOTSTRAP}
     tail = 100 * (1 - confidence) / 2
     low, high = np.percentile(finite, [tail, 100 - tail])
-    return {"mean": float(point), "low": float(low), "high": float(high), "n": int(len(finite)), "covers": COVERS_BOOTSTRAP}
+    degenerate = None
+    if undefined > MAX_UNDEFINED_FRACTION * total:
+        degenerate = (f"undefined in {undefined} of {total} bootstrap replicates (more than "
+                      f"{MAX_UNDEFINED_FRACTION:.0%})")
+    elif np.ptp(finite) == 0:
+        degenerate = f"every bootstrap replicate gives {float(finite[0]):.3f}: the resampling varies nothing"
+    return {"mean": float(point), "low": float(low), "high": float(high), "n": int(len(finite)), "undefined": undefined,
+            "replicates": total, "degenerate": degenerate, "covers": COVERS_BOOTSTRAP}
 
 
 def difference(a: ArmReplicates, b: ArmReplicates, confidence: float = CONFIDENCE) -> dict:
-    """Paired difference a - b with its bootstrap interval, and whether that interval excludes zero."""
+    """Paired difference a - b with its bootstrap interval, and whether that interval excludes zero (None where the
+    bootstrap is degenerate: no verdict either way)."""
     result = interval(a.point - b.point, a.replicates - b.replicates, confidence)
-    result["excludes_zero"] = bool(result["mean"] is not None and (result["low"] > 0 or result["high"] < 0))
+    excludes = bool(result["mean"] is not None and (result["low"] > 0 or result["high"] < 0))
+    result["excludes_zero"] = None if result["degenerate"] else excludes
     return result
