@@ -12,7 +12,7 @@ from common.config import DermFedConfig
 from common.data.cache import ImageStore, SubsetStore, scan
 from common.data.catalog import Catalog
 from common.data.sources import load_catalog
-from common.data.splits import assign_splits
+from common.data.splits import assign_lesion_splits, assign_splits
 
 log = logging.getLogger("dermfed.data")
 
@@ -38,17 +38,24 @@ def ensure_synthetic_data(config: DermFedConfig) -> None:
             generate(config, root)
 
 
+def split_catalog(catalog: Catalog, config: DermFedConfig) -> Catalog:
+    """Under DP each lesion's side comes from its own id (`assign_lesion_splits`), so the split adds no
+    one else to a neighbouring data set's training set; without DP the stratified grouped split."""
+    rule = assign_lesion_splits if config.dp.enabled else assign_splits
+    return rule(catalog, config.data.val_fraction, config.data.test_fraction, config.seed)
+
+
 def prepare_data(config: DermFedConfig) -> PreparedData:
     """Load `data.format` at `data.root`, check every image once, assign grouped splits, then restrict.
 
-    Splits are assigned once, on the whole catalog, and only then is the catalog restricted to
+    Splits are assigned once (`split_catalog`), on the whole catalog, and only then is the catalog restricted to
     `data.site`: a site's test images are exactly the pooled evaluation's test images of that
     site, so a local-only arm never pretrains on an image that evaluation scores.
     """
     ensure_synthetic_data(config)
     catalog = load_catalog(config.data)
     catalog, store = scan(catalog, config.data)
-    catalog = assign_splits(catalog, config.data.val_fraction, config.data.test_fraction, config.seed)
+    catalog = split_catalog(catalog, config)
     if config.data.site is not None:
         keep = np.flatnonzero(catalog.frame["site"].to_numpy() == config.data.site)
         catalog, store = catalog.only_site(config.data.site), SubsetStore(store, keep)

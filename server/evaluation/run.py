@@ -28,7 +28,7 @@ from common.config import ConfigError, DermFedConfig, write_config
 from common.data.catalog import Catalog, DataError
 from common.data.identity import with_content
 from common.data.pipeline import PreparedData, prepare_data
-from common.data.splits import assign_splits, split_indices
+from common.data.splits import assign_lesion_splits, assign_splits, split_indices
 from common.data.synthetic import shortcut_matches_class
 from server.evaluation.arms import Arm, ArmUnavailable, checkpoint_arm, imagenet_arm, random_arm
 from server.evaluation.external import ExternalSet, load_external
@@ -101,7 +101,8 @@ def make_splits(config: DermFedConfig, prepared: PreparedData, rng: np.random.Ge
                           "defines its own split, which cannot be redrawn; leave evaluation.split_seeds empty")
     splits = []
     for seed in seeds:
-        catalog = prepared.catalog if seed == config.seed else assign_splits(
+        redraw = assign_lesion_splits if config.dp.enabled else assign_splits  # the rule pretraining used
+        catalog = prepared.catalog if seed == config.seed else redraw(
             prepared.catalog, config.data.val_fraction, config.data.test_fraction, seed)
         rows = {name: split_indices(catalog, name) for name in ("train", "val", "test")}
         empty = [name for name, index in rows.items() if len(index) == 0]
