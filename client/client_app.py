@@ -15,7 +15,9 @@ folder comes from the node config's `state-dir`, else ~/.dermfed/state: never fr
 
 The reply holds exactly one ArrayRecord (the shared weights) and one MetricRecord (scalars),
 or an Error whose reason is an error class and a fixed message (`client.policy.public_error`):
-exceptions are logged here, at the site, and their text never leaves it.
+exceptions are logged here, at the site, and their text and class never leave it. The privacy floor
+is checked before any image is read, and a DP site answers every data-dependent failure with one
+fixed reason, so that error classes answer no question about its images.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from flwr.common.constant import ErrorCode
 from client.faults import FaultSwitch
 from client.policy import PrivacyFloor, public_count, public_error, site_state_dir
 from client.simulated_nodes import node_config_of
-from client.site import SiteRunner, deployment_site_data, simulation_site_data
+from client.site import PrivacyLedger, SiteRunner, deployment_site_data, deployment_site_name, simulation_site_data
 from common.config import ConfigError, DermFedConfig, apply_overrides, config_from_json
 
 log = logging.getLogger("dermfed.client")
@@ -55,12 +57,35 @@ def _site_config(message: Message, node_config: dict) -> DermFedConfig:
     return apply_overrides(config, overrides)
 
 
+def _known_floor(node_config: dict) -> PrivacyFloor:
+    """The floor known before any image is read: the node config's, and at a real hospital (whose state folder
+    is named by its node config) its privacy ledger's."""
+    floor = PrivacyFloor.from_node_config(node_config)
+    if "partition-id" in node_config:  # a simulated hospital's name comes from the data; SiteRunner reads its ledger
+        return floor
+    state_dir = site_state_dir(node_config, deployment_site_name(node_config))
+    return floor.stricter(PrivacyLedger(state_dir / "privacy_ledger.json").floor())
+
+
+def _private_site(message: Message, context: Context) -> bool:
+    """Whether this site answers under DP: its floor requires it, or the run asks for it. In doubt: yes."""
+    runner = _RUNNERS.get((context.run_id, context.node_id))
+    if runner is not None:
+        return runner.floor.dp_required or runner.config.dp.enabled
+    try:
+        node_config = node_config_of(context.node_config)
+        return _known_floor(node_config).dp_required or _site_config(message, node_config).dp.enabled
+    except Exception:  # noqa: BLE001 - a floor or config that cannot be read: answer as a DP site would
+        return True
+
+
 def runner_for(message: Message, context: Context) -> SiteRunner:
     key = (context.run_id, context.node_id)
     if key not in _RUNNERS:
         node_config = node_config_of(context.node_config)  # a simulated hospital's own settings, if any
-        floor = PrivacyFloor.from_node_config(node_config)  # before any data is read: a bad floor stops here
+        floor = _known_floor(node_config)  # before any data is read: a bad floor stops here
         config = _site_config(message, node_config)
+        floor.apply(config)  # a request for less privacy is refused before any image is read (SiteRunner re-checks)
         if "partition-id" in node_config:
             data = simulation_site_data(config, int(node_config["partition-id"]), int(node_config["num-partitions"]))
         else:
@@ -79,7 +104,8 @@ def _replies_without_secrets(handler: Callable[[Message, Context], Message]) -> 
             return handler(message, context)
         except Exception as exc:  # noqa: BLE001 - every failure must be answered without its text
             log.exception("this site could not answer %s (the details below stay here)", message.metadata.message_type)
-            return Message(Error(code=SITE_ERROR_CODE, reason=public_error(exc)), reply_to=message)
+            reason = public_error(exc, private=_private_site(message, context))
+            return Message(Error(code=SITE_ERROR_CODE, reason=reason), reply_to=message)
 
     return guarded
 

@@ -14,7 +14,8 @@ Privacy holds against the coordinating server too, so none of this is the server
   nothing (equal weights, or a count the hospital declared public), never a value computed from
   the private images without noise.
 - `public_error`: a site's error reply names an error class and a fixed message, never a path,
-  a file name or an exception's text; the details stay in the site's own log.
+  a file name, an exception's text or class; the details stay in the site's own log. Under DP,
+  every failure that depends on the images gets one fixed reason (`DP_SITE_FAILED`).
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ class SiteStateCorrupt(RuntimeError):
 class PrivacyLedgerCorrupt(RuntimeError):
     """The privacy ledger is unreadable, incomplete, or missing where the site has trained before:
     the site refuses to train rather than start its budget afresh."""
+
+
+class SiteBusy(RuntimeError):
+    """Another round holds this site's lock (a second run of the coordinator at the same time): refused at once."""
 
 
 class ClientEvaluationRefused(RuntimeError):
@@ -200,6 +205,8 @@ _PUBLIC_ERRORS: tuple[tuple[type[BaseException], str, str], ...] = (
     (PrivacyLedgerCorrupt, "privacy-ledger-corrupt",
      "this site's privacy ledger is missing, unreadable or incomplete although the site has trained before; it "
      "refuses to train until its operator restores the ledger; details are in its own log"),
+    (SiteBusy, "site-busy",
+     "this site is training another round (another run?) and trains one round at a time; try again later"),
     (AccountantError, "privacy-accounting-error",
      "this site could not account the privacy of this run's settings and did not release an update; details are "
      "in its own log"),
@@ -214,11 +221,23 @@ _PUBLIC_ERRORS: tuple[tuple[type[BaseException], str, str], ...] = (
 )
 
 
-def public_error(exc: BaseException) -> str:
-    """The reason a site sends when it fails: an error class and a fixed message, no paths, no exception text."""
+# Failures that depend only on settings and the hospital's own records, never on its images: a DP site may name them.
+_DATA_INDEPENDENT = (PrivacyFloorError, PrivacyBudgetExhausted, PrivacyLedgerCorrupt, SiteBusy, AccountantError,
+                     ClientEvaluationRefused, SiteStateCorrupt, ConfigError)
+# What a DP site answers for every other failure: which one it was (a missing sub-folder, a small image, a split
+# that cannot be drawn, a NaN) would answer a question about its images without spending budget.
+DP_SITE_FAILED = ("site-failed: this site could not train with this run's settings on its images; details are in "
+                  "its own log")
+
+
+def public_error(exc: BaseException, private: bool = False) -> str:
+    """The reason a site sends when it fails: an error class and a fixed message, no paths, no exception text,
+    no exception class name. `private` (a site under DP): one reason for every data-dependent failure."""
+    if private and not isinstance(exc, _DATA_INDEPENDENT):
+        return DP_SITE_FAILED
     if isinstance(exc, PrivacyFloorError):  # built from settings only: safe, and the coordinator must see both values
         return f"privacy-floor: {exc}"
     for kind, code, text in _PUBLIC_ERRORS:
         if isinstance(exc, kind):
             return f"{code}: {text}"
-    return f"site-error ({type(exc).__name__}): the site failed; details are in its own log"
+    return "site-error: the site failed; details are in its own log"

@@ -17,11 +17,15 @@ incomplete where the site has trained before is refused, never taken for a fresh
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
@@ -30,6 +34,7 @@ from client.policy import (
     ClientEvaluationRefused,
     PrivacyFloor,
     PrivacyLedgerCorrupt,
+    SiteBusy,
     SiteStateCorrupt,
     reply_metrics,
 )
@@ -41,12 +46,39 @@ from common.data.pipeline import PreparedData, prepare_data
 from common.model import build_vae, load_partial_state, private_state, shared_keys, shared_state, vae_loss_per_sample
 from common.run_files import atomic_write_bytes
 from common.serialization import read_site_snapshot, site_snapshot
-from common.privacy import group_epsilon
+from common.privacy import group_epsilon, with_planned_steps
 from common.training import DPPlan, LocalTrainer, SiteState, seed_everything
 
 log = logging.getLogger("dermfed.client")
 
 SNAPSHOTS_KEPT = 3
+ROUND_LOCK = "round.lock"
+
+
+@contextlib.contextmanager
+def one_round_at_a_time(state_dir: Path) -> Iterator[None]:
+    """Hold the site's exclusive lock (`flock` on <state-dir>/round.lock) for a whole round: ledger load,
+    reservation, training, save. A second round at the same site, from another run of the coordinator or
+    another process, is refused at once (`SiteBusy`), so two runs cannot overwrite each other's ledger."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(state_dir / ROUND_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SiteBusy(f"{state_dir} is locked by another round in progress at this site") from None
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock, also when the round failed
+
+
+def _holding_the_site_lock(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def locked(self: "SiteRunner", *args: Any, **kwargs: Any) -> Any:
+        with one_round_at_a_time(self.state_dir):
+            return method(self, *args, **kwargs)
+
+    return locked
 
 
 @dataclass
@@ -86,8 +118,12 @@ def deployment_site_data(config: DermFedConfig, node_config: Mapping[str, Any]) 
     prepared = prepare_data(config)
     rows = np.arange(len(prepared.catalog))
     train, val = _site_rows(config, prepared, rows)
-    name = str(node_config.get("site-name", Path(str(node_config["data-root"])).name))
-    return SiteData(name, int(node_config.get("site-index", 0)), prepared, train, val)
+    return SiteData(deployment_site_name(node_config), int(node_config.get("site-index", 0)), prepared, train, val)
+
+
+def deployment_site_name(node_config: Mapping[str, Any]) -> str:
+    """A real hospital's name, from its node config alone (`site-name`, else its data folder's name)."""
+    return str(node_config.get("site-name", Path(str(node_config.get("data-root", ""))).name))
 
 
 class PrivacyLedger:
@@ -138,6 +174,20 @@ class PrivacyLedger:
                   "noise_multiplier": noise_multiplier,
                   "floor": kept if kept and kept.get("dp_required") else floor.as_record()}
         atomic_write_bytes(self.path, json.dumps(record, indent=1).encode())
+
+    def reserve(self, noise_multiplier: float, sample_rate: float, steps: int, floor: PrivacyFloor,
+                mechanism: str) -> dict[str, Any]:
+        """Before a DP call's first noisy step: the ledger's own history plus this call's steps, synced."""
+        accountant = with_planned_steps(self.load().get("accountant"), noise_multiplier, sample_rate, steps, mechanism)
+        self.save(accountant, noise_multiplier, floor, mechanism)
+        return accountant
+
+    def close_round(self, noise_multiplier: Optional[float], floor: PrivacyFloor, mechanism: str) -> None:
+        """After a round: the ledger keeps its own history (a DP call's steps are in it since its reservation);
+        the round's in-memory accountant never overwrites it."""
+        record = self.load()
+        kept_noise = noise_multiplier if noise_multiplier is not None else record.get("noise_multiplier")
+        self.save(record.get("accountant"), kept_noise, floor, mechanism)
 
 
 @dataclass
@@ -217,7 +267,8 @@ class SiteRunner:
 
     def _reserve(self, plan: DPPlan) -> None:
         """Before the first noisy step: the ledger counts all of this call's steps (synced), so a failure spends them."""
-        self.ledger.save(plan.accountant_after, plan.noise_multiplier, self._recorded_floor(), self.config.dp.accountant)
+        self.ledger.reserve(plan.noise_multiplier, plan.sample_rate, plan.steps, self._recorded_floor(),
+                            self.config.dp.accountant)
 
     # -- rounds -----------------------------------------------------------------------------
 
@@ -226,6 +277,7 @@ class SiteRunner:
         if set(shared) != expected:
             raise KeyError(f"{self.data.name}: received weights do not match federation.share={self.scope}")
 
+    @_holding_the_site_lock
     def train_round(self, round_number: int, shared: Mapping[str, torch.Tensor], snapshot: Optional[bytes] = None,
                     prox_mu: float = 0.0) -> RoundOutput:
         self._check_shared(shared)
@@ -239,8 +291,7 @@ class SiteRunner:
         result = self.trainer.train(self.state, prox_mu=prox_mu, prox_reference=reference,
                                     before_noisy_steps=self._reserve)
         self.state, self.round = result.state, round_number
-        self.ledger.save(self.state.accountant, self.state.noise_multiplier, self._recorded_floor(),
-                         self.config.dp.accountant)
+        self.ledger.close_round(self.state.noise_multiplier, self._recorded_floor(), self.config.dp.accountant)
         if result.privacy is not None:
             lesion = group_epsilon(self.state.accountant, result.privacy.delta, 2)
             log.info("%s: epsilon %.4g per image, %.4g for a lesion of 2 images (delta %g)", self.data.name,
