@@ -257,6 +257,7 @@ class LocalTrainer:
         draws: Optional[ImageDraws] = None
         plan: Optional[DPPlan] = None
         steps_this_call = self.steps_per_call()
+        anchors = self._proximal_anchors(prox_reference) if prox_mu and prox_reference else []  # before DP renames
         if dp.enabled:
             plan = self.dp_plan(state)
             check_budget(dp, state.accountant, plan.noise_multiplier, plan.sample_rate, plan.steps, self.site)
@@ -301,8 +302,8 @@ class LocalTrainer:
                         if step_draws is not None and self.augment is not None:
                             batch = self.augment(batch, step_draws["augment"])
                         terms, was_skipped = self._step(model, optimizer, scaler, batch, beta, private, step_draws)
-                        if prox_mu and prox_reference:
-                            self._proximal_step(lr * prox_mu, prox_reference)
+                        if anchors:
+                            self._proximal_step(lr * prox_mu, anchors)
                         sums += torch.stack([terms[key].sum() for key in LOSS_KEYS]).double()
                         images += len(batch)
                         skipped += was_skipped
@@ -353,13 +354,21 @@ class LocalTrainer:
         if not bool(torch.isfinite(sums).all()):
             raise FloatingPointError(f"{self.site}: the loss became NaN or infinite; lower train.lr or check the data")
 
-    @torch.no_grad()
-    def _proximal_step(self, rate: float, reference: dict[str, torch.Tensor]) -> None:
+    def _proximal_anchors(self, reference: dict[str, torch.Tensor]) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+        """Each parameter of `reference`, bound to its global value by identity: names are captured here, before
+        DP-SGD's layout change renames ConvNeXt's `gamma` and MLP parameters (the same Parameter objects move)."""
         params = dict(self.model.named_parameters())
-        for name, anchor in reference.items():
-            if name in params:
-                param = params[name]
-                param.sub_(rate * (param - anchor.to(param.device, param.dtype)))
+        unknown = sorted(set(reference) - set(params) - {name for name, _ in self.model.named_buffers()})
+        if unknown:
+            raise KeyError(f"FedProx reference names parameters this model does not have: {unknown[:3]}")
+        return [(params[name], anchor.to(params[name].device, params[name].dtype))
+                for name, anchor in reference.items() if name in params]
+
+    @staticmethod
+    @torch.no_grad()
+    def _proximal_step(rate: float, anchors: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
+        for param, anchor in anchors:
+            param.sub_(rate * (param - anchor))
 
     def _step(self, model, optimizer, scaler, batch: torch.Tensor, beta: float,
               private: Optional[PrivateTraining] = None,
