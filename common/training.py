@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from common.augment import PER_IMAGE_UNIFORMS, build_augmentation
 from common.config import DermFedConfig
-from common.data.batches import BatchLoader, ImageRows, poisson_batches, shuffled_batches
+from common.data.batches import BatchLoader, ImageRows, plain_batches_per_epoch, poisson_batches, shuffled_batches
 from common.model import ConvNeXtVAE, VAEOutput, vae_loss_per_sample
 from common.privacy import (
     AccountantError,
@@ -168,9 +168,10 @@ class LocalTrainer:
 
     def __init__(self, config: DermFedConfig, model: ConvNeXtVAE, images: ImageRows, *, site: str = "site",
                  site_index: int = 0, planned_steps: Optional[int] = None, augment: bool = True,
-                 declared_size: Optional[int] = None):
+                 declared_size: Optional[int] = None, min_batch: int = 1):
         if len(images) == 0:
             raise ValueError(f"{site}: no images to train on")
+        self.min_batch = min_batch  # without DP, no step uses fewer images (a hospital's min-batch-size)
         self.config, self.model, self.images = config, model, images
         self.site, self.site_index = site, site_index
         self.device = resolve_device(config.train.device)
@@ -178,7 +179,10 @@ class LocalTrainer:
         dp = config.dp.enabled
         # Under DP: the size the accounting may see; without DP the exact count, as always.
         self.accounted_size = public_size(len(images), declared_size) if dp else len(images)
-        self.steps_per_epoch = math.ceil(self.accounted_size / config.train.batch_size)
+        self.steps_per_epoch = math.ceil(self.accounted_size / config.train.batch_size) if dp else \
+            plain_batches_per_epoch(len(images), config.train.batch_size, min_batch)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{site}: fewer images than the minimum batch of {min_batch}")
         rate = sample_rate_of(self.accounted_size, config.train.batch_size)
         self.sample_rate = poisson_rate(rate) if dp else rate
         self.planned_steps = planned_steps or config.dp.planned_steps or self.steps_per_call()
@@ -284,7 +288,7 @@ class LocalTrainer:
                     batches = list(poisson_batches(len(self.images), private.sample_rate, self.steps_per_epoch,
                                                    private.sampling))
                 else:
-                    batches = list(shuffled_batches(len(self.images), cfg.train.batch_size))
+                    batches = list(shuffled_batches(len(self.images), cfg.train.batch_size, self.min_batch))
                 sums = torch.zeros(len(LOSS_KEYS), device=self.device, dtype=torch.float64)
                 images, steps, skipped, pixels, started = 0, 0, 0, 1.0, time.perf_counter()
                 lr, beta = cfg.train.lr, self._beta(state.step)
