@@ -477,6 +477,33 @@ def _split_counts(expected: dict[str, int]) -> Callable[[Path, str, str], None]:
     return check
 
 
+def _pretrain_folder(tmp: Path, synthetic_root: Path) -> Path:
+    """What `dermfed pretrain` leaves (config.yaml, a checkpoint at epoch 2), without training."""
+    from common.checkpoint import save_checkpoint
+
+    folder = tmp / "pre"
+    config = load_config("smoke", [f"data.root={synthetic_root}", f"data.cache_dir={tmp / 'cache'}"])
+    write_config(config, folder)
+    save_checkpoint(folder / "checkpoint.pt", config=config, encoder_state={"w": torch.zeros(2)},
+                    position={"epoch": 2, "step": 6}, history=[])
+    return folder
+
+
+def _resume_a_pretrain_run(tmp: Path, synthetic_root: Path) -> list[str]:
+    return ["simulate", "--resume", str(_pretrain_folder(tmp, synthetic_root))]
+
+
+def _resume_a_summary(tmp: Path, synthetic_root: Path) -> list[str]:
+    assert main(_summary_args(tmp, "synthetic", synthetic_root)) == 0
+    return ["simulate", "--resume", str(tmp / "out")]
+
+
+def _nothing_written_into(name: str) -> Callable[[Path, str, str], None]:
+    def check(tmp: Path, out: str, err: str) -> None:
+        assert not (tmp / name / ".run.lock").exists() and not (tmp / name / ".flower").exists()
+    return check
+
+
 CASES: dict[str, Case] = {
     # metadata: columns, values and names
     "a split column with a lesion on two sides": Case(
@@ -542,6 +569,13 @@ CASES: dict[str, Case] = {
     "one hospital and federation.min_clients=2": Case(
         lambda tmp, root: _simulate_args(tmp, root, "data.partition=iid", "data.num_partitions=1"), 2,
         ("makes 1 hospital(s) (part-0) but federation.min_clients=2",), check=_no_process_started),
+    # run folders of another kind
+    "--resume of a pretrain run": Case(
+        _resume_a_pretrain_run, 2, ("pre holds a `dermfed pretrain` checkpoint (epoch 2), not a simulation run",
+                                    "start a new run"), check=_nothing_written_into("pre")),
+    "--resume of a data summary": Case(
+        _resume_a_summary, 2, ("holds a `dermfed data summary`, not a simulation run",),
+        check=_nothing_written_into("out")),
 }
 
 
