@@ -92,6 +92,20 @@ def test_symbolic_links_are_followed_once_and_broken_ones_counted(tmp_path, caps
     assert "symbolic link loop" in out and "broken symbolic link" in out
 
 
+def test_a_link_to_a_folder_holding_the_root_is_a_counted_skip(tmp_path, capsys):
+    """`rootlink -> /` inside a site: the walk read the whole file system (and called what it found images)."""
+    root = tmp_path / "images"
+    for i in range(2):
+        write_jpeg(root / "clinic_a" / f"a{i}.jpg", seed=i)
+    write_jpeg(tmp_path / "beside.jpg", seed=9)  # in the parent folder: found through `parent`, never read
+    (root / "clinic_a" / "rootlink.jpg").symlink_to("/", target_is_directory=True)
+    (root / "clinic_a" / "parent").symlink_to(tmp_path, target_is_directory=True)
+    code, out, err = summary(capsys, tmp_path, "folder", root)
+    assert code == 0, err
+    assert "usable images: 2 in 1 sites; skipped: 2" in out, out
+    assert re.search(r"^link leads outside data.root\s+2$", out, re.MULTILINE), out
+
+
 def test_a_linked_ham10000_image_folder_is_found(ham_sample, tmp_path, capsys):
     root = tmp_path / "ham"
     root.mkdir()
