@@ -512,6 +512,34 @@ def _resume_a_summary(tmp: Path, synthetic_root: Path) -> list[str]:
     return ["simulate", "--resume", str(tmp / "out")]
 
 
+def _evaluate_into(tmp: Path, synthetic_root: Path, out: str) -> list[str]:
+    _pretrain_folder(tmp, synthetic_root)
+    (tmp / "pre" / "history.json").write_text("[]")
+    return ["evaluate", "--config", "smoke", f"data.root={synthetic_root}", f"data.cache_dir={tmp / 'cache'}",
+            "--checkpoint", str(tmp / "pre"), "--out", str(tmp / out)]
+
+
+def _evaluate_into_another_checkpoint_folder(tmp: Path, synthetic_root: Path) -> list[str]:
+    argv = _evaluate_into(tmp, synthetic_root, "other")
+    shutil.copytree(tmp / "pre", tmp / "other")
+    return argv
+
+
+def _pretrain_config_kept(tmp: Path, out: str, err: str) -> None:
+    assert not (tmp / "pre" / "metrics.json").exists() and load_config(tmp / "pre" / "config.yaml").data.root
+
+
+def _summary_into_a_pretrain_run(tmp: Path, synthetic_root: Path) -> list[str]:
+    _pretrain_folder(tmp, synthetic_root)
+    return [*_summary_args(tmp, "synthetic", synthetic_root)[:-1], str(tmp / "pre")]
+
+
+def _pretrain_into_a_summary(tmp: Path, synthetic_root: Path) -> list[str]:
+    assert main(_summary_args(tmp, "synthetic", synthetic_root)) == 0
+    return ["pretrain", "--config", "smoke", f"data.root={synthetic_root}", f"data.cache_dir={tmp / 'cache'}",
+            "--out", str(tmp / "out")]
+
+
 def _nothing_written_into(name: str) -> Callable[[Path, str, str], None]:
     def check(tmp: Path, out: str, err: str) -> None:
         assert not (tmp / name / ".run.lock").exists() and not (tmp / name / ".flower").exists()
@@ -590,6 +618,18 @@ CASES: dict[str, Case] = {
     "--resume of a data summary": Case(
         _resume_a_summary, 2, ("holds a `dermfed data summary`, not a simulation run",),
         check=_nothing_written_into("out")),
+    "evaluate --out the --checkpoint run": Case(
+        lambda tmp, root: _evaluate_into(tmp, root, "pre"), 2,
+        ("--out", "pre lies in the --checkpoint run", "choose another --out"), check=_pretrain_config_kept),
+    "evaluate --out inside the --checkpoint run": Case(
+        lambda tmp, root: _evaluate_into(tmp, root, "pre/eval"), 2, ("pre/eval lies in the --checkpoint run",)),
+    "evaluate --out a folder holding a checkpoint.pt": Case(
+        _evaluate_into_another_checkpoint_folder, 2, ("other holds a checkpoint.pt",)),
+    "data summary --out a pretrain run": Case(
+        _summary_into_a_pretrain_run, 2, ("pre holds a `dermfed pretrain` checkpoint (epoch 2), not a `dermfed data "
+                                          "summary` run",), check=_pretrain_config_kept),
+    "pretrain --out a data summary": Case(
+        _pretrain_into_a_summary, 2, ("out holds a `dermfed data summary`, not a `dermfed pretrain` run",)),
 }
 
 
