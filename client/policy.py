@@ -37,6 +37,24 @@ FLOOR_KEYS = {"dp-enabled": "dp_required", "dp-max-epsilon": "max_epsilon", "dp-
 PUBLIC_COUNT_KEY = "public-num-examples"
 MIN_BATCH_KEY = "min-batch-size"
 STATE_DIR_KEY = "state-dir"
+# Every node config key a DermFed node reads (README "Run at your hospitals"); any other key is refused with close
+# matches, so that a misspelt privacy floor (dp-enable=true) is never silently ignored.
+SITE_KEYS = ("data-root", "data-format", "site-name", "site-index", "dermfed-overrides", "allow-plain-metrics")
+NODE_CONFIG_KEYS = (*FLOOR_KEYS, PUBLIC_COUNT_KEY, MIN_BATCH_KEY, STATE_DIR_KEY, *SITE_KEYS)
+
+
+def check_node_config_keys(node_config: Mapping[str, Any], also: tuple[str, ...] = ()) -> None:
+    """Refuse a node config key no DermFed node reads (`also`: keys the caller itself sets, e.g. partition-id)."""
+    import difflib
+
+    known = (*NODE_CONFIG_KEYS, *also)
+    for key in node_config:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise ConfigError(f"unknown node config key {key!r}; {hint}known: {', '.join(sorted(NODE_CONFIG_KEYS))}")
+
+
 DEFAULT_DELTA = 1e-5  # a hospital that requires DP and sets no dp-delta allows at most this delta
 
 

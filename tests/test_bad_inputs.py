@@ -611,6 +611,9 @@ CASES: dict[str, Case] = {
     "one hospital and federation.min_clients=2": Case(
         lambda tmp, root: _simulate_args(tmp, root, "data.partition=iid", "data.num_partitions=1"), 2,
         ("makes 1 hospital(s) (part-0) but federation.min_clients=2",), check=_no_process_started),
+    "a misspelt --node-config key": Case(
+        lambda tmp, root: [*_simulate_args(tmp, root), "--node-config", "hospital_1:dp-enable=true"], 2,
+        ("unknown node config key 'dp-enable'", "did you mean dp-enabled"), check=_no_process_started),
     # run folders of another kind
     "--resume of a pretrain run": Case(
         _resume_a_pretrain_run, 2, ("pre holds a `dermfed pretrain` checkpoint (epoch 2), not a simulation run",
