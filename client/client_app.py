@@ -4,7 +4,7 @@ Where the site's data comes from:
 - simulation: the node config's `partition-id` / `num-partitions` pick a virtual hospital of
   the pooled data set described by the server's DermFed config;
 - deployment: `flower-supernode --node-config "data-root=/path/to/images"` (optional
-  `data-format`, `site-name`, `site-index`, `state-dir`; the hospital's privacy floor
+  `data-format`, `site-name`, `site-index`, `state-dir`, `min-batch-size`; the hospital's privacy floor
   `dp-enabled`, `dp-max-epsilon`, `dp-delta`, `dp-max-grad-norm`; `public-num-examples`; and
   `dermfed-overrides`: space-separated key=value applied on top of the server's config, except
   `dp.*`, which only the node config keys above may set).
@@ -32,7 +32,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from client.faults import FaultSwitch
-from client.policy import PrivacyFloor, public_count, public_error, site_state_dir
+from client.policy import PrivacyFloor, min_batch_size, public_count, public_error, site_state_dir
 from client.simulated_nodes import node_config_of
 from client.site import PrivacyLedger, SiteRunner, deployment_site_data, deployment_site_name, simulation_site_data
 from common.config import ConfigError, DermFedConfig, apply_overrides, config_from_json
@@ -91,7 +91,7 @@ def runner_for(message: Message, context: Context) -> SiteRunner:
         else:
             data = deployment_site_data(config, node_config)
         _RUNNERS[key] = SiteRunner(config, data, site_state_dir(node_config, data.name), floor=floor,
-                                   public_count=public_count(node_config))
+                                   public_count=public_count(node_config), min_batch_size=min_batch_size(node_config))
     return _RUNNERS[key]
 
 

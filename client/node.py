@@ -108,6 +108,16 @@ def hospital_daemons(folder: Path, data_root: Path, data_format: str = "folder",
     settings = layout.settings()
     if not data_root.is_dir():
         raise NodeError(f"--data-root {data_root} is not a folder")
+    if extra_node_config:
+        from flwr.common.config import parse_config_args
+
+        from client.policy import check_node_config_keys
+        from common.config import ConfigError
+
+        try:
+            check_node_config_keys(dict(parse_config_args([extra_node_config])))
+        except (ConfigError, ValueError) as exc:
+            raise NodeError(f"--node-config: {exc}") from None
     state_dir = state_dir or DEFAULT_STATE_DIR  # the hospital's, never a folder the coordinator names
     runtime = private_folder(layout.runtime)
     private_folder(layout.forward_socket.parent)

@@ -13,6 +13,9 @@ Privacy holds against the coordinating server too, so none of this is the server
 - `reply_metrics`: under DP a reply holds the privacy status and a FedAvg weight that reveals
   nothing (equal weights, or a count the hospital declared public), never a value computed from
   the private images without noise.
+- `min_batch_size`: the hospital's node config `min-batch-size`. Without DP it is the only
+  protection against values computed from a few images: the site refuses to train or evaluate
+  on fewer images, and no plain (non-DP) step uses a smaller batch (`client.site.SiteRunner`).
 - `public_error`: a site's error reply names an error class and a fixed message, never a path,
   a file name, an exception's text or class; the details stay in the site's own log. Under DP,
   every failure that depends on the images gets one fixed reason (`DP_SITE_FAILED`).
@@ -33,7 +36,26 @@ from common.privacy import BUDGET_RELATIVE_TOLERANCE, AccountantError, PrivacyBu
 FLOOR_KEYS = {"dp-enabled": "dp_required", "dp-max-epsilon": "max_epsilon", "dp-delta": "max_delta",
               "dp-max-grad-norm": "max_grad_norm"}
 PUBLIC_COUNT_KEY = "public-num-examples"
+MIN_BATCH_KEY = "min-batch-size"
 STATE_DIR_KEY = "state-dir"
+# Every node config key a DermFed node reads (README "Run at your hospitals"); any other key is refused with close
+# matches, so that a misspelt privacy floor (dp-enable=true) is never silently ignored.
+SITE_KEYS = ("data-root", "data-format", "site-name", "site-index", "dermfed-overrides", "allow-plain-metrics")
+NODE_CONFIG_KEYS = (*FLOOR_KEYS, PUBLIC_COUNT_KEY, MIN_BATCH_KEY, STATE_DIR_KEY, *SITE_KEYS)
+
+
+def check_node_config_keys(node_config: Mapping[str, Any], also: tuple[str, ...] = ()) -> None:
+    """Refuse a node config key no DermFed node reads (`also`: keys the caller itself sets, e.g. partition-id)."""
+    import difflib
+
+    known = (*NODE_CONFIG_KEYS, *also)
+    for key in node_config:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise ConfigError(f"unknown node config key {key!r}; {hint}known: {', '.join(sorted(NODE_CONFIG_KEYS))}")
+
+
 DEFAULT_DELTA = 1e-5  # a hospital that requires DP and sets no dp-delta allows at most this delta
 
 
@@ -70,6 +92,11 @@ class PrivacyLedgerCorrupt(RuntimeError):
 
 class SiteBusy(RuntimeError):
     """Another round holds this site's lock (a second run of the coordinator at the same time): refused at once."""
+
+
+class TooFewImages(RuntimeError):
+    """The run's data split leaves this site fewer images than its min-batch-size. The message holds only settings
+    (never the site's image count), so that it may go back to the coordinator as it is."""
 
 
 class ClientEvaluationRefused(RuntimeError):
@@ -188,6 +215,17 @@ def public_count(node_config: Mapping[str, Any]) -> Optional[int]:
     return raw
 
 
+def min_batch_size(node_config: Mapping[str, Any]) -> Optional[int]:
+    """The hospital's `min-batch-size` (None: no limit, the default): the fewest images any value it sends may
+    come from, and the smallest batch of a plain step."""
+    if MIN_BATCH_KEY not in node_config:
+        return None
+    raw = node_config[MIN_BATCH_KEY]
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
+        raise ConfigError(f"node config {MIN_BATCH_KEY}={raw!r} must be a positive whole number")
+    return raw
+
+
 def reply_metrics(config: DermFedConfig, training: Mapping[str, float], privacy: Mapping[str, float],
                   site_index: int, weight: float) -> dict[str, float]:
     """What leaves the site with its weights. Under DP: the privacy status and a public weight, nothing else."""
@@ -237,6 +275,8 @@ def public_error(exc: BaseException, private: bool = False) -> str:
         return DP_SITE_FAILED
     if isinstance(exc, PrivacyFloorError):  # built from settings only: safe, and the coordinator must see both values
         return f"privacy-floor: {exc}"
+    if isinstance(exc, TooFewImages):  # built from settings only, like the floor's
+        return f"min-batch-size: {exc}"
     for kind, code, text in _PUBLIC_ERRORS:
         if isinstance(exc, kind):
             return f"{code}: {text}"

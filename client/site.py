@@ -36,6 +36,7 @@ from client.policy import (
     PrivacyLedgerCorrupt,
     SiteBusy,
     SiteStateCorrupt,
+    TooFewImages,
     reply_metrics,
 )
 from common.config import DermFedConfig, build_config
@@ -201,9 +202,11 @@ class SiteRunner:
     """Trains one site's VAE round after round; owns the site's model and state."""
 
     def __init__(self, config: DermFedConfig, data: SiteData, state_dir: Path,
-                 floor: PrivacyFloor = PrivacyFloor(), public_count: Optional[int] = None):
+                 floor: PrivacyFloor = PrivacyFloor(), public_count: Optional[int] = None,
+                 min_batch_size: Optional[int] = None):
         if len(data.train_rows) == 0:
             raise DataError(f"site {data.name}: no training images (splits {config.data.pretrain_splits})")
+        self.min_batch = min_batch_size or 1  # the hospital's min-batch-size: see _require_at_least
         self.ledger = PrivacyLedger(Path(state_dir) / "privacy_ledger.json")
         self.floor = floor.stricter(self.ledger.floor())
         config = self.floor.apply(config)  # refuses a coordinator that asks for less privacy than the site allows
@@ -213,12 +216,26 @@ class SiteRunner:
         self.model = build_vae(config.model, config.data.image_size)
         self.scope = config.federation.share
         self.images = ImageRows(data.prepared.store, data.train_rows)
+        self._require_at_least(len(data.train_rows), "train on", "training")
+        if config.train.batch_size < self.min_batch:
+            raise TooFewImages(f"the run asks for train.batch_size={config.train.batch_size}, but this site's node "
+                               f"config sets min-batch-size={self.min_batch}")
         self.trainer = LocalTrainer(config, self.model, self.images, site=data.name, site_index=data.index,
-                                    declared_size=public_count)
+                                    declared_size=public_count, min_batch=1 if config.dp.enabled else self.min_batch)
         # DP budget: the whole federated run, every round's local steps
         self.trainer.planned_steps = config.dp.planned_steps or self.trainer.steps_per_call() * config.federation.num_rounds
         self.state = SiteState()
         self.round = 0
+
+    def _require_at_least(self, rows: int, verb: str, split: str) -> None:
+        """Refuse to compute anything from fewer images than the hospital's min-batch-size. Without DP this limit
+        is the only protection against values of a few images: the coordinator sizes the splits (data.*)."""
+        if rows < self.min_batch:
+            log.warning("%s: %d %s images, fewer than min-batch-size=%d: refused", self.data.name, rows, split,
+                        self.min_batch)
+            raise TooFewImages(f"this run's data split (data.pretrain_splits, data.val_fraction, data.test_fraction) "
+                               f"leaves this site fewer {split} images than its node config's "
+                               f"min-batch-size={self.min_batch}; it refuses to {verb} them")
 
     def first_image_path(self) -> str:
         """A real file of this site (for the test-only fault switch, which mimics a file gone bad)."""
@@ -326,6 +343,7 @@ class SiteRunner:
             raise ClientEvaluationRefused(f"{self.data.name}: client evaluation is off under DP-SGD")
         if len(self.data.val_rows) == 0:
             raise ClientEvaluationRefused(f"{self.data.name}: no validation images (data.val_fraction=0?)")
+        self._require_at_least(len(self.data.val_rows), "evaluate on", "validation")
         self._check_shared(shared)
         load_partial_state(self.model, shared)
         rows = self.data.val_rows

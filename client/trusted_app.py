@@ -12,10 +12,14 @@ that, with Flower's own code:
   against the operator keys the hospital trusts, the bundle's sha256 against the manifest and
   against the hospital's own approved list, the federation, the complete run config and the
   DermFed config of the instruction against the signed ones, the hospital's limits
-  (`min-batch-size`, `allow-plain-metrics` in its node config), and, the first time it sees the
-  run, the expiry and that the run identifier was never used for another run here. Any failure
+  (`min-batch-size`, `allow-plain-metrics` in its node config), the first time it sees the
+  run, the expiry and that the run identifier was never used for another run here, and for every
+  task that the run has not ended (`run_deadline`) and that this round's train or evaluate
+  instruction was not answered before (`RunLedger`, in accepted-runs.json). Any failure
   ends the task with `UntrustedApp`: the server receives that error, and none of the bundle's
-  code ran. When it pushes a reply, it signs the reply with the hospital's node key
+  code ran. After installing, it checks that the folder Flower imports the ClientApp from (named by
+  the run's fab_id, fab_version and hash) is the one the approved bundle was installed to. When it
+  pushes a reply, it records the round as answered and signs the reply with the hospital's node key
   (`common.reply_signature`), so that nobody else can send an update under this node's id.
 
 The hospital's folder (keys, approvals, accepted runs) is named by `DERMFED_HOSPITAL_DIR`, which
@@ -36,8 +40,8 @@ from typing import Any, Mapping, Optional
 from client.node import HOSPITAL_DIR_ENV
 from common.deployment.layout import HospitalLayout
 from common.reply_signature import RECORD_KEY, load_node_key, reply_digest, sign_reply
-from common.run_manifest import (MANIFEST_KEY, SIGNATURE_KEY, RunLedger, RunManifest, UntrustedApp, check_task,
-                                 load_trusted_keys, read_approved_bundles, verify_manifest)
+from common.run_manifest import (MANIFEST_KEY, SIGNATURE_KEY, RunLedger, RunManifest, UntrustedApp, bundle_sha256,
+                                 check_task, load_trusted_keys, read_approved_bundles, verify_manifest)
 
 LIMIT_KEYS = ("min-batch-size", "allow-plain-metrics")
 INSTRUCTION_RECORDS = {"arrays", "config"}  # what DermFed's ServerApp sends: the global weights and the config
@@ -97,8 +101,31 @@ def approve_task(message: Any, context: Any, fab_content: bytes, hospital: Hospi
     check_task(manifest, federation=str(hospital.settings()["federation_id"]), bundle=fab_content,
                run_config=run_config, instruction=instruction, approved_bundles=approved)
     check_limits(manifest.dermfed_config, context.node_config)
-    RunLedger(hospital.accepted_runs).admit(manifest, int(context.run_id), time.time() if now is None else now)
+    RunLedger(hospital.accepted_runs).admit(manifest, int(context.run_id), str(message.metadata.message_type),
+                                            int(instruction["server-round"]), time.time() if now is None else now)
     return manifest
+
+
+def record_answer(message: Any, manifest: RunManifest, hospital: HospitalLayout) -> None:
+    """This task's reply exists: the hospital never computes it again (`RunLedger`)."""
+    round_number = int(message.content.config_records["config"]["server-round"])
+    RunLedger(hospital.accepted_runs).answered(manifest, str(message.metadata.message_type), round_number)
+
+
+def check_installed_app(installed: Path, fab_id: str, fab_version: str, fab_hash: str, fab_content: bytes) -> None:
+    """Flower loads the ClientApp from the folder named by the run's fab_id, fab_version and fab hash, which the
+    coordinator supplies; refuse unless that folder is the one the approved bundle was just installed to (its own
+    pyproject's name and version, its own sha256), so that no other installed app is imported instead."""
+    from flwr.common.config import get_project_dir
+
+    digest = bundle_sha256(fab_content)
+    try:
+        named = get_project_dir(fab_id, fab_version, fab_hash)
+    except ValueError:
+        named = None
+    if fab_hash != digest or named is None or Path(named).resolve() != Path(installed).resolve():
+        raise UntrustedApp(f"the run names app {fab_id!r} version {fab_version!r} (hash {fab_hash[:16]}...), which is "
+                           f"not the approved bundle it carries (sha256 {digest}); none of its code was loaded")
 
 
 def sign_reply_in_place(reply: Any, key: Any, run_id: int, node_id: int, round_number: int) -> None:
@@ -120,14 +147,19 @@ def clientapp_main() -> None:
 
     def pull_remembering_task(client):  # type: ignore[no-untyped-def]
         message, context, run, fab = pull(client)
-        task.update(message=message, context=context)
+        task.update(message=message, context=context, run=run, fab=fab)
         return message, context, run, fab
 
     def install_if_approved(fab_content: bytes, *args, **kwargs):  # type: ignore[no-untyped-def]
-        approve_task(task["message"], task["context"], fab_content, hospital_folder())
-        return install(fab_content, *args, **kwargs)
+        manifest = approve_task(task["message"], task["context"], fab_content, hospital_folder())
+        task["manifest"] = manifest  # from here on, this round's task counts as started (RunLedger)
+        installed = install(fab_content, *args, **kwargs)
+        check_installed_app(installed, task["run"].fab_id, task["run"].fab_version, task["fab"].hash_str, fab_content)
+        return installed
 
     def push_signed(client, message, context):  # type: ignore[no-untyped-def]
+        if "manifest" in task:  # a reply exists (an error reply too): this round is never computed again
+            record_answer(task["message"], task["manifest"], hospital_folder())
         if not message.has_error():
             config = task["message"].content.config_records.get("config", {})
             sign_reply_in_place(message, load_node_key(hospital_folder().node_key), int(context.run_id),

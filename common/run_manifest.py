@@ -244,12 +244,27 @@ def approve_bundle(path: Path, digest: str, note: str = "") -> bool:
     return True
 
 
-class RunLedger:
-    """The run identifiers a hospital accepted, each bound to the one Flower run it started.
+TASK_KINDS = ("train", "evaluate")  # the instructions a signed run sends; each once per round
 
-    Every round of a run starts a new ClientApp process that checks the manifest again: the
-    same identifier with the same Flower run id continues that run (the expiry applies to its
-    start only); the same identifier with another run id is a replay and refused.
+
+def run_deadline(manifest: RunManifest) -> float:
+    """After this no task of the run is accepted: its expiry (the latest start), then at most num_rounds rounds,
+    each a train and an evaluate phase that the server waits at most federation.round_timeout for."""
+    federation = manifest.dermfed_config.get("federation", {})
+    rounds = int(federation.get("num_rounds", 0))
+    timeout = float(federation.get("round_timeout", 0.0))
+    return manifest.expires + rounds * len(TASK_KINDS) * timeout
+
+
+class RunLedger:
+    """The run identifiers a hospital accepted, each bound to the one Flower run it started, and each
+    task (round and kind) of it this hospital was asked for.
+
+    Every task starts a new ClientApp process that checks the manifest again: the same identifier with
+    the same Flower run id continues that run until `run_deadline`; the same identifier with another run
+    id is a replay and refused. A task is `started` when admitted and `answered` once its reply exists
+    (`answered`); a task already answered is refused, and one that started without an answer (the
+    process died) may be tried once more (`retried`), never again.
     """
 
     def __init__(self, path: Path):
@@ -263,21 +278,47 @@ class RunLedger:
             entries = json.loads(self.path.read_text()) if self.path.is_file() else {}
             yield entries
 
-    def admit(self, manifest: RunManifest, flower_run_id: int, now: Optional[float] = None) -> None:
+    def _save(self, entries: dict[str, Any]) -> None:
+        replace_file(self.path, json.dumps(entries, indent=1).encode())  # atomic, 0600
+
+    @staticmethod
+    def task_name(kind: str, round_number: int) -> str:
+        if kind not in TASK_KINDS:
+            raise UntrustedApp(f"the task is a {kind!r} instruction; a signed run sends only {list(TASK_KINDS)}")
+        return f"{kind}-{int(round_number)}"
+
+    def admit(self, manifest: RunManifest, flower_run_id: int, kind: str, round_number: int,
+              now: Optional[float] = None) -> None:
         now = time.time() if now is None else now
+        task = self.task_name(kind, round_number)
         with self._locked() as entries:
             known = entries.get(manifest.run)
-            if known is not None:
-                if int(known["flower_run_id"]) != int(flower_run_id):
-                    raise UntrustedApp(f"the run identifier {manifest.run} was used before at this hospital (Flower "
-                                       f"run {known['flower_run_id']}); a signed run is accepted once")
-                return
-            if now >= manifest.expires:
-                raise UntrustedApp(f"the run manifest expired at {_utc(manifest.expires)} (now {_utc(now)}); the "
-                                   "operator signs a new one")
-            entries[manifest.run] = {"flower_run_id": int(flower_run_id), "accepted": _utc(now),
-                                     "bundle_sha256": manifest.bundle_sha256}
-            replace_file(self.path, json.dumps(entries, indent=1).encode())
+            if known is None:
+                if now >= manifest.expires:
+                    raise UntrustedApp(f"the run manifest expired at {_utc(manifest.expires)} (now {_utc(now)}); the "
+                                       "operator signs a new one")
+                known = entries[manifest.run] = {"flower_run_id": int(flower_run_id), "accepted": _utc(now),
+                                                 "bundle_sha256": manifest.bundle_sha256}
+            elif int(known["flower_run_id"]) != int(flower_run_id):
+                raise UntrustedApp(f"the run identifier {manifest.run} was used before at this hospital (Flower "
+                                   f"run {known['flower_run_id']}); a signed run is accepted once")
+            if now >= run_deadline(manifest):
+                raise UntrustedApp(f"the signed run ended at {_utc(run_deadline(manifest))} (its expiry plus "
+                                   f"num_rounds x 2 x round_timeout; now {_utc(now)}); the operator signs a new one")
+            tasks = known.setdefault("tasks", {})
+            state = tasks.get(task)
+            if state in ("answered", "retried"):
+                raise UntrustedApp(f"this hospital already {'answered' if state == 'answered' else 'tried twice'} "
+                                   f"{task.replace('-', ' round ')} of this run; each round is answered once")
+            tasks[task] = "started" if state is None else "retried"
+            self._save(entries)
+
+    def answered(self, manifest: RunManifest, kind: str, round_number: int) -> None:
+        """The task's reply exists: it is never computed again."""
+        task = self.task_name(kind, round_number)
+        with self._locked() as entries:
+            entries.setdefault(manifest.run, {}).setdefault("tasks", {})[task] = "answered"
+            self._save(entries)
 
 
 def _utc(seconds: float) -> str:

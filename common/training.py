@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from common.augment import PER_IMAGE_UNIFORMS, build_augmentation
 from common.config import DermFedConfig
-from common.data.batches import BatchLoader, ImageRows, poisson_batches, shuffled_batches
+from common.data.batches import BatchLoader, ImageRows, plain_batches_per_epoch, poisson_batches, shuffled_batches
 from common.model import ConvNeXtVAE, VAEOutput, vae_loss_per_sample
 from common.privacy import (
     AccountantError,
@@ -168,9 +168,10 @@ class LocalTrainer:
 
     def __init__(self, config: DermFedConfig, model: ConvNeXtVAE, images: ImageRows, *, site: str = "site",
                  site_index: int = 0, planned_steps: Optional[int] = None, augment: bool = True,
-                 declared_size: Optional[int] = None):
+                 declared_size: Optional[int] = None, min_batch: int = 1):
         if len(images) == 0:
             raise ValueError(f"{site}: no images to train on")
+        self.min_batch = min_batch  # without DP, no step uses fewer images (a hospital's min-batch-size)
         self.config, self.model, self.images = config, model, images
         self.site, self.site_index = site, site_index
         self.device = resolve_device(config.train.device)
@@ -178,7 +179,10 @@ class LocalTrainer:
         dp = config.dp.enabled
         # Under DP: the size the accounting may see; without DP the exact count, as always.
         self.accounted_size = public_size(len(images), declared_size) if dp else len(images)
-        self.steps_per_epoch = math.ceil(self.accounted_size / config.train.batch_size)
+        self.steps_per_epoch = math.ceil(self.accounted_size / config.train.batch_size) if dp else \
+            plain_batches_per_epoch(len(images), config.train.batch_size, min_batch)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{site}: fewer images than the minimum batch of {min_batch}")
         rate = sample_rate_of(self.accounted_size, config.train.batch_size)
         self.sample_rate = poisson_rate(rate) if dp else rate
         self.planned_steps = planned_steps or config.dp.planned_steps or self.steps_per_call()
@@ -257,6 +261,7 @@ class LocalTrainer:
         draws: Optional[ImageDraws] = None
         plan: Optional[DPPlan] = None
         steps_this_call = self.steps_per_call()
+        anchors = self._proximal_anchors(prox_reference) if prox_mu and prox_reference else []  # before DP renames
         if dp.enabled:
             plan = self.dp_plan(state)
             check_budget(dp, state.accountant, plan.noise_multiplier, plan.sample_rate, plan.steps, self.site)
@@ -283,7 +288,7 @@ class LocalTrainer:
                     batches = list(poisson_batches(len(self.images), private.sample_rate, self.steps_per_epoch,
                                                    private.sampling))
                 else:
-                    batches = list(shuffled_batches(len(self.images), cfg.train.batch_size))
+                    batches = list(shuffled_batches(len(self.images), cfg.train.batch_size, self.min_batch))
                 sums = torch.zeros(len(LOSS_KEYS), device=self.device, dtype=torch.float64)
                 images, steps, skipped, pixels, started = 0, 0, 0, 1.0, time.perf_counter()
                 lr, beta = cfg.train.lr, self._beta(state.step)
@@ -301,8 +306,8 @@ class LocalTrainer:
                         if step_draws is not None and self.augment is not None:
                             batch = self.augment(batch, step_draws["augment"])
                         terms, was_skipped = self._step(model, optimizer, scaler, batch, beta, private, step_draws)
-                        if prox_mu and prox_reference:
-                            self._proximal_step(lr * prox_mu, prox_reference)
+                        if anchors:
+                            self._proximal_step(lr * prox_mu, anchors)
                         sums += torch.stack([terms[key].sum() for key in LOSS_KEYS]).double()
                         images += len(batch)
                         skipped += was_skipped
@@ -353,13 +358,21 @@ class LocalTrainer:
         if not bool(torch.isfinite(sums).all()):
             raise FloatingPointError(f"{self.site}: the loss became NaN or infinite; lower train.lr or check the data")
 
-    @torch.no_grad()
-    def _proximal_step(self, rate: float, reference: dict[str, torch.Tensor]) -> None:
+    def _proximal_anchors(self, reference: dict[str, torch.Tensor]) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+        """Each parameter of `reference`, bound to its global value by identity: names are captured here, before
+        DP-SGD's layout change renames ConvNeXt's `gamma` and MLP parameters (the same Parameter objects move)."""
         params = dict(self.model.named_parameters())
-        for name, anchor in reference.items():
-            if name in params:
-                param = params[name]
-                param.sub_(rate * (param - anchor.to(param.device, param.dtype)))
+        unknown = sorted(set(reference) - set(params) - {name for name, _ in self.model.named_buffers()})
+        if unknown:
+            raise KeyError(f"FedProx reference names parameters this model does not have: {unknown[:3]}")
+        return [(params[name], anchor.to(params[name].device, params[name].dtype))
+                for name, anchor in reference.items() if name in params]
+
+    @staticmethod
+    @torch.no_grad()
+    def _proximal_step(rate: float, anchors: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
+        for param, anchor in anchors:
+            param.sub_(rate * (param - anchor))
 
     def _step(self, model, optimizer, scaler, batch: torch.Tensor, beta: float,
               private: Optional[PrivateTraining] = None,

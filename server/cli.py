@@ -47,6 +47,36 @@ def run_folder(config: DermFedConfig, kind: str, explicit: Optional[str] = None)
     return Path(config.output_dir) / name
 
 
+def refuse_another_run(folder: Path, kind: str) -> None:
+    """A command's `--out` may not hold another command's run: its config.yaml and results would be overwritten."""
+    from common.config import ConfigError
+    from common.run_kinds import refuse_other_kind
+
+    if why := refuse_other_kind(folder, kind):
+        raise ConfigError(why)
+
+
+def refuse_evaluation_out(folder: Path, inputs: dict[str, Optional[str]]) -> None:
+    """`evaluate --out` never lies in a run it reads, nor in any folder holding a checkpoint.pt (it would overwrite
+    that run's config.yaml and mix its metrics in)."""
+    from common.checkpoint import CHECKPOINT_NAME
+    from common.config import ConfigError
+
+    out = folder.resolve()
+    for option, given in inputs.items():
+        if not given:
+            continue
+        run = Path(given).resolve()
+        run = run.parent if run.is_file() else run
+        if out == run or out.is_relative_to(run):
+            raise ConfigError(f"--out {folder} lies in the {option} run {given}: evaluate writes its config.yaml and "
+                              "metrics there; choose another --out")
+    if (folder / CHECKPOINT_NAME).exists():
+        raise ConfigError(f"--out {folder} holds a {CHECKPOINT_NAME} (a pretraining or simulation run): evaluate would "
+                          "overwrite its config.yaml; choose another --out")
+    refuse_another_run(folder, "evaluate")
+
+
 # -- data ---------------------------------------------------------------------------------------
 
 
@@ -70,12 +100,13 @@ def cmd_data_summary(args: argparse.Namespace, config: DermFedConfig) -> int:
     from common.data.pipeline import prepare_data
     from common.run_files import atomic_write_text
 
+    folder = run_folder(config, "data-summary", args.out)
+    refuse_another_run(folder, "data summary")
     prepared = prepare_data(config)
     catalog = prepared.catalog
     print(format_summary(catalog))
     print("\nsplits (images):")
     print(catalog.frame.groupby(["split"]).size().to_string())
-    folder = run_folder(config, "data-summary", args.out)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "summary.csv", summary_table(catalog).to_csv())
     atomic_write_text(folder / "skipped.csv", catalog.skipped.to_csv(index=False))
@@ -98,6 +129,7 @@ def cmd_pretrain(args: argparse.Namespace, config: DermFedConfig) -> int:
 
     arm = f"local-{config.data.site}" if config.data.site else "pooled"
     folder = run_folder(config, f"pretrain-{arm}", args.out)
+    refuse_another_run(folder, "pretrain")
     summary = run_pretraining(config, folder)
     print(f"checkpoint: {folder / 'checkpoint.pt'}")
     print(f"reconstructions: {summary['grid']}")
@@ -135,6 +167,7 @@ def cmd_simulate(args: argparse.Namespace, config: DermFedConfig) -> int:
             run_dir = Path(args.resume)
         else:
             run_dir = run_folder(config, "federated", args.out)
+            refuse_another_run(run_dir, "simulate")
             if (run_dir / "checkpoint.pt").exists():
                 raise RunRefused(f"{run_dir} already holds a federated run; continue it with --resume {run_dir} "
                                  "or choose another --out")
@@ -284,6 +317,7 @@ def cmd_evaluate(args: argparse.Namespace, config: DermFedConfig) -> int:
     if args.imagenet_weights:  # a wrong file is refused now, not after the other arms were evaluated
         load_imagenet_file(Path(args.imagenet_weights), config.evaluation.imagenet_model)
     folder = run_folder(config, "evaluation", args.out)
+    refuse_evaluation_out(folder, {"--checkpoint": args.checkpoint, "--pooled": args.pooled, "--local": args.local})
     metrics = run_evaluation(config, Path(args.checkpoint), folder, args.imagenet_weights, args.pooled, args.local)
     report = write_report(folder, metrics)
     print(f"metrics: {folder / 'metrics.json'}")

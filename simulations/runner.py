@@ -51,6 +51,7 @@ from common.data.partition import check_partitions, partition_catalog
 from common.data.pipeline import prepare_data
 from common.interrupts import Interrupted, stop_signals_raise
 from common.processes import RUN_MARKER, die_with_parent, stop_marked
+from common.run_kinds import SIMULATE, run_kind
 from server.federation import ResumeError, initial_shared_weights
 from server.rounds import STATUS_NAME, latest_checkpoint
 
@@ -227,6 +228,10 @@ def resume_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) ->
 
     Refuses, listing them, changes that would corrupt the run's state; writes nothing.
     """
+    found = run_kind(run_dir)
+    if found and found[0] != SIMULATE:
+        raise RunRefused(f"--resume {run_dir} holds {found[1]}, not a simulation run; start a new run "
+                         "(dermfed simulate --out NEW_FOLDER)")
     revisions = config_revisions(run_dir)
     if not revisions[0].is_file():
         raise RunRefused(f"--resume {run_dir}: no config.yaml there (is it a dermfed simulate run folder?)")

@@ -92,6 +92,20 @@ def test_symbolic_links_are_followed_once_and_broken_ones_counted(tmp_path, caps
     assert "symbolic link loop" in out and "broken symbolic link" in out
 
 
+def test_a_link_to_a_folder_holding_the_root_is_a_counted_skip(tmp_path, capsys):
+    """`rootlink -> /` inside a site: the walk read the whole file system (and called what it found images)."""
+    root = tmp_path / "images"
+    for i in range(2):
+        write_jpeg(root / "clinic_a" / f"a{i}.jpg", seed=i)
+    write_jpeg(tmp_path / "beside.jpg", seed=9)  # in the parent folder: found through `parent`, never read
+    (root / "clinic_a" / "rootlink.jpg").symlink_to("/", target_is_directory=True)
+    (root / "clinic_a" / "parent").symlink_to(tmp_path, target_is_directory=True)
+    code, out, err = summary(capsys, tmp_path, "folder", root)
+    assert code == 0, err
+    assert "usable images: 2 in 1 sites; skipped: 2" in out, out
+    assert re.search(r"^link leads outside data.root\s+2$", out, re.MULTILINE), out
+
+
 def test_a_linked_ham10000_image_folder_is_found(ham_sample, tmp_path, capsys):
     root = tmp_path / "ham"
     root.mkdir()
@@ -477,6 +491,61 @@ def _split_counts(expected: dict[str, int]) -> Callable[[Path, str, str], None]:
     return check
 
 
+def _pretrain_folder(tmp: Path, synthetic_root: Path) -> Path:
+    """What `dermfed pretrain` leaves (config.yaml, a checkpoint at epoch 2), without training."""
+    from common.checkpoint import save_checkpoint
+
+    folder = tmp / "pre"
+    config = load_config("smoke", [f"data.root={synthetic_root}", f"data.cache_dir={tmp / 'cache'}"])
+    write_config(config, folder)
+    save_checkpoint(folder / "checkpoint.pt", config=config, encoder_state={"w": torch.zeros(2)},
+                    position={"epoch": 2, "step": 6}, history=[])
+    return folder
+
+
+def _resume_a_pretrain_run(tmp: Path, synthetic_root: Path) -> list[str]:
+    return ["simulate", "--resume", str(_pretrain_folder(tmp, synthetic_root))]
+
+
+def _resume_a_summary(tmp: Path, synthetic_root: Path) -> list[str]:
+    assert main(_summary_args(tmp, "synthetic", synthetic_root)) == 0
+    return ["simulate", "--resume", str(tmp / "out")]
+
+
+def _evaluate_into(tmp: Path, synthetic_root: Path, out: str) -> list[str]:
+    _pretrain_folder(tmp, synthetic_root)
+    (tmp / "pre" / "history.json").write_text("[]")
+    return ["evaluate", "--config", "smoke", f"data.root={synthetic_root}", f"data.cache_dir={tmp / 'cache'}",
+            "--checkpoint", str(tmp / "pre"), "--out", str(tmp / out)]
+
+
+def _evaluate_into_another_checkpoint_folder(tmp: Path, synthetic_root: Path) -> list[str]:
+    argv = _evaluate_into(tmp, synthetic_root, "other")
+    shutil.copytree(tmp / "pre", tmp / "other")
+    return argv
+
+
+def _pretrain_config_kept(tmp: Path, out: str, err: str) -> None:
+    assert not (tmp / "pre" / "metrics.json").exists() and load_config(tmp / "pre" / "config.yaml").data.root
+
+
+def _summary_into_a_pretrain_run(tmp: Path, synthetic_root: Path) -> list[str]:
+    _pretrain_folder(tmp, synthetic_root)
+    return [*_summary_args(tmp, "synthetic", synthetic_root)[:-1], str(tmp / "pre")]
+
+
+def _pretrain_into_a_summary(tmp: Path, synthetic_root: Path) -> list[str]:
+    assert main(_summary_args(tmp, "synthetic", synthetic_root)) == 0
+    return ["pretrain", "--config", "smoke", f"data.root={synthetic_root}", f"data.cache_dir={tmp / 'cache'}",
+            "--out", str(tmp / "out")]
+
+
+def _nothing_written_into(name: str) -> Callable[[Path, str, str], None]:
+    def check(tmp: Path, out: str, err: str) -> None:
+        assert not (tmp / name / ".run.lock").exists() and not (tmp / name / ".flower").exists()
+    return check
+
+
 CASES: dict[str, Case] = {
     # metadata: columns, values and names
     "a split column with a lesion on two sides": Case(
@@ -542,6 +611,28 @@ CASES: dict[str, Case] = {
     "one hospital and federation.min_clients=2": Case(
         lambda tmp, root: _simulate_args(tmp, root, "data.partition=iid", "data.num_partitions=1"), 2,
         ("makes 1 hospital(s) (part-0) but federation.min_clients=2",), check=_no_process_started),
+    "a misspelt --node-config key": Case(
+        lambda tmp, root: [*_simulate_args(tmp, root), "--node-config", "hospital_1:dp-enable=true"], 2,
+        ("unknown node config key 'dp-enable'", "did you mean dp-enabled"), check=_no_process_started),
+    # run folders of another kind
+    "--resume of a pretrain run": Case(
+        _resume_a_pretrain_run, 2, ("pre holds a `dermfed pretrain` checkpoint (epoch 2), not a simulation run",
+                                    "start a new run"), check=_nothing_written_into("pre")),
+    "--resume of a data summary": Case(
+        _resume_a_summary, 2, ("holds a `dermfed data summary`, not a simulation run",),
+        check=_nothing_written_into("out")),
+    "evaluate --out the --checkpoint run": Case(
+        lambda tmp, root: _evaluate_into(tmp, root, "pre"), 2,
+        ("--out", "pre lies in the --checkpoint run", "choose another --out"), check=_pretrain_config_kept),
+    "evaluate --out inside the --checkpoint run": Case(
+        lambda tmp, root: _evaluate_into(tmp, root, "pre/eval"), 2, ("pre/eval lies in the --checkpoint run",)),
+    "evaluate --out a folder holding a checkpoint.pt": Case(
+        _evaluate_into_another_checkpoint_folder, 2, ("other holds a checkpoint.pt",)),
+    "data summary --out a pretrain run": Case(
+        _summary_into_a_pretrain_run, 2, ("pre holds a `dermfed pretrain` checkpoint (epoch 2), not a `dermfed data "
+                                          "summary` run",), check=_pretrain_config_kept),
+    "pretrain --out a data summary": Case(
+        _pretrain_into_a_summary, 2, ("out holds a `dermfed data summary`, not a `dermfed pretrain` run",)),
 }
 
 

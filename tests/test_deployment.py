@@ -462,6 +462,36 @@ def test_nodes_without_a_client_certificate_or_a_registered_key_are_refused(fede
     assert "SuperNode ID" not in _read(tmp_path / "direct.log")
 
 
+def _raw_status(federation, name: str, method: str, target: str) -> str:
+    """The status line the edge answers to a request line sent byte for byte (no client normalises it)."""
+    context = _mutual_tls(federation, name)
+    with context.wrap_socket(socket.create_connection(("localhost", federation["public_port"]), timeout=CEILING),
+                             server_hostname="localhost") as stream:
+        stream.sendall(f"{method} {target} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n"
+                       "Connection: close\r\n\r\n".encode())
+        answer = b""
+        while b"\r\n" not in answer and (chunk := stream.recv(4096)):
+            answer += chunk
+    return answer.split(b"\r\n")[0].decode()
+
+
+def test_the_edge_forwards_only_fleet_endpoints_as_they_were_sent(federation):
+    """nginx matches `location` on the decoded, normalised path but forwards the raw one: a hospital's
+    certificate tries encoded and dot segments that normalise into /v1/fleet/ (reviewer: the first reached
+    the SuperLink)."""
+    tricks = ["/v1/control/%2e%2e/fleet/get-run", "/v1/control/%2E%2E/fleet/get-run", "/v1/control/..%2ffleet/get-run",
+              "/v1/control/x/../../fleet/get-run", "/v1/fleet/../control/list-runs", "/v1/fleet/%2e%2e/control/list-runs",
+              "/v1/fleet//../control/list-runs", "/v1/fleet%2f..%2fcontrol/list-runs", "/v1/fleet/get%2drun",
+              "/v1/Fleet/get-run", "/v1/fleet/get-run/", "/v1/fleet/get-run/../../control/list-runs",
+              "http://localhost/v1/control/list-runs", "/v1/control/list-runs"]
+    for target in tricks:
+        for method in ("POST", "GET"):
+            status = _raw_status(federation, "clinic_a", method, target)
+            assert " 403 " in status + " ", f"{method} {target}: {status}"
+    assert " 403 " not in _raw_status(federation, "clinic_a", "POST", "/v1/fleet/get-run") + " "
+    assert " 403 " not in _raw_status(federation, "clinic_a", "POST", "/v1/fleet/get-run?x=1") + " "
+
+
 def test_the_edge_bounds_bodies_and_connections_before_anything_reaches_the_superlink(federation):
     """9 MiB (over the 8 MiB cap) from a hospital's certificate: 413 at the edge, never in the SuperLink's log,
     with a length announced or streamed; one certificate cannot hold more than its share of connections."""

@@ -538,3 +538,16 @@ def test_epsilon_does_not_reveal_the_training_set_size(site_config, tmp_path):
     assert declared[0].content["metrics"]["epsilon"] == declared[1].content["metrics"]["epsilon"]
     assert declared[0].content["metrics"]["num-examples"] == 100.0
     _RUNNERS.clear()
+
+
+def test_fedprox_pulls_every_shared_parameter_under_dp():
+    """FedProx binds parameters by identity: DP-SGD's layout change renames ConvNeXt's MLP and gamma
+    parameters, and a lookup by name after it missed them (66 of 126 encoder tensors pulled)."""
+    trainer = _trainer(_Images(), "dp.enabled=true", "dp.noise_multiplier=1.0", "train.optimizer=sgd",
+                       "train.lr=0.1", "train.max_steps=1")
+    reference = {name: torch.randn_like(p) for name, p in trainer.model.named_parameters() if name.startswith("encoder.")}
+    trainer.train(prox_mu=10.0, prox_reference=reference)  # lr * mu = 1: each proximal step lands on the anchor
+    params = dict(trainer.model.named_parameters())
+    assert len(reference) > 100
+    pulled = [name for name, anchor in reference.items() if torch.allclose(params[name], anchor, atol=1e-6)]
+    assert len(pulled) == len(reference), f"{len(reference) - len(pulled)} tensors were not pulled toward the global model"

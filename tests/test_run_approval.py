@@ -44,25 +44,61 @@ def _manifest(overrides=(), **fields) -> RunManifest:
 
 
 def _task(hospital: HospitalLayout, manifest: RunManifest, *, run_config=None, instruction=None, node_config=None,
-          flower_run_id: int = 7, key_path: Path | None = None):
+          flower_run_id: int = 7, key_path: Path | None = None, kind: str = MessageType.TRAIN):
     encoded, signature = sign_manifest(manifest, load_signing_key(key_path or hospital.root.parent / "operator.key"))
     config = {**manifest.run_config, MANIFEST_KEY: encoded, SIGNATURE_KEY: signature, **(run_config or {})}
     set_identity(run_id=flower_run_id)
     sent = {"dermfed-config": json.dumps(manifest.dermfed_config), "server-round": 1, **(instruction or {})}
-    message = Message(content=RecordDict({"config": ConfigRecord(sent)}), dst_node_id=5, message_type=MessageType.TRAIN)
+    message = Message(content=RecordDict({"config": ConfigRecord(sent)}), dst_node_id=5, message_type=kind)
     context = Context(run_id=flower_run_id, node_id=5, node_config=node_config or {}, state=RecordDict(),
                       run_config=config)
     return message, context
+
+
+def _task_of(hospital, manifest, round_number=1, kind=MessageType.TRAIN, **options):
+    return _task(hospital, manifest, instruction={"server-round": round_number}, kind=kind, **options)
 
 
 def test_the_signed_run_is_accepted_and_its_later_rounds_too(hospital):
     manifest = _manifest()
     approve_task(*_task(hospital, manifest), BUNDLE, hospital)
     # round 2 of the same Flower run, after the manifest expired: the run continues
-    later = _task(hospital, manifest, instruction={"server-round": 1})
+    later = _task(hospital, manifest, instruction={"server-round": 2})
     approve_task(*later, BUNDLE, hospital, now=manifest.expires + 10)
     accepted = json.loads(hospital.accepted_runs.read_text())
     assert accepted[manifest.run]["flower_run_id"] == 7
+    assert accepted[manifest.run]["tasks"] == {"train-1": "started", "train-2": "started"}
+    assert oct(hospital.accepted_runs.stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_round_is_answered_once(hospital):
+    """The coordinator asks for round 1 of the same Flower run again and again (reviewer: 5 times, all accepted)."""
+    manifest = _manifest()
+    approve_task(*_task_of(hospital, manifest), BUNDLE, hospital)
+    approve_task(*_task_of(hospital, manifest), BUNDLE, hospital)  # the first try died before its reply: one retry
+    with pytest.raises(UntrustedApp, match="tried twice train round 1"):
+        approve_task(*_task_of(hospital, manifest), BUNDLE, hospital)
+    approve_task(*_task_of(hospital, manifest, kind=MessageType.EVALUATE), BUNDLE, hospital)  # another task
+    from client.trusted_app import record_answer
+
+    message, context = _task_of(hospital, manifest, kind=MessageType.EVALUATE)
+    record_answer(message, manifest, hospital)
+    with pytest.raises(UntrustedApp, match="already answered evaluate round 1"):
+        approve_task(message, context, BUNDLE, hospital)
+    approve_task(*_task_of(hospital, manifest, round_number=2), BUNDLE, hospital)  # the next round is new
+    with pytest.raises(UntrustedApp, match="a signed run sends only"):
+        approve_task(*_task_of(hospital, manifest, round_number=2, kind=MessageType.QUERY), BUNDLE, hospital)
+
+
+def test_a_started_run_ends_with_its_rounds(hospital):
+    """Once started, a run is not open forever: after expiry + rounds x (train + evaluate) x round_timeout, refused."""
+    manifest = _manifest(["federation.num_rounds=2", "federation.round_timeout=600"])
+    approve_task(*_task_of(hospital, manifest), BUNDLE, hospital)
+    end = manifest.expires + 2 * 2 * 600
+    approve_task(*_task_of(hospital, manifest, round_number=2), BUNDLE, hospital, now=end - 1)
+    for late in (end, manifest.expires + 30 * 86400):  # reviewer: 30 days after expiry, accepted
+        with pytest.raises(UntrustedApp, match="the signed run ended"):
+            approve_task(*_task_of(hospital, manifest, kind=MessageType.EVALUATE), BUNDLE, hospital, now=late)
 
 
 def test_a_manifest_edited_after_signing_is_refused(hospital):
@@ -160,3 +196,21 @@ def test_the_config_the_serverapp_sends_is_exactly_the_signed_one(preset):
     carried = base64.urlsafe_b64encode(_manifest(dermfed_config=signed).encode()).decode()
     sent = json.loads(config_to_json(build_config(RunManifest.decode(carried).dermfed_config)))
     assert _same(sent, signed)
+
+
+def test_the_clientapp_is_loaded_only_from_the_approved_bundles_own_folder(tmp_path, monkeypatch):
+    """Flower imports the ClientApp from the folder the run's fab_id and fab_version name (the coordinator's
+    values); one naming another installed app, or another hash, is refused after install, before any import."""
+    from flwr.common.config import get_project_dir
+
+    from client.trusted_app import check_installed_app
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
+    digest = bundle_sha256(BUNDLE)
+    installed = get_project_dir("dermfed/dermfed", "1.0.0", digest)  # where install_from_fab put the approved bundle
+    check_installed_app(installed, "dermfed/dermfed", "1.0.0", digest, BUNDLE)
+    older = bundle_sha256(b"an older approved release")
+    for fab_id, version, fab_hash in [("dermfed/dermfed", "0.9.0", digest), ("other/app", "1.0.0", digest),
+                                      ("dermfed/dermfed", "1.0.0", older), ("no-slash", "1.0.0", digest)]:
+        with pytest.raises(UntrustedApp, match="not the approved bundle it carries"):
+            check_installed_app(installed, fab_id, version, fab_hash, BUNDLE)

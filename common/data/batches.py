@@ -61,11 +61,20 @@ def to_device_float(pixels: np.ndarray, device: torch.device, channels_last: boo
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images.contiguous()
 
 
-def shuffled_batches(n: int, batch_size: int) -> Iterator[np.ndarray]:
-    """An epoch in random order (torch's global generator: seeded by the training loop)."""
+def shuffled_batches(n: int, batch_size: int, min_size: int = 1) -> Iterator[np.ndarray]:
+    """An epoch in random order (torch's global generator: seeded by the training loop); a last batch of fewer
+    than `min_size` images is dropped (a hospital's min-batch-size: no plain step sees fewer images)."""
     order = torch.randperm(n).numpy()
     for start in range(0, n, batch_size):
-        yield order[start:start + batch_size]
+        batch = order[start:start + batch_size]
+        if len(batch) >= min_size:
+            yield batch
+
+
+def plain_batches_per_epoch(n: int, batch_size: int, min_size: int = 1) -> int:
+    """How many batches `shuffled_batches` yields."""
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest and rest >= min_size else 0)
 
 
 def poisson_batches(n: int, sample_rate: float, steps: int, generator: torch.Generator) -> Iterator[np.ndarray]:

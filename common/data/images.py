@@ -121,11 +121,13 @@ def walk_files(root: str | Path) -> tuple[list[Path], list[tuple[str, str]]]:
     """Every file below `root` (hidden ones aside), symbolic links followed once.
 
     Returns the files, in name order, and the (path, reason) of what could not be used: a link
-    that leads nowhere or loops, a folder reached twice through links (read once), a second
-    link to a file already found, a name that is not UTF-8, an unreadable folder.
+    that leads nowhere or loops, a link to a folder that holds `root` (e.g. `/`: it would read the
+    whole file system), a folder reached twice through links (read once), a second link to a file
+    already found, a name that is not UTF-8, an unreadable folder.
     """
     files: list[Path] = []
     problems: list[tuple[str, str]] = []
+    real_root = Path(os.path.realpath(root))
     seen_dirs: set[str] = set()
     seen_files: set[str] = set()
 
@@ -152,6 +154,9 @@ def walk_files(root: str | Path) -> tuple[list[Path], list[tuple[str, str]]]:
                 continue
             try:
                 if entry.is_dir(follow_symlinks=True):
+                    if entry.is_symlink() and real_root.is_relative_to(os.path.realpath(path)):
+                        problems.append((display_path(path), "link leads outside data.root"))  # to `/` or a parent
+                        continue
                     visit(path)
                 elif entry.is_file(follow_symlinks=True):
                     real_file = os.path.realpath(path)

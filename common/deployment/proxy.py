@@ -6,7 +6,8 @@ SuperLink in a private network namespace (`common.deployment.sandbox`), where no
 can reach that port, and puts nginx in front of it:
 
 - the **edge** (coordinator) listens on the public port, requires a client certificate signed by
-  the federation's CA and not revoked (mutual TLS, `ssl_crl`), and forwards only `/v1/fleet/`
+  the federation's CA and not revoked (mutual TLS, `ssl_crl`), and forwards only requests whose
+  raw URI is a Fleet endpoint (`/v1/fleet/<name>`, no encoded or dot segments: `FLEET_URI`)
   to the SuperLink, through a Unix socket in the coordinator's 0700 folder; everything else
   answers 403. It reads a whole request body, at most `max_body_mb`, before anything of it
   reaches the SuperLink (413 beyond), and serves at most `max_connections` requests at once per
@@ -29,6 +30,10 @@ import pwd
 from pathlib import Path
 
 FLEET_PREFIX = "/v1/fleet/"
+# The raw request line, before nginx decodes and normalises it (`location` matches the normalised path, but
+# proxy_pass forwards the raw one: `/v1/control/%2e%2e/fleet/x` would match no Fleet location and still reach
+# the SuperLink as something else). Flower's Fleet endpoints are all of this form.
+FLEET_URI = r"^/v1/fleet/[a-z-]+(\?|$)"
 # Flower pushes every object of a message in its own request and splits arrays into chunks of at most
 # 5 MiB (FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE), so no legitimate Fleet request body is larger than a chunk
 # and a few KiB of framing, whatever the model. 8 MiB leaves room; `deploy init --max-body-mb` changes it.
@@ -82,6 +87,9 @@ def edge_config(coordinator: Path, runtime: Path, public_port: int, fleet_socket
         ssl_session_tickets off;
         ssl_protocols TLSv1.2 TLSv1.3;
         limit_conn per_client {max_connections};
+        if ($request_uri !~ "{FLEET_URI}") {{
+            return 403;
+        }}
         location {FLEET_PREFIX} {{
             client_max_body_size {max_body_mb}m;
             client_body_buffer_size 1m;
