@@ -15,6 +15,8 @@ _HAM_CANDIDATES = [Path(os.environ["DERMFED_HAM_SAMPLE"])] if os.environ.get("DE
     base / "shared" / "data" / "ham10000-sample" for base in (PROJECT_ROOT.parent, PROJECT_ROOT.parent.parent)]
 HAM_SAMPLE = next((c for c in _HAM_CANDIDATES if (c / "HAM10000_metadata.csv").is_file()), _HAM_CANDIDATES[0])
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one compute thread each, for the
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # worker and every process it starts (no oversubscribed spin-waits)
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never download (the ImageNet arm's online path is tested with a stub)
 
