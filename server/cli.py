@@ -67,8 +67,10 @@ def refuse_evaluation_out(folder: Path, inputs: dict[str, Optional[str]]) -> Non
         if not given:
             continue
         run = Path(given).resolve()
-        run = run.parent if run.is_file() else run
-        if out == run or out.is_relative_to(run):
+        inside = out == run or out.is_relative_to(run)  # a run folder, and all below it
+        if run.is_file():  # a checkpoint file: only its own folder, whose config.yaml describes it
+            inside = out == run.parent
+        if inside:
             raise ConfigError(f"--out {folder} lies in the {option} run {given}: evaluate writes its config.yaml and "
                               "metrics there; choose another --out")
     if (folder / CHECKPOINT_NAME).exists():
