@@ -74,6 +74,11 @@ def bundle_hash(source: Path = PROJECT_ROOT) -> str:
 
 
 def approve(folder: Path, digest: str, note: str = "") -> bool:
+    """Add a bundle hash to the hospital's approvals: only in a folder `dermfed node keygen` made (a mistyped --dir
+    would otherwise approve into a folder no node reads)."""
+    if not (folder / "auth_key").is_file():
+        raise NodeError(f"--dir {folder} is not a hospital's folder (no auth_key): give the folder made by "
+                        "`dermfed node keygen`")
     try:
         return approve_bundle(HospitalLayout(folder).approved_bundles, digest, note)
     except ValueError as exc:

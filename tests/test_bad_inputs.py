@@ -921,3 +921,28 @@ def test_evaluate_interrupted_while_it_evaluates(tmp_path, synthetic_root, capsy
                    "--out", str(tmp_path / "eval")], tmp_path)
     cli.when(cli.printed("evaluating"), "an arm being evaluated")
     assert "evaluate" in cli.interrupted()
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["simulate", "--config", "smoke", "--stop-after-round", "-3"], "rounds are counted from 1"),
+    (["simulate", "--config", "smoke", "--stop-after-round", "0"], "rounds are counted from 1"),
+    (["simulate", "--config", "smoke", "--stop-after-round", "9"], "this run has 2 rounds"),
+    (["deploy", "init", "--config", "smoke", "--port", "0"], "is not a port number"),
+    (["deploy", "init", "--config", "smoke", "--port", "99999"], "is not a port number"),
+])
+def test_out_of_range_numbers_are_refused_when_typed(capsys, tmp_path, argv, says):
+    """Found by review: `--stop-after-round -3` ran 0 rounds and printed a checkpoint that did not exist, `0` ran
+    them all; a port of 0 or 99999 was written into the federation, to fail only when the daemons start."""
+    try:
+        code = main([*argv, "--out", str(tmp_path / "out"), f"data.root={tmp_path / 'data'}"])
+    except SystemExit as exited:  # argparse's own exit, after one usage line
+        code = exited.code
+    assert code == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_approving_into_a_folder_that_is_not_a_hospitals_is_refused(capsys, tmp_path):
+    """Found by review: `node approve HASH --dir /nonexistent/node` created that folder and approved into it."""
+    code, _, err = run(capsys, "node", "approve", "a" * 64, "--dir", str(tmp_path / "typo" / "node"))
+    assert code == 2 and "not a hospital's folder" in err
+    assert not (tmp_path / "typo").exists()

@@ -30,6 +30,7 @@ def hospital(tmp_path) -> HospitalLayout:
     folder.mkdir()
     make_signing_key(tmp_path / "operator.key", folder / "trusted-app-keys.pub", "operator")
     (folder / "hospital.json").write_text(json.dumps({"site": "clinic_a", "index": 0, "federation_id": FEDERATION}))
+    (folder / "auth_key").write_text("")  # as `dermfed node keygen` leaves it (only its presence matters here)
     approve(folder, bundle_sha256(BUNDLE))
     return HospitalLayout(folder)
 
