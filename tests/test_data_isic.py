@@ -72,6 +72,19 @@ def test_isic2019_non_one_hot_row_is_a_clear_error(isic2019_root, data_config):
         load_catalog(data_config("data.format=isic2019", f"data.root={isic2019_root}").data)
 
 
+@pytest.mark.parametrize("values", [(0.7, 0.3), (-1.0, 2.0)])
+def test_class_values_other_than_0_and_1_are_refused_not_read_as_the_larger(isic2019_root, data_config, values):
+    """Found by review: `(values > 0.5).sum() == 1` read 0.7/0.3 as the first class and -1/2 as the second."""
+    gt_path = isic2019_root / "ISIC_2019_Training_GroundTruth.csv"
+    gt = pd.read_csv(gt_path)
+    first, second = [c for c in gt.columns if c != "image"][:2]
+    gt.loc[0, [first, second]] = values
+    gt.loc[0, [c for c in gt.columns if c not in ("image", first, second)]] = 0.0
+    gt.to_csv(gt_path, index=False)
+    with pytest.raises(DataError, match="row 2 .* in column"):
+        load_catalog(data_config("data.format=isic2019", f"data.root={isic2019_root}").data)
+
+
 def test_isic2018_ground_truth_with_lesion_groupings(tmp_path, data_config):
     root = tmp_path / "isic2018"
     columns = ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]

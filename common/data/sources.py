@@ -162,7 +162,13 @@ def _one_hot_labels(frame: pd.DataFrame, columns: list[str], fmt: str, path: Pat
                         f"row {int(row) + 2} (image {frame['image'].iloc[row]!r}) has {frame[columns[column]].iloc[row]!r} "
                         f"in column {columns[column]!r}")
     values = numeric.to_numpy(dtype=float)
-    hot = (values > 0.5).sum(axis=1)
+    not_binary = ~np.isin(values, (0.0, 1.0))
+    if not_binary.any():  # 0.7/0.3 or -1/2 is not a label: never read as the larger one
+        row, column = next((r, c) for r, c in zip(*np.nonzero(not_binary)))
+        raise DataError(f"{fmt}: {path}: the class columns must hold 1 for the image's class and 0 otherwise; "
+                        f"row {int(row) + 2} (image {frame['image'].iloc[row]!r}) has {values[row, column]:g} "
+                        f"in column {columns[column]!r}")
+    hot = (values == 1.0).sum(axis=1)
     if (hot != 1).any():
         bad = frame.loc[hot != 1, "image"].head(5).tolist()
         raise DataError(f"{fmt}: {path}: {int((hot != 1).sum())} rows are not one-hot, e.g. {bad}")
