@@ -335,6 +335,23 @@ def _trailing_space(tmp: Path, _: Path) -> list[str]:
     return _summary_args(tmp, "ham10000", _ham(tmp, rows))
 
 
+def _two_unicode_forms(tmp: Path, _: Path) -> list[str]:
+    rows = ["HAM_1,ISIC_0000001,nv,histo,50,male,back,r\u00f6sendahl\n", "HAM_2,ISIC_0000002,mel,histo,50,male,back,ro\u0308sendahl\n",
+            "HAM_3,ISIC_0000003,bkl,histo,50,male,back,r\u00f6sendahl\n"]
+    return _summary_args(tmp, "ham10000", _ham(tmp, rows))
+
+
+def _repeated_header_column(tmp: Path, _: Path) -> list[str]:
+    rows = [f"HAM_{i},ISIC_000000{i},nv,histo,50,male,back,rosendahl,vidir_modern\n" for i in (1, 2, 3)]
+    return _summary_args(tmp, "ham10000", _ham(tmp, rows, HAM_HEADER.strip() + ",dataset\n"))
+
+
+def _misnamed_lesion_groupings(tmp: Path, _: Path) -> list[str]:
+    args = _numeric_names(tmp, _)
+    (tmp / "isic" / "ISIC2018_LesionGroupings.csv").write_text("image,lesion\n0001,L1\n0002,L2\n")
+    return args
+
+
 def _thumbnail_copy(tmp: Path, _: Path) -> list[str]:
     rows = [f"HAM_{i},ISIC_000000{i},nv,histo,50,male,back,rosendahl\n" for i in (1, 2, 3)]
     root = _ham(tmp, rows)
@@ -561,6 +578,11 @@ CASES: dict[str, Case] = {
         check=_split_counts({"test": 1, "train": 2})),
     "site names with surrounding spaces are one site": Case(
         _trailing_space, 0, ("usable images: 3 in 1 sites", "rosendahl")),
+    "one site name typed in two Unicode forms is one site": Case(
+        _two_unicode_forms, 0, ("usable images: 3 in 1 sites",)),
+    "a header column given twice": Case(_repeated_header_column, 2, ("names column(s) ['dataset'] twice",)),
+    "a lesion-grouping file without image and lesion_id": Case(
+        _misnamed_lesion_groupings, 2, ("ISIC2018_LesionGroupings.csv looks like a lesion-grouping file", "lesion_id")),
     "an unknown encoder": Case(
         lambda tmp, _: ["config", "--config", "smoke", "model.encoder=convnext_doesnotexist"], 2,
         ("model.encoder: not a ConvNeXt architecture of timm", "did you mean convnext_tiny", "convnext_atto")),

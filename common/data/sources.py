@@ -92,18 +92,28 @@ def _one_candidate(candidates: list[Path], what: str, key: str) -> None:
 def _read_csv(path: Path, required: list[str], fmt: str, ids: tuple[str, ...] = ()) -> pd.DataFrame:
     """The CSV with id columns read as text (an image named 0001 stays 0001) and text cells trimmed."""
     try:
+        header = list(pd.read_csv(path, nrows=0).columns)
         frame = pd.read_csv(path, dtype={column: str for column in ids})
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         raise DataError(f"{fmt}: cannot read {path}: {exc}") from None
+    repeated = sorted({_unmangled(c) for c in header if _unmangled(c) != c and _unmangled(c) in header})
+    if repeated:  # pandas would rename the second to `dataset.1` and silently use the first
+        raise DataError(f"{fmt}: {path} names column(s) {repeated} twice; keep one of each")
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise DataError(f"{fmt}: {path} lacks column(s) {missing}; it has {list(frame.columns)}")
     if frame.empty:
         raise DataError(f"{fmt}: {path} has a header but no rows; is it the complete file?")
     for column in frame.columns:  # " rosendahl" and "rosendahl " are the site rosendahl (README, "Data")
-        if pd.api.types.is_string_dtype(frame[column]):
-            frame[column] = frame[column].str.strip()
+        if pd.api.types.is_string_dtype(frame[column]):  # and one Unicode form: "rösendahl" typed two ways is one
+            frame[column] = frame[column].str.strip().str.normalize("NFC")
     return frame
+
+
+def _unmangled(column: str) -> str:
+    """pandas' name for a repeated header column is NAME.N; NAME it is."""
+    name, dot, number = str(column).rpartition(".")
+    return name if dot and number.isdigit() else str(column)
 
 
 def _walk_problems(problems: list[tuple[str, str]]) -> list[dict]:
@@ -286,6 +296,10 @@ def _lesion_groups(root: Path, csv_path: Path) -> Optional[pd.Series]:
             continue
         if {"image", "lesion_id"} <= set(head.columns):
             found.append(candidate)
+        elif "lesiongrouping" in candidate.name.lower().replace("_", ""):  # its groups would be silently lost
+            raise DataError(f"isic-gt: {candidate} looks like a lesion-grouping file but has columns "
+                            f"{list(head.columns)}; it needs `image` and `lesion_id` (rename them, or move the file "
+                            "out of data.root)")
     _one_candidate(found, f"isic-gt: {len(found)} lesion-grouping CSVs (columns image, lesion_id) below {root}",
                    "a single one in data.root")
     if not found:
