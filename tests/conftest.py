@@ -71,14 +71,3 @@ def random_image_rows(n: int = 40, size: int = 32, seed: int = 1):
 
     pixels = np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
     return ImageRows(MemmapStore(pixels), np.arange(n))
-
-
-def pytest_collection_modifyitems(config, items):
-    """Under `--dist loadgroup`, a file whose fixtures are module-scoped (a federation, a pretrained encoder) runs in
-    one worker, so they are built once; every other test goes to whichever worker is free (the long ones of
-    test_faults.py no longer queue behind each other)."""
-    for item in items:
-        module = getattr(item, "module", None)
-        if module is not None and any(getattr(getattr(value, "_fixture_function_marker", None), "scope", None) == "module"
-                                      for value in vars(module).values()):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
