@@ -56,27 +56,6 @@ def refuse_another_run(folder: Path, kind: str) -> None:
         raise ConfigError(why)
 
 
-def _port(text: str) -> int:
-    """A TCP port, checked when typed rather than when the daemons fail to start."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a port number (1-65535)")
-    return value
-
-
-def _round_number(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a round number (1, 2, ...)") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: rounds are counted from 1")
-    return value
-
-
 def refuse_evaluation_out(folder: Path, inputs: dict[str, Optional[str]]) -> None:
     """`evaluate --out` never lies in a run it reads, nor in any folder holding a checkpoint.pt (it would overwrite
     that run's config.yaml and mix its metrics in)."""
@@ -197,9 +176,9 @@ def cmd_simulate(args: argparse.Namespace, config: DermFedConfig) -> int:
             if (run_dir / "sites").exists():
                 raise RunRefused(f"{run_dir} holds a federated run that completed no round; remove it or choose "
                                  "another --out")
-        if args.stop_after_round is not None and args.stop_after_round > config.federation.num_rounds:
-            raise RunRefused(f"--stop-after-round {args.stop_after_round}: this run has {config.federation.num_rounds} "
-                             "rounds (federation.num_rounds)")
+        if args.stop_after_round is not None and not 1 <= args.stop_after_round <= config.federation.num_rounds:
+            raise RunRefused(f"--stop-after-round {args.stop_after_round}: rounds are counted from 1, and this run has "
+                             f"{config.federation.num_rounds} rounds (federation.num_rounds)")
         run_simulation(config, run_dir, resume=bool(args.resume), stop_after_round=args.stop_after_round,
                        fault_injection=args.fault_injection, node_configs=node_configs)
     except RunRefused as exc:
@@ -428,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--out", default=None, help="run folder (default: output_dir/run_name)")
     simulate.add_argument("--resume", default=None, metavar="RUN_DIR",
                           help="continue RUN_DIR from its last completed round (its config.yaml, plus overrides)")
-    simulate.add_argument("--stop-after-round", type=_round_number, default=None, metavar="R",
+    simulate.add_argument("--stop-after-round", type=int, default=None, metavar="R",
                           help="stop after round R (resume later with --resume)")
     simulate.add_argument("--node-config", action="append", default=[], metavar="SITE:CONFIG",
                           help="a simulated hospital's own node config, as a real hospital's IT sets it, e.g. "
@@ -447,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--out", required=True, help="new folder for the federation's files")
     init.add_argument("--host", action="append", default=[], metavar="HOST",
                       help="the coordinator's public host name or IP, as hospitals reach it (repeat; first is used)")
-    init.add_argument("--port", type=_port, default=9092, help="the edge proxy's public port (1-65535)")
+    init.add_argument("--port", type=int, default=9092, help="the edge proxy's public port (1-65535)")
     init.add_argument("--max-body-mb", type=int, default=DEFAULT_MAX_BODY_MB,
                       help="the largest request body the edge passes (Flower sends arrays in chunks of 5 MiB)")
     init.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,

@@ -30,6 +30,8 @@ def init_federation(out: Path, hosts: list[str], port: int = 9092, max_body_mb: 
     layout = FederationLayout(out)
     if layout.settings_file.exists() or layout.offline.exists():
         raise DeployError(f"{out} already holds a federation; choose another --out")
+    if not 1 <= port <= 65535:
+        raise DeployError(f"--port {port} is not a port number (1-65535)")
     if not 1 <= max_body_mb <= 1024 or max_connections < 1:
         raise DeployError(f"--max-body-mb must be 1..1024 and --max-connections at least 1 "
                           f"(got {max_body_mb}, {max_connections})")
