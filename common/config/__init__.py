@@ -1,0 +1,43 @@
+"""The one typed, validated DermFed configuration.
+
+`schema` holds its sections, `loading` reads presets and overrides with errors that name the
+key, `transport` writes and sends it. Everything is re-exported here: `from common.config import X`.
+"""
+
+from common.config.loading import (
+    PRESET_DIR,
+    PROJECT_ROOT,
+    ConfigError,
+    apply_overrides,
+    build_config,
+    flatten_config,
+    load_config,
+    parse_override,
+    read_yaml,
+    resolve_preset_path,
+)
+from common.config.schema import (
+    EXTERNAL_NAME,
+    Artifact,
+    AugmentConfig,
+    DataConfig,
+    DataFormat,
+    DermFedConfig,
+    DPConfig,
+    EvaluationConfig,
+    ExternalSetConfig,
+    FederationConfig,
+    ModelConfig,
+    SynthConfig,
+    TrainConfig,
+    timm_convnext_names,
+)
+from common.config.transport import config_from_json, config_to_json, config_to_yaml, toml_string, write_config
+
+__all__ = [
+    "EXTERNAL_NAME", "PRESET_DIR", "PROJECT_ROOT", "Artifact", "AugmentConfig", "ConfigError", "DPConfig", "DataConfig",
+    "DataFormat", "DermFedConfig", "EvaluationConfig", "ExternalSetConfig", "FederationConfig", "ModelConfig",
+    "SynthConfig", "TrainConfig", "apply_overrides", "build_config", "config_from_json", "config_to_json",
+    "config_to_yaml", "flatten_config", "load_config", "parse_override", "read_yaml", "resolve_preset_path",
+    "timm_convnext_names", "toml_string", "write_config",
+]
