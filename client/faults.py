@@ -20,9 +20,10 @@ from typing import Any, Literal, Mapping, Optional
 import torch
 
 from common.data.catalog import DataError
+from common.flower_keys import FAULT_INJECTION
 
 FaultKind = Literal["raise", "nan", "hang"]
-FAULT_KEY = "fault-injection"
+FAULT_KEY = FAULT_INJECTION  # the run config key (a simulation-only test switch)
 HANG_SECONDS = 3600.0
 
 

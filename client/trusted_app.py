@@ -10,8 +10,9 @@ that, with Flower's own code:
 - `dermfed-clientapp`: Flower's ClientApp process which, right after pulling the task and before
   the bundle is installed or imported, checks (`approve_task`): the run manifest's signature
   against the operator keys the hospital trusts, the bundle's sha256 against the manifest and
-  against the hospital's own approved list, the federation, the complete run config and the
-  DermFed config of the instruction against the signed ones, the hospital's limits
+  against the hospital's own approved list, the federation and the complete run config against
+  the signed ones, that the instruction carries nothing but a round of the signed run (the DermFed
+  config is the signed manifest's, which the ClientApp reads), the hospital's limits
   (`min-batch-size`, `allow-plain-metrics` in its node config), the first time it sees the
   run, the expiry and that the run identifier was never used for another run here, and for every
   task that the run has not ended (`run_deadline`) and that this round's train or evaluate
@@ -38,13 +39,15 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from client.node import HOSPITAL_DIR_ENV
+from common import flower_keys as keys
 from common.deployment.layout import HospitalLayout
 from common.reply_signature import RECORD_KEY, load_node_key, reply_digest, sign_reply
 from common.run_manifest import (MANIFEST_KEY, SIGNATURE_KEY, RunLedger, RunManifest, UntrustedApp, bundle_sha256,
                                  check_task, load_trusted_keys, read_approved_bundles, verify_manifest)
 
 LIMIT_KEYS = ("min-batch-size", "allow-plain-metrics")
-INSTRUCTION_RECORDS = {"arrays", "config"}  # what DermFed's ServerApp sends: the global weights and the config
+# what DermFed's ServerApp sends: the global weights and the instruction's config record (its round, FedProx's mu)
+INSTRUCTION_RECORDS = {keys.ARRAYS_RECORD, keys.CONFIG_RECORD}
 
 
 class RunRefused(UntrustedApp):
@@ -93,7 +96,8 @@ def approve_task(message: Any, context: Any, fab_content: bytes, hospital: Hospi
     records = sorted(set(message.content.keys()) - INSTRUCTION_RECORDS)
     if records:
         raise UntrustedApp(f"the instruction carries records the signed run does not cover: {records}")
-    instruction = dict(message.content.config_records["config"]) if "config" in message.content.config_records else {}
+    config_records = message.content.config_records
+    instruction = dict(config_records[keys.CONFIG_RECORD]) if keys.CONFIG_RECORD in config_records else {}
     try:
         approved = read_approved_bundles(hospital.approved_bundles)
     except ValueError as exc:
@@ -102,13 +106,13 @@ def approve_task(message: Any, context: Any, fab_content: bytes, hospital: Hospi
                run_config=run_config, instruction=instruction, approved_bundles=approved)
     check_limits(manifest.dermfed_config, context.node_config)
     RunLedger(hospital.accepted_runs).admit(manifest, int(context.run_id), str(message.metadata.message_type),
-                                            int(instruction["server-round"]), time.time() if now is None else now)
+                                            int(instruction[keys.SERVER_ROUND]), time.time() if now is None else now)
     return manifest
 
 
 def record_answer(message: Any, manifest: RunManifest, hospital: HospitalLayout) -> None:
     """This task's reply exists: the hospital never computes it again (`RunLedger`)."""
-    round_number = int(message.content.config_records["config"]["server-round"])
+    round_number = int(message.content.config_records[keys.CONFIG_RECORD][keys.SERVER_ROUND])
     RunLedger(hospital.accepted_runs).answered(manifest, str(message.metadata.message_type), round_number)
 
 
@@ -161,9 +165,9 @@ def clientapp_main() -> None:
         if "manifest" in task:  # a reply exists (an error reply too): this round is never computed again
             record_answer(task["message"], task["manifest"], hospital_folder())
         if not message.has_error():
-            config = task["message"].content.config_records.get("config", {})
+            config = task["message"].content.config_records.get(keys.CONFIG_RECORD, {})
             sign_reply_in_place(message, load_node_key(hospital_folder().node_key), int(context.run_id),
-                                int(context.node_id), int(config.get("server-round", 0)))
+                                int(context.node_id), int(config.get(keys.SERVER_ROUND, 0)))
         return push(client, message, context)
 
     runtime.pull_task_input = pull_remembering_task

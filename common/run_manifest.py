@@ -7,8 +7,8 @@ operator therefore signs a *run manifest* on its own workstation (`dermfed deplo
 - `bundle_sha256`: the app bundle (FAB) the run executes;
 - `run_config`: the COMPLETE Flower run config of the run (every key the ServerApp and the
   ClientApp read: run folder, resume, site registry, ...);
-- `dermfed_config`: the complete DermFed config after overrides, which the ServerApp sends
-  to every site;
+- `dermfed_config`: the complete DermFed config after overrides, the one config of the run: the
+  ServerApp and every site read it from the manifest itself;
 - `federation`: the federation it is meant for; `run`: a fresh random identifier (a hospital
   accepts it for one Flower run only); `expires`: after this time no hospital starts it.
 
@@ -35,15 +35,17 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from common import flower_keys as keys
 from common.deployment.files import replace_file
 
-MANIFEST_KEY = "run-manifest"  # run config keys that carry the manifest and its signature
-SIGNATURE_KEY = "run-manifest-signature"
+MANIFEST_KEY = keys.RUN_MANIFEST  # run config keys that carry the manifest and its signature
+SIGNATURE_KEY = keys.RUN_MANIFEST_SIGNATURE
 CARRIER_KEYS = (MANIFEST_KEY, SIGNATURE_KEY)
 _DOMAIN = b"dermfed-run-manifest-v1\0"  # a signature over a manifest can be nothing else
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
-# What a train or evaluate instruction may carry besides the signed config (Flower's strategies add these).
-INSTRUCTION_KEYS = {"dermfed-config", "server-round", "proximal-mu"}
+# What a train or evaluate instruction may carry: Flower's strategies add these. The DermFed config is never in it:
+# a site reads the signed manifest's.
+INSTRUCTION_KEYS = keys.INSTRUCTION_KEYS
 
 
 class UntrustedApp(RuntimeError):
@@ -168,48 +170,30 @@ def check_task(manifest: RunManifest, *, federation: str, bundle: bytes, run_con
     if changed:
         raise UntrustedApp(f"the run config differs from the signed one in {changed}: "
                            f"asked {[asked.get(k) for k in changed]}, signed {[manifest.run_config.get(k) for k in changed]}")
-    if not str(manifest.run_config.get("site-registry", "")):
+    if not str(manifest.run_config.get(keys.SITE_REGISTRY, "")):
         raise UntrustedApp("the signed run has no site-registry: in a real federation every update must be "
                            "recorded under the name of the key that sent it")
-    if str(manifest.run_config.get("fault-injection", "")):
+    if str(manifest.run_config.get(keys.FAULT_INJECTION, "")):
         raise UntrustedApp("the signed run asks for fault-injection, a simulation-only test switch")
     check_instruction(manifest, instruction)
 
 
 def check_instruction(manifest: RunManifest, instruction: Mapping[str, Any]) -> None:
-    """A train or evaluate instruction carries the signed DermFed config and nothing the manifest does not cover."""
+    """A train or evaluate instruction carries nothing the manifest does not cover (no config of its own: the site
+    trains with the signed one), a round of the signed run and, under FedProx, the signed proximal term."""
     extra = sorted(set(instruction) - INSTRUCTION_KEYS)
     if extra:
         raise UntrustedApp(f"the instruction carries keys the signed run does not cover: {extra}")
-    try:
-        sent = json.loads(str(instruction.get("dermfed-config", "")))
-    except ValueError:
-        sent = None
-    if not _same(sent, manifest.dermfed_config):
-        differing = _differing_keys(sent if isinstance(sent, dict) else {}, manifest.dermfed_config)
-        raise UntrustedApp(f"the DermFed config sent with the instruction is not the signed one (differs in "
-                           f"{differing[:8]}{'...' if len(differing) > 8 else ''})")
     federation = manifest.dermfed_config.get("federation", {})
-    round_number = instruction.get("server-round")
+    round_number = instruction.get(keys.SERVER_ROUND)
     if not isinstance(round_number, int) or not 1 <= round_number <= int(federation.get("num_rounds", 0)):
         raise UntrustedApp(f"the instruction's server-round {round_number!r} is outside the signed run's rounds "
                            f"(1..{federation.get('num_rounds')})")
-    if "proximal-mu" in instruction:
+    if keys.PROXIMAL_MU in instruction:
         mu = float(federation.get("proximal_mu", 0.0)) if federation.get("strategy") == "fedprox" else None
-        if mu is None or float(instruction["proximal-mu"]) != mu:
-            raise UntrustedApp(f"the instruction's proximal-mu {instruction['proximal-mu']} is not the signed run's "
-                               f"({mu})")
-
-
-def _differing_keys(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
-    keys = []
-    for key in sorted(set(a) | set(b)):
-        left, right = a.get(key), b.get(key)
-        if isinstance(left, dict) and isinstance(right, dict):
-            keys += _differing_keys(left, right, f"{prefix}{key}.")
-        elif key not in a or key not in b or not _same(left, right):
-            keys.append(f"{prefix}{key}")
-    return keys
+        if mu is None or float(instruction[keys.PROXIMAL_MU]) != mu:
+            raise UntrustedApp(f"the instruction's {keys.PROXIMAL_MU} {instruction[keys.PROXIMAL_MU]} is not the "
+                               f"signed run's ({mu})")
 
 
 # -- the hospital's approvals and its record of runs -------------------------------------------

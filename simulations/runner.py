@@ -46,7 +46,8 @@ import torch
 
 from client import simulated_nodes
 from common.checkpoint import CHECKPOINT_NAME
-from common.config import PROJECT_ROOT, ConfigError, DermFedConfig, flatten_config, load_config, toml_string, write_config
+from common.config import (PROJECT_ROOT, ConfigError, DermFedConfig, flatten_config, flower_run_config, load_config,
+                           run_config_argument, write_config)
 from common.data.partition import check_partitions, partition_catalog
 from common.data.pipeline import prepare_data
 from common.interrupts import Interrupted, stop_signals_raise
@@ -140,20 +141,6 @@ def local_superlink(port: int, env: dict[str, str], log_file: Path) -> Iterator[
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-
-
-def _run_config(preset: Path, run_dir: Path, resume: bool, site_names: list[str], stop_after_round: int,
-                fault_injection: str = "") -> str:
-    pairs = {
-        "stop-after-round": str(stop_after_round),
-        "fault-injection": toml_string(fault_injection),
-        "config-preset": toml_string(str(preset)),
-        "config-overrides": '""',
-        "run-dir": toml_string(str(run_dir)),
-        "resume": "true" if resume else "false",
-        "site-names": toml_string(",".join(site_names)),
-    }
-    return " ".join(f"{k}={v}" for k, v in pairs.items())
 
 
 def completed_rounds(run_dir: Path) -> int:
@@ -345,8 +332,9 @@ def _run_locked(config: DermFedConfig, run_dir: Path, lock: RunLock, resume: boo
     write_connection(flwr_home, port)
     command = [shutil.which("flwr", path=env["PATH"]) or "flwr", "run", str(PROJECT_ROOT), CONNECTION, "--stream",
                "--federation-config", federation_config(len(parts), config.federation.client_cpus, gpu_fraction),
-               "--run-config", _run_config(preset.resolve(), run_dir, resume, names, stop_after_round or 0,
-                                           fault_injection)]
+               "--run-config", run_config_argument(flower_run_config(
+                   preset=str(preset.resolve()), run_dir=str(run_dir), resume=resume, config=config, site_names=names,
+                   stop_after_round=stop_after_round or 0, fault_injection=fault_injection))]
     (run_dir / STATUS_NAME).unlink(missing_ok=True)
     reaper = _start_reaper(token, ray_tmp, lock)
     ours = [str(ray_tmp)]  # Ray's workers rename themselves; they are found by their open files here

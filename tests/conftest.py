@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one compu
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # worker and every process it starts (no oversubscribed spin-waits)
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never download (the ImageNet arm's online path is tested with a stub)
+
+
+@pytest.fixture(autouse=True)
+def a_fresh_site_process():
+    """Each test meets the ClientApp as a freshly started process: no site runner, and no run's config (a process
+    keeps the first config it gets for a run id, and tests reuse run ids)."""
+    module = sys.modules.get("client.client_app")
+    if module is not None:
+        module._RUNNERS.clear()
+    yield
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,15 @@ def as_record(arrays) -> ArrayRecord:
     return ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
 
 
+def run_config_of(config, **extra) -> dict:
+    """Flower's run config of a run with this DermFed config, as `dermfed simulate` builds it: the sites read the
+    run's config from it (never from a round's message)."""
+    from common.config.transport import encode_run_config_value
+    from common.flower_keys import DERMFED_CONFIG
+
+    return {DERMFED_CONFIG: encode_run_config_value(config), **extra}
+
+
 def train_message(node_id: int, arrays: dict[str, np.ndarray] | None = None, config: dict | None = None) -> Message:
     set_identity()
     content = RecordDict({"config": ConfigRecord(config or {})})

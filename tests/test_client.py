@@ -8,10 +8,10 @@ from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
 
 from client.client_app import _RUNNERS, SNAPSHOT_KEY, evaluate, train
 from client.site import SiteRunner, deployment_site_data, simulation_site_data
-from common.config import apply_overrides, config_to_json, load_config
+from common.config import apply_overrides, load_config
 from common.model import build_vae, shared_keys, shared_state
 from tests.conftest import write_jpeg
-from tests.flower_helpers import train_message
+from tests.flower_helpers import run_config_of, train_message
 
 
 def _config(root, tmp_path, *overrides):
@@ -28,8 +28,8 @@ def test_a_reply_holds_only_the_shared_tensors_and_scalar_metrics(synthetic_root
     shared = _global_weights(config)
     context = Context(run_id=7, node_id=3, node_config={"partition-id": 1, "num-partitions": 3,
                                                         "state-dir": str(tmp_path / "state")},
-                      state=RecordDict(), run_config={"run-dir": str(tmp_path / "run")})
-    message = train_message(3, shared, {"server-round": 1, "dermfed-config": config_to_json(config)})
+                      state=RecordDict(), run_config=run_config_of(config, **{"run-dir": str(tmp_path / "run")}))
+    message = train_message(3, shared, {"server-round": 1})
     answer = train(message, context)
     content = answer.content
     assert set(content.keys()) == {"arrays", "metrics"}
@@ -42,7 +42,7 @@ def test_a_reply_holds_only_the_shared_tensors_and_scalar_metrics(synthetic_root
     # what the site keeps (decoder, optimizer) stays in its own context and state folder
     assert SNAPSHOT_KEY in context.state and (tmp_path / "state" / "hospital_2" / "round-0001.pt").is_file()
     assert not (tmp_path / "run").exists()  # the coordinator's run folder holds nothing of the site
-    evaluation = evaluate(train_message(3, shared, {"dermfed-config": config_to_json(config)}), context).content
+    evaluation = evaluate(train_message(3, shared, {}), context).content
     assert set(evaluation.keys()) == {"metrics"} and evaluation["metrics"]["val-reconstruction"] > 0
     _RUNNERS.clear()
 

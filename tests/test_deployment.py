@@ -196,9 +196,9 @@ def _modified_app(tmp_path: Path) -> Path:
 
 def _start_run(federation, app_dir: Path, run_config: dict) -> subprocess.CompletedProcess:
     """What the coordinator's account can do with its own Control API: submit anything, bypassing `deploy run`."""
-    from server.deploy.control import _toml_value
+    from common.config import run_config_argument
 
-    pairs = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
+    pairs = run_config_argument(run_config)
     return operator_flwr(federation["layout"], ["run", str(app_dir), CONNECTION, "--run-config", pairs])
 
 

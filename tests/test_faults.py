@@ -231,9 +231,8 @@ def test_a_torn_site_state_is_reported_not_silently_replaced(synthetic_root, tmp
     from flwr.app import Context, RecordDict
 
     from client.client_app import _RUNNERS, train
-    from common.config import config_to_json
     from common.model import build_vae, shared_state
-    from tests.flower_helpers import train_message
+    from tests.flower_helpers import run_config_of, train_message
 
     config = load_config("smoke", [f"data.root={synthetic_root}", f"data.cache_dir={tmp_path / 'cache'}"])
     shared = shared_state(build_vae(config.model, config.data.image_size), "encoder")
@@ -241,9 +240,8 @@ def test_a_torn_site_state_is_reported_not_silently_replaced(synthetic_root, tmp
     def ask(round_number, node_id):
         context = Context(run_id=5, node_id=node_id, node_config={"partition-id": 0, "num-partitions": 3,
                                                                   "state-dir": str(tmp_path / "run" / "sites")},
-                          state=RecordDict(), run_config={"run-dir": str(tmp_path / "run")})
-        return train(train_message(node_id, shared, {"server-round": round_number,
-                                                     "dermfed-config": config_to_json(config)}), context)
+                          state=RecordDict(), run_config=run_config_of(config, **{"run-dir": str(tmp_path / "run")}))
+        return train(train_message(node_id, shared, {"server-round": round_number}), context)
 
     assert not ask(1, 71).has_error()
     snapshot = tmp_path / "run" / "sites" / "hospital_1" / "round-0001.pt"

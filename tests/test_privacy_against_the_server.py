@@ -24,14 +24,14 @@ import common.privacy as privacy
 import common.training as training
 from client.client_app import _RUNNERS, evaluate, train
 from client.policy import DP_REPLY_FIELDS, PrivacyFloor
-from common.config import ConfigError, config_to_json, load_config
+from common.config import ConfigError, load_config
 from common.data.batches import ImageRows
 from common.data.cache import MemmapStore
 from common.model import ConvNeXtVAE, build_vae, shared_state
 from common.privacy import PrivacyBudgetExhausted, PrivateTraining, epsilon_of, public_size, sample_rate_of
 from common.training import LocalTrainer, SiteState
 from tests.conftest import random_image_rows
-from tests.flower_helpers import train_message
+from tests.flower_helpers import run_config_of, train_message
 
 
 def _Images(n=40, size=32, seed=1):
@@ -166,10 +166,11 @@ def _context(tmp_path, node_id, partition=0, run_id=11, **node_config):
 
 
 def _ask(config, context, kind=train, round_number=1):
+    """The coordinator's run carries `config` in its run config (a site keeps the first one it got for a run)."""
     torch.manual_seed(0)
     shared = shared_state(build_vae(config.model, config.data.image_size), config.federation.share)
-    message = train_message(context.node_id, shared, {"server-round": round_number,
-                                                     "dermfed-config": config_to_json(config)})
+    context.run_config = {**context.run_config, **run_config_of(config)}
+    message = train_message(context.node_id, shared, {"server-round": round_number})
     return kind(message, context)
 
 

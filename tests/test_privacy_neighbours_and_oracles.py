@@ -24,7 +24,7 @@ from common.config import config_to_json, load_config
 from common.data.sources import load_catalog
 from common.model import build_vae, shared_state
 from tests.conftest import PROJECT_ROOT, write_jpeg
-from tests.flower_helpers import train_message
+from tests.flower_helpers import run_config_of, train_message
 
 # -- the split adds nobody else to a neighbouring data set ---------------------------------------------
 
@@ -89,11 +89,11 @@ NODE = {"partition-id": 0, "num-partitions": 3, "dp-enabled": True, "dp-max-epsi
 
 def ask(config, folder, run_id, node_id=7, node=None):
     """One train call of the coordinator through the real ClientApp, at the hospital whose state is in `folder`."""
-    context = Context(run_id=run_id, node_id=node_id, state=RecordDict(), run_config={},
+    context = Context(run_id=run_id, node_id=node_id, state=RecordDict(), run_config=run_config_of(config),
                       node_config={**(node or NODE), "state-dir": str(Path(folder) / "state")})
     torch.manual_seed(0)
     shared = shared_state(build_vae(config.model, config.data.image_size), config.federation.share)
-    reply = train(train_message(node_id, shared, {"server-round": 1, "dermfed-config": config_to_json(config)}), context)
+    reply = train(train_message(node_id, shared, {"server-round": 1}), context)
     _RUNNERS.clear()
     return reply
 

@@ -15,9 +15,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 from client.client_app import _RUNNERS, evaluate, train
 from client.trusted_app import check_limits
-from common.config import config_to_json, load_config
+from common.config import load_config
 from common.model import build_vae, shared_state
-from tests.flower_helpers import set_identity
+from tests.flower_helpers import run_config_of, set_identity
 
 MINIMUM = 16
 
@@ -43,9 +43,9 @@ def _ask(folder, tmp_path, overrides, kind=MessageType.TRAIN, **node_config):
     shared = shared_state(build_vae(config.model, config.data.image_size), config.federation.share)
     set_identity(run_id=5, node_id=3)
     content = RecordDict({"arrays": ArrayRecord(shared),
-                          "config": ConfigRecord({"server-round": 1, "dermfed-config": config_to_json(config)})})
+                          "config": ConfigRecord({"server-round": 1})})
     message = Message(content=content, dst_node_id=3, message_type=kind)
-    context = Context(run_id=5, node_id=3, node_config=node, state=RecordDict(), run_config={})
+    context = Context(run_id=5, node_id=3, node_config=node, state=RecordDict(), run_config=run_config_of(config))
     _RUNNERS.clear()
     return (train if kind == MessageType.TRAIN else evaluate)(message, context)
 

@@ -32,12 +32,23 @@ from common.config.schema import (
     TrainConfig,
     timm_convnext_names,
 )
-from common.config.transport import config_from_json, config_to_json, config_to_yaml, toml_string, write_config
+from common.config.transport import (
+    ConfigPerRun,
+    config_from_json,
+    config_of_run,
+    config_to_json,
+    config_to_yaml,
+    flower_run_config,
+    run_config_argument,
+    toml_string,
+    toml_value,
+    write_config,
+)
 
 __all__ = [
-    "EXTERNAL_NAME", "PRESET_DIR", "PROJECT_ROOT", "Artifact", "AugmentConfig", "ConfigError", "DPConfig", "DataConfig",
+    "ConfigPerRun", "EXTERNAL_NAME", "PRESET_DIR", "PROJECT_ROOT", "Artifact", "AugmentConfig", "ConfigError", "DPConfig", "DataConfig",
     "DataFormat", "DermFedConfig", "EvaluationConfig", "ExternalSetConfig", "FederationConfig", "ModelConfig",
-    "SynthConfig", "TrainConfig", "apply_overrides", "build_config", "config_from_json", "config_to_json",
-    "config_to_yaml", "flatten_config", "load_config", "parse_override", "read_yaml", "resolve_preset_path",
-    "timm_convnext_names", "toml_string", "write_config",
+    "SynthConfig", "TrainConfig", "apply_overrides", "build_config", "config_from_json", "config_of_run",
+    "config_to_json", "config_to_yaml", "flower_run_config", "flatten_config", "load_config", "parse_override", "read_yaml", "resolve_preset_path",
+    "run_config_argument", "timm_convnext_names", "toml_string", "toml_value", "write_config",
 ]

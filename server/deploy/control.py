@@ -13,7 +13,7 @@ import signal
 from pathlib import Path
 from typing import Any, Optional
 
-from common.config import PROJECT_ROOT, toml_string
+from common.config import PROJECT_ROOT, run_config_argument
 from common.deployment.files import replace_file
 from common.deployment.layout import CONNECTION, FederationLayout
 from common.deployment.pki import crl_serials, load_ca, make_crl
@@ -132,14 +132,6 @@ def list_federation(root: Path) -> str:
     return "\n".join(parts)
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return toml_string(str(value))
-
-
 def read_manifest_file(path: Path) -> tuple[str, str]:
     try:
         raw = json.loads(Path(path).read_text())
@@ -174,7 +166,7 @@ def submit_run(root: Path, manifest_path: Path, stream: bool = True) -> int:
         raise DeployError(f"no site registry in {layout.coordinator}: run `dermfed deploy register --dir {root}` first")
     run_config = {**manifest.run_config, MANIFEST_KEY: encoded, SIGNATURE_KEY: signature}
     args = ["run", str(PROJECT_ROOT), CONNECTION, *(["--stream"] if stream else []),
-            "--run-config", " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())]
+            "--run-config", run_config_argument(run_config)]
     print(f"submitting run {manifest.run} (app bundle sha256 {digest[:16]}..., signed by the operator) to the "
           f"federation in {root}", flush=True)
     return operator_flwr(layout, args, capture=False, cwd=PROJECT_ROOT).returncode

@@ -20,7 +20,7 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-from common.config import PROJECT_ROOT, config_to_json, load_config
+from common.config import PROJECT_ROOT, config_to_json, flower_run_config, load_config
 from common.deployment.files import replace_file
 from common.run_manifest import CARRIER_KEYS, RunManifest, bundle_sha256, load_signing_key, sign_manifest
 from server.deploy.base import DeployError
@@ -45,8 +45,8 @@ def build_manifest(operator: Path, preset: str, overrides: list[str], run_dir: s
     if not Path(run_dir).is_absolute():
         raise DeployError(f"--run-dir must be an absolute path on the coordinator's server, got {run_dir!r}")
     registry = str(Path(settings["server_root"]) / "coordinator" / "registry.json")
-    chosen = {"config-preset": preset, "config-overrides": " ".join(overrides), "run-dir": run_dir, "resume": resume,
-              "site-registry": registry, "stop-after-round": stop_after_round, "fault-injection": "", "site-names": ""}
+    chosen = flower_run_config(preset=preset, overrides=overrides, run_dir=run_dir, resume=resume,
+                               site_registry=registry, stop_after_round=stop_after_round)
     defaults = {k: v for k, v in app_run_config_defaults().items() if k not in CARRIER_KEYS}
     unknown = sorted(set(chosen) - set(defaults))
     if unknown:
