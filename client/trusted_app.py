@@ -45,7 +45,6 @@ from common.reply_signature import RECORD_KEY, load_node_key, reply_digest, sign
 from common.run_manifest import (MANIFEST_KEY, SIGNATURE_KEY, RunLedger, RunManifest, UntrustedApp, bundle_sha256,
                                  check_task, load_trusted_keys, read_approved_bundles, verify_manifest)
 
-LIMIT_KEYS = ("min-batch-size", "allow-plain-metrics")
 # what DermFed's ServerApp sends: the global weights and the instruction's config record (its round, FedProx's mu)
 INSTRUCTION_RECORDS = {keys.ARRAYS_RECORD, keys.CONFIG_RECORD}
 

@@ -24,6 +24,7 @@ SITE_REGISTRY = "site-registry"
 ARRAYS_RECORD = "arrays"
 CONFIG_RECORD = "config"
 METRICS_RECORD = "metrics"
+REPLY_SIGNATURE_RECORD = "dermfed-reply-signature"  # a real federation: the node key's signature of a reply
 
 # Keys of an instruction's config record: Flower's strategies set them, every round.
 SERVER_ROUND = "server-round"

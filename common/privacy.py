@@ -57,7 +57,6 @@ from common.config import DPConfig
 
 log = logging.getLogger("dermfed.privacy")
 
-GRAD_SAMPLE_MODE = "ghost"  # exact on timm ConvNeXt with common.dp_layers (see the module docstring)
 # A planned call may end above dp.target_epsilon by floating-point rounding only (relative).
 BUDGET_RELATIVE_TOLERANCE = 1e-9
 
@@ -381,10 +380,3 @@ def make_private(cfg: DPConfig, model: nn.Module, optimizer: Optimizer, dataset_
         generator=secret_generator(device))
     private_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
     return PrivateTraining(module, private_optimizer, secret_generator("cpu"), accountant, layout, sample_rate)
-
-
-def per_sample_gradient_module(model: nn.Module, mode: str = "hooks") -> nn.Module:
-    """Wrap `model` for per-sample gradients in one of Opacus's modes (tests compare modes with a reference)."""
-    from opacus.grad_sample.utils import wrap_model
-
-    return wrap_model(model, grad_sample_mode=mode, batch_first=True, loss_reduction="mean")

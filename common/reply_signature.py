@@ -21,7 +21,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-RECORD_KEY = "dermfed-reply-signature"  # the ConfigRecord in a reply that carries the signature
+from common.flower_keys import REPLY_SIGNATURE_RECORD
+
+RECORD_KEY = REPLY_SIGNATURE_RECORD  # the ConfigRecord in a reply that carries the signature
 _DOMAIN = b"dermfed-reply-v1\0"
 
 

@@ -9,7 +9,7 @@ from torch.func import functional_call, grad, vmap
 
 from common.config import load_config
 from common.model import ConvNeXtVAE, vae_loss_per_sample
-from common.privacy import GRAD_SAMPLE_MODE, PrivacyBudgetExhausted, make_private, per_sample_gradient_module
+from common.privacy import PrivacyBudgetExhausted, make_private
 from common.training import LocalTrainer, SiteState
 from tests.conftest import random_image_rows
 
@@ -39,7 +39,6 @@ def _model(encoder, size=32):
 def test_the_dp_step_clips_exactly_the_reference_per_sample_gradients(encoder, max_grad_norm):
     """The mode DP uses (ghost clipping with DermFed's samplers), through make_private itself, in float64:
     each sample's gradient norm and the clipped gradient sum equal torch.func's."""
-    assert GRAD_SAMPLE_MODE == "ghost"
     model, batch = _model(encoder), 4
     images = torch.rand(batch, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     per_sample = _reference(model, images)
@@ -60,12 +59,13 @@ def test_the_same_check_catches_opacus_stock_samplers_on_convnext(monkeypatch):
     """Opacus's own conv sampler mis-reads LayerNorm2d's non-contiguous output: the check can fail."""
     from opacus.grad_sample import GradSampleModule
     from opacus.grad_sample.conv import compute_conv_grad_sample
+    from opacus.grad_sample.utils import wrap_model
 
     def per_sample_errors():
         model = _model("convnext_atto")
         images = torch.rand(4, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
         reference = _reference(model, images)
-        wrapped = per_sample_gradient_module(model, "hooks")
+        wrapped = wrap_model(model, grad_sample_mode="hooks", batch_first=True, loss_reduction="mean")
         vae_loss_per_sample(images, wrapped(images), beta=1.0)["total"].mean().backward()
         opacus = torch.cat([p.grad_sample.flatten(1) for p in model.parameters()], dim=1)
         return float(((opacus - reference).norm(dim=1) / reference.norm(dim=1)).max())

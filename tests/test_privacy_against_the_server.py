@@ -254,6 +254,44 @@ def test_a_hospitals_node_config_sets_the_floor(site_config, tmp_path):
     assert _RUNNERS[(11, 43)].config.dp.max_grad_norm == 0.5  # the hospital's clipping norm, not the coordinator's
 
 
+def _round_with_another_config(config, context, round_number):
+    """The coordinator's later round carrying another config, in every channel it controls: the instruction's config
+    record (where configs travelled before) and the run config it hands the site."""
+    torch.manual_seed(0)
+    shared = shared_state(build_vae(config.model, config.data.image_size), config.federation.share)
+    context.run_config = {**context.run_config, **run_config_of(config)}
+    message = train_message(context.node_id, shared, {"server-round": round_number,
+                                                     "dermfed-config": config.model_dump_json()})
+    return train(message, context)
+
+
+def test_the_coordinator_cannot_change_a_runs_config_once_a_site_has_it(site_config, tmp_path):
+    """A run has one config at a site: the first it got. Round 1 asks a hospital (ceiling epsilon=4) for
+    dp.target_epsilon=50 and is refused; round 2 of the same run asks for 2, then for no DP at all. Before, the
+    site took round 2's config (a coordinator could try config after config within one run); now both stay
+    refused, naming the run's config. And a site that trained under DP keeps the run's DP settings when a later
+    round asks for none."""
+    floor = {"dp-enabled": True, "dp-max-epsilon": 4}
+    context = _context(tmp_path, node_id=151, **floor)
+    first = _ask(site_config("dp.enabled=true", "dp.target_epsilon=50"), context)
+    assert first.has_error() and "dp.target_epsilon=50" in first.error.reason, first.error
+    for later in (site_config("dp.enabled=true", "dp.target_epsilon=2"), site_config()):
+        reply = _round_with_another_config(later, context, round_number=2)
+        assert reply.has_error() and "dp.target_epsilon=50" in reply.error.reason, \
+            reply.error if reply.has_error() else dict(reply.content["metrics"])
+    assert not (tmp_path / "state" / "hospital_1" / "privacy_ledger.json").exists()  # nothing trained, nothing spent
+
+    trained = _context(tmp_path / "trained", node_id=152)  # no floor of its own: the run's DP is all it has
+    first = _ask(site_config(*DP), trained)
+    assert not first.has_error(), first.error
+    plain = _round_with_another_config(site_config(), trained, round_number=2)
+    assert not plain.has_error(), plain.error
+    metrics = plain.content["metrics"]
+    assert set(metrics.keys()) == set(DP_REPLY_FIELDS)  # still the run's DP reply: no losses, no image count
+    assert first.content["metrics"]["epsilon"] < metrics["epsilon"] < math.inf
+    assert _RUNNERS[(11, 152)].config.dp.enabled
+
+
 def test_node_overrides_cannot_touch_privacy_and_floors_only_tighten(site_config, tmp_path):
     reply = _ask(site_config(), _context(tmp_path, node_id=51, **{"dermfed-overrides": "dp.enabled=false"}))
     assert reply.has_error() and reply.error.reason.startswith("config-error")

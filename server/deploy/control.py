@@ -13,6 +13,7 @@ import signal
 from pathlib import Path
 from typing import Any, Optional
 
+from common import flower_keys as keys
 from common.config import PROJECT_ROOT, run_config_argument
 from common.deployment.files import replace_file
 from common.deployment.layout import CONNECTION, FederationLayout
@@ -158,7 +159,7 @@ def submit_run(root: Path, manifest_path: Path, stream: bool = True) -> int:
     if digest != manifest.bundle_sha256:
         raise DeployError(f"this checkout ({PROJECT_ROOT}) builds the app bundle {digest}, but the manifest signs "
                           f"{manifest.bundle_sha256}: check out the release the operator signed")
-    registry = str(manifest.run_config.get("site-registry", ""))
+    registry = str(manifest.run_config.get(keys.SITE_REGISTRY, ""))
     if Path(registry) != layout.registry.resolve():
         raise DeployError(f"the manifest names the site registry {registry!r}, not this federation's "
                           f"{layout.registry.resolve()}; sign it again with this federation's folder")
