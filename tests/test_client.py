@@ -90,16 +90,17 @@ def test_a_hospital_daemon_reads_its_own_folder(tmp_path):
         deployment_site_data(config, {})
 
 
-def test_a_hospitals_node_overrides_apply_on_top_of_the_runs_config_through_its_clientapp(synthetic_root, tmp_path):
-    """The node config's dermfed-overrides reach the site's training through the real ClientApp, on top of the run's
-    config (which keeps every other key); a dp.* override is refused there (the floor keys set privacy)."""
+def test_a_hospitals_node_overrides_apply_on_top_of_the_runs_config_in_its_clientapp(synthetic_root, tmp_path):
+    """The node config's dermfed-overrides reach the site's training through the real ClientApp, on top of the
+    run's config (which keeps every other key); a dp.* override is refused there (the floor keys set privacy)."""
     config = _config(synthetic_root, tmp_path, "train.epochs=5", "train.batch_size=2", "train.max_steps=4")
     shared = _global_weights(config)
 
     def ask(node_id, overrides):
         node = {"partition-id": 1, "num-partitions": 3, "state-dir": str(tmp_path / f"state{node_id}"),
                 "dermfed-overrides": overrides}
-        context = Context(run_id=8, node_id=node_id, node_config=node, state=RecordDict(), run_config=run_config_of(config))
+        context = Context(run_id=8, node_id=node_id, node_config=node, state=RecordDict(),
+                          run_config=run_config_of(config))
         return train(train_message(node_id, shared, {"server-round": 1}), context)
 
     plain = ask(4, "")
@@ -109,8 +110,8 @@ def test_a_hospitals_node_overrides_apply_on_top_of_the_runs_config_through_its_
     assert not local.has_error(), local.error
     assert local.content["metrics"]["steps"] == 1.0  # the hospital's own train.max_steps, not the run's
     site = _RUNNERS[(8, 5)].config
-    assert site.train.lr == 0.5 and site.model == config.model and site.data == config.data and site.dp == config.dp
-    refused = ask(6, "train.max_steps=1 dp.enabled=true")
+    assert site.train.lr == 0.5 and (site.model, site.data, site.dp) == (config.model, config.data, config.dp)
+    refused = ask(6, "train.max_steps=1 dp.delta=0.5")  # a valid config: refused only because it sets dp.*
     assert refused.has_error() and refused.error.reason.startswith("config-error")
 
 
