@@ -91,3 +91,21 @@ def test_cross_key_rules_are_checked():
         load_config("smoke", ["dp.enabled=true", "dp.noise_multiplier=1", "model.drop_path_rate=0.1"])
     with pytest.raises(ConfigError, match="noise_multiplier or dp.target_epsilon"):
         load_config("smoke", ["dp.enabled=true"])
+
+
+def test_one_run_config_carries_the_resolved_config_through_flowers_own_parser(tmp_path):
+    """`flower_run_config` (simulate and deploy sign) read back by Flower's `--run-config` parser, then by the apps:
+    the same keys and values, and exactly the resolved config, even with quotes and spaces in a value."""
+    from flwr.common.config import parse_config_args
+
+    from common.config import config_of_run, flower_run_config, run_config_argument
+
+    config = load_config("smoke", [f'data.root={tmp_path}/a "quoted" folder', "train.lr=0.1"])
+    built = flower_run_config(preset="smoke", run_dir=str(tmp_path / "run"), config=config, site_names=["a", "b"],
+                              stop_after_round=1)
+    parsed = parse_config_args([run_config_argument(built)])
+    assert parsed == built
+    assert config_of_run(parsed) == config
+    preset_only = parse_config_args([run_config_argument(flower_run_config(preset="smoke", run_dir="/r",
+                                                                           overrides=["train.lr=0.1"]))])
+    assert config_of_run(preset_only) == load_config("smoke", ["train.lr=0.1"])  # a bare `flwr run`'s preset
