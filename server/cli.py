@@ -39,6 +39,13 @@ def _add_common(parser: argparse.ArgumentParser, default_preset: str = "demo") -
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
 
 
+FORCE_HELP = "if --out holds another run (of another kind, or a finished one), move it aside (OUT.old-TIME) first"
+
+
+def _add_force(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force", action="store_true", help=FORCE_HELP)
+
+
 def run_folder(config: DermFedConfig, kind: str, explicit: Optional[str] = None) -> Path:
     """Where a run writes its outputs (and its resolved config.yaml)."""
     if explicit:
@@ -47,20 +54,20 @@ def run_folder(config: DermFedConfig, kind: str, explicit: Optional[str] = None)
     return Path(config.output_dir) / name
 
 
-def refuse_another_run(folder: Path, kind: str) -> None:
-    """A command's `--out` may not hold another command's run: its config.yaml and results would be overwritten."""
+def claim_out(folder: Path, kind: str, force: bool) -> None:
+    """A command's `--out` may not hold another command's run, nor a finished run of its own kind: its config.yaml
+    and results would be overwritten (`common.run_folder`). `--force` moves the old run aside, and says where."""
+    from common.run_folder import claim_out as claim
+
+    if moved := claim(folder, kind, force):
+        print(f"--force: moved the run that was in {folder} to {moved}", flush=True)
+
+
+def refuse_evaluation_out(folder: Path, inputs: dict[str, Optional[str]], force: bool = False) -> None:
+    """`evaluate --out` never lies in a run it reads (not even with --force: it would move that run away), nor in
+    any folder holding a checkpoint.pt (it would overwrite that run's config.yaml and mix its metrics in)."""
     from common.config import ConfigError
-    from common.run_kinds import refuse_other_kind
-
-    if why := refuse_other_kind(folder, kind):
-        raise ConfigError(why)
-
-
-def refuse_evaluation_out(folder: Path, inputs: dict[str, Optional[str]]) -> None:
-    """`evaluate --out` never lies in a run it reads, nor in any folder holding a checkpoint.pt (it would overwrite
-    that run's config.yaml and mix its metrics in)."""
-    from common.checkpoint import CHECKPOINT_NAME
-    from common.config import ConfigError
+    from common.run_folder import CHECKPOINT_NAME, EVALUATE, move_aside
 
     out = folder.resolve()
     for option, given in inputs.items():
@@ -73,10 +80,12 @@ def refuse_evaluation_out(folder: Path, inputs: dict[str, Optional[str]]) -> Non
         if inside:
             raise ConfigError(f"--out {folder} lies in the {option} run {given}: evaluate writes its config.yaml and "
                               "metrics there; choose another --out")
-    if (folder / CHECKPOINT_NAME).exists():
+    if (folder / CHECKPOINT_NAME).exists() and not force:
         raise ConfigError(f"--out {folder} holds a {CHECKPOINT_NAME} (a pretraining or simulation run): evaluate would "
-                          "overwrite its config.yaml; choose another --out")
-    refuse_another_run(folder, "evaluate")
+                          "overwrite its config.yaml; choose another --out, or pass --force to move it aside")
+    claim_out(folder, EVALUATE, force)
+    if (folder / CHECKPOINT_NAME).exists():  # --force, and a checkpoint of no kind known (torn): aside too
+        print(f"--force: moved the run that was in {folder} to {move_aside(folder)}", flush=True)
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -102,8 +111,10 @@ def cmd_data_summary(args: argparse.Namespace, config: DermFedConfig) -> int:
     from common.data.pipeline import prepare_data
     from common.run_files import atomic_write_text
 
+    from common.run_folder import DATA_SUMMARY
+
     folder = run_folder(config, "data-summary", args.out)
-    refuse_another_run(folder, "data summary")
+    claim_out(folder, DATA_SUMMARY, args.force)
     prepared = prepare_data(config)
     catalog = prepared.catalog
     print(format_summary(catalog))
@@ -128,10 +139,11 @@ def cmd_data_summary(args: argparse.Namespace, config: DermFedConfig) -> int:
 
 def cmd_pretrain(args: argparse.Namespace, config: DermFedConfig) -> int:
     from common.pretraining import run_pretraining
+    from common.run_folder import PRETRAIN
 
     arm = f"local-{config.data.site}" if config.data.site else "pooled"
     folder = run_folder(config, f"pretrain-{arm}", args.out)
-    refuse_another_run(folder, "pretrain")
+    claim_out(folder, PRETRAIN, args.force)
     summary = run_pretraining(config, folder)
     print(f"checkpoint: {folder / 'checkpoint.pt'}")
     print(f"reconstructions: {summary['grid']}")
@@ -154,6 +166,7 @@ def cmd_simulate(args: argparse.Namespace, config: DermFedConfig) -> int:
     )
 
     from common.config import ConfigError
+    from common.run_folder import SIMULATE, RunFolderError
     from simulations.node_configs import parse_node_configs
 
     try:
@@ -165,17 +178,17 @@ def cmd_simulate(args: argparse.Namespace, config: DermFedConfig) -> int:
     run_dir: Optional[Path] = None
     try:
         if args.resume:
-            config = resume_config(Path(args.resume), args.overrides)  # checked before anything is written
+            if args.out or args.force:
+                raise RunRefused("--resume continues RUN_DIR in place: --out and --force do not apply to it")
+            # the run's own config plus the overrides, validated once, together; checked before anything is written
+            config = resume_config(Path(args.resume), args.overrides)
             run_dir = Path(args.resume)
         else:
             run_dir = run_folder(config, "federated", args.out)
-            refuse_another_run(run_dir, "simulate")
-            if (run_dir / "checkpoint.pt").exists():
-                raise RunRefused(f"{run_dir} already holds a federated run; continue it with --resume {run_dir} "
-                                 "or choose another --out")
-            if (run_dir / "sites").exists():
-                raise RunRefused(f"{run_dir} holds a federated run that completed no round; remove it or choose "
-                                 "another --out")
+            try:
+                claim_out(run_dir, SIMULATE, args.force)
+            except RunFolderError as exc:
+                raise RunRefused(str(exc)) from None
         if args.stop_after_round is not None and not 1 <= args.stop_after_round <= config.federation.num_rounds:
             raise RunRefused(f"--stop-after-round {args.stop_after_round}: rounds are counted from 1, and this run has "
                              f"{config.federation.num_rounds} rounds (federation.num_rounds)")
@@ -322,7 +335,8 @@ def cmd_evaluate(args: argparse.Namespace, config: DermFedConfig) -> int:
     if args.imagenet_weights:  # a wrong file is refused now, not after the other arms were evaluated
         load_imagenet_file(Path(args.imagenet_weights), config.evaluation.imagenet_model)
     folder = run_folder(config, "evaluation", args.out)
-    refuse_evaluation_out(folder, {"--checkpoint": args.checkpoint, "--pooled": args.pooled, "--local": args.local})
+    refuse_evaluation_out(folder, {"--checkpoint": args.checkpoint, "--pooled": args.pooled, "--local": args.local},
+                          args.force)
     metrics = run_evaluation(config, Path(args.checkpoint), folder, args.imagenet_weights, args.pooled, args.local)
     report = write_report(folder, metrics)
     print(f"metrics: {folder / 'metrics.json'}")
@@ -393,18 +407,21 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(handler=cmd_data_synth)
     summary = data_sub.add_parser("summary", help="per site and class: images found, skipped and why", formatter_class=fmt)
     summary.add_argument("--out", default=None, help="folder for summary.csv/json (default: output_dir/run_name)")
+    _add_force(summary)
     _add_common(summary)
     summary.set_defaults(handler=cmd_data_summary)
 
     pretrain = sub.add_parser("pretrain", help="centralised (pooled) or single-site (data.site=NAME) VAE pretraining",
                               formatter_class=fmt)
     pretrain.add_argument("--out", default=None, help="run folder (default: output_dir/run_name)")
+    _add_force(pretrain)
     _add_common(pretrain)
     pretrain.set_defaults(handler=cmd_pretrain)
 
     simulate = sub.add_parser("simulate", help="federated pretraining of N virtual hospitals (Flower simulation engine)",
                               formatter_class=fmt)
     simulate.add_argument("--out", default=None, help="run folder (default: output_dir/run_name)")
+    _add_force(simulate)
     simulate.add_argument("--resume", default=None, metavar="RUN_DIR",
                           help="continue RUN_DIR from its last completed round (its config.yaml, plus overrides)")
     simulate.add_argument("--stop-after-round", type=int, default=None, metavar="R",
@@ -416,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="YAML or TOML file mapping each site's name to its node config (string or mapping)")
     simulate.add_argument("--fault-injection", default="", help=argparse.SUPPRESS)  # tests only: client/faults.py
     _add_common(simulate)
-    simulate.set_defaults(handler=cmd_simulate)
+    simulate.set_defaults(handler=cmd_simulate, resume_from_run=True)
 
     deploy = sub.add_parser("deploy", help="a real federation: keys, coordinator daemons, hospitals, signed runs",
                             formatter_class=fmt)
@@ -526,6 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="also score the heads on this labelled data set, all of it test data (repeat; "
                                "adds to evaluation.external)")
     evaluate.add_argument("--out", default=None, help="run folder (default: output_dir/run_name)")
+    _add_force(evaluate)
     _add_common(evaluate)
     evaluate.set_defaults(handler=cmd_evaluate)
     report = sub.add_parser("report", help="(re)write the HTML report of an evaluation run", formatter_class=fmt)
@@ -540,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
 USER_ERRORS = (("common.config", "ConfigError"), ("common.data.catalog", "DataError"),
                ("common.privacy", "PrivacyBudgetExhausted"), ("server.deploy", "DeployError"),
                ("client.node", "NodeError"), ("common.checkpoint", "CheckpointError"),
+               ("common.run_folder", "RunFolderError"),
                ("server.evaluation.arms", "WeightsFileError"))
 
 
@@ -610,7 +629,10 @@ def _main(argv: Optional[Sequence[str]]) -> int:
                             format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
         from common.config import load_config
 
-        config = load_config(args.config, args.overrides)
+        # `simulate --resume` continues with the run's own config plus the overrides, parsed and validated together
+        # by its handler (`common.run_folder.resume_config`): never validated against a preset first.
+        config = None if getattr(args, "resume_from_run", False) and args.resume else load_config(args.config,
+                                                                                                   args.overrides)
         return args.handler(args, config)
     except Interrupted as exc:
         return _fail(f"{command}: interrupted by {exc.signal_name}", verbose, 130)
