@@ -178,7 +178,7 @@ def refusal(folder: Path, kind: str, option: str = "--out", remedy: str = FORCE_
             return f"{option} {folder} already holds a federated run; continue it with --resume, or {remedy}"
         return f"{option} {folder} holds a federated run that completed no round: {remedy}"
     if is_complete(folder):
-        return f"{option} {folder} holds a finished {_describe(kind)}: {remedy}"
+        return f"{option} {folder} holds {_describe(kind)} that finished: {remedy}"
     return None
 
 
@@ -231,7 +231,8 @@ def resumable_rounds(folder: Path, option: str = "--resume") -> int:
     if found and found[0] != SIMULATE:
         raise RunFolderError(f"{option} {folder} holds {found[1]}, not a simulation run; start a new run "
                              "(dermfed simulate --out NEW_FOLDER)")
-    if found is None or not (folder / CONFIG_NAME).is_file():
+    has_checkpoint = any((folder / name).exists() for name in (CHECKPOINT_NAME, PREVIOUS_NAME))
+    if not (folder / CONFIG_NAME).is_file() or (found is None and not has_checkpoint):
         raise RunFolderError(f"{option} {folder}: no federated run there (no {CONFIG_NAME} of a `dermfed simulate` "
                              "run); start a new run (dermfed simulate --out NEW_FOLDER)")
     try:
