@@ -51,8 +51,8 @@ from common.data.pipeline import prepare_data
 from common.interrupts import Interrupted, stop_signals_raise
 from common.processes import RUN_MARKER, die_with_parent, stop_marked
 from common.run_folder import (CHECKPOINT_NAME, CONFIG_NAME, FLOWER_HOME_NAME, HISTORY_CSV_NAME, HISTORY_NAME,
-                               LOCK_NAME, SITES_NAME, STATUS_NAME, RunFolderError, completed_rounds, config_revisions,
-                               read_status)
+                               LOCK_NAME, SITES_NAME, STATUS_NAME, RunFolderError, check_resume, completed_rounds,
+                               config_revisions, read_status)
 from common.run_folder import resume_config as _checked_resume_config
 from server.federation import ResumeError, initial_shared_weights
 
@@ -270,10 +270,11 @@ def _simulated_node_configs(run_dir: Path, names: list[str], resume: bool,
 
 def _run_locked(config: DermFedConfig, run_dir: Path, lock: RunLock, resume: bool, stop_after_round: Optional[int],
                 fault_injection: str, node_configs: Optional[dict[str, dict]] = None) -> Path:
-    done = completed_rounds(run_dir) if resume else 0
-    if resume and done >= config.federation.num_rounds:
-        raise RunRefused(f"{run_dir} already completed federation.num_rounds={config.federation.num_rounds} rounds; "
-                              "raise federation.num_rounds to continue it")
+    if resume:  # the CLI checked before locking; a caller of run_simulation gets the same check here
+        try:
+            check_resume(run_dir, config)
+        except RunFolderError as exc:
+            raise RunRefused(str(exc)) from None
     prepared = prepare_data(config)  # generate/check/cache once, before N processes need it
     parts, names = partition_catalog(prepared.catalog, config.data.partition, config.data.num_partitions,
                                      config.data.dirichlet_alpha, config.seed)
