@@ -174,7 +174,7 @@ def after_interrupt(run_dir: Path, num_rounds: int) -> str:
         return f"the run's checkpoint in {run_dir} cannot be read; start the run again in a new folder"
     if done == 0:
         return (f"no round had completed, so there is nothing to resume; start the run again (with another --out, "
-                f"or after removing {run_dir})")
+                f"or with --force, which moves {run_dir} aside)")
     if done >= num_rounds:
         return f"all {num_rounds} rounds had completed: the checkpoint is {run_dir / CHECKPOINT_NAME}"
     return f"{done} of {num_rounds} rounds had completed; continue with: dermfed simulate --resume {run_dir}"
@@ -365,7 +365,7 @@ def _report(run_dir: Path, target_rounds: int, flwr_code: int, superlink_log: Pa
         elif done:  # --resume continues only after a completed round
             advice = f"fix {what} and continue with: dermfed simulate --resume {run_dir}"
         else:
-            advice = f"fix {what} and start the run again (with another --out, or after removing {run_dir})"
+            advice = f"fix {what} and start the run again (with another --out, or with --force, which moves {run_dir} aside)"
         raise SimulationError(f"the federated run failed in round {done + 1}: {reason}. {kept}; {advice}")
     raise SimulationError(f"the federated run ended after {done} of {target_rounds} rounds without finishing "
                           f"(flwr exit code {flwr_code}; the ServerApp {'never started' if not status else 'stopped'}); "
