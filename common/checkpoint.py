@@ -16,10 +16,9 @@ import torch
 from common.config import DermFedConfig, build_config
 from common.model import ConvNeXtVAE, encoder_state_dict, strip_wrapper_prefixes
 from common.run_files import atomic_write_bytes, torch_bytes
+from common.run_folder import CHECKPOINT_NAME, PREVIOUS_NAME  # noqa: F401 - the run folder owns its file names
 
 CHECKPOINT_FORMAT = "dermfed-checkpoint-v1"
-CHECKPOINT_NAME = "checkpoint.pt"
-PREVIOUS_NAME = "checkpoint.prev.pt"  # the round before: kept so that a torn latest checkpoint loses one round only
 
 
 def save_checkpoint(path: str | Path, *, config: DermFedConfig, encoder_state: dict[str, torch.Tensor],

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torchvision.utils import save_image
 
-from common.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, load_checkpoint, save_vae_checkpoint
+from common.checkpoint import load_checkpoint, save_vae_checkpoint
 from common.config import DermFedConfig, write_config
 from common.data.batches import ImageRows, read_batch, to_device_float
 from common.data.catalog import DataError
@@ -32,6 +32,7 @@ from common.data.identity import (
 from common.data.pipeline import PreparedData, prepare_data
 from common.model import ConvNeXtVAE, build_vae
 from common.run_files import atomic_write_bytes, atomic_write_text
+from common.run_folder import CHECKPOINT_NAME, HISTORY_NAME, PREVIOUS_NAME, SUMMARY_NAME
 from common.training import EpochMetrics, LocalTrainer, SiteState, seed_everything
 
 log = logging.getLogger("dermfed.pretrain")
@@ -128,7 +129,7 @@ def run_pretraining(config: DermFedConfig, out: Path) -> dict[str, Any]:
         save_vae_checkpoint(out / CHECKPOINT_NAME, model, config, {"epoch": metrics.epoch, "step": state.step},
                             history, extra={"arm": arm, "site": site, "images": len(images), "pretraining_images": seen},
                             previous=out / PREVIOUS_NAME)  # checkpoint first: history.json never claims a lost epoch
-        atomic_write_text(out / "history.json", json.dumps(history, indent=2))
+        atomic_write_text(out / HISTORY_NAME, json.dumps(history, indent=2))
 
     result = trainer.train(SiteState(), on_epoch_end=checkpoint)
     sample = to_device_float(read_batch(prepared.store, indices[:8]), torch.device("cpu"))  # as they are: no augmentation
@@ -138,5 +139,5 @@ def run_pretraining(config: DermFedConfig, out: Path) -> dict[str, Any]:
     if result.privacy is not None:
         summary["privacy"] = {"epsilon": result.privacy.epsilon, "delta": result.privacy.delta,
                               "noise_multiplier": result.privacy.noise_multiplier}
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    atomic_write_text(out / SUMMARY_NAME, json.dumps(summary, indent=2))
     return summary

@@ -12,11 +12,12 @@ from typing import Any, Optional
 
 import torch
 
-from common.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, CheckpointError, load_checkpoint
+from common.checkpoint import CheckpointError, load_checkpoint
 from common.config import DermFedConfig
 from common.data.pipeline import PreparedData
 from common.model import ENCODER_PREFIX, build_vae, shared_state
 from common.pretraining import pretraining_record, warm_start_stage, with_warm_start
+from common.run_folder import RunFolderError, check_resume
 from common.training import seed_everything
 from server.rounds import load_resume_point
 
@@ -65,13 +66,12 @@ def plan_run(config: DermFedConfig, run_dir: Path, resume: bool) -> RunPlan:
     total = config.federation.num_rounds
     if not resume:
         return RunPlan(config, run_dir, 0, total, initial_shared_weights(config))
-    if not (run_dir / CHECKPOINT_NAME).is_file() and not (run_dir / PREVIOUS_NAME).is_file():
-        raise ResumeError(f"cannot resume {run_dir}: no {CHECKPOINT_NAME} (no round completed yet?)")
+    try:  # the same check `dermfed simulate --resume` and `dermfed deploy run` made before starting anything
+        check_resume(run_dir, config, option="resume")
+    except RunFolderError as exc:
+        raise ResumeError(str(exc)) from None
     point = load_resume_point(run_dir)
     done = point["round"]
-    if done >= total:
-        raise ResumeError(f"{run_dir} already completed {done} of federation.num_rounds={total} rounds; "
-                          f"raise federation.num_rounds to continue")
     log.info("resuming %s after round %d of %d", run_dir, done, total)
     return RunPlan(config, run_dir, done, total - done, dict(point["shared"]), point["history"], point["strategy"])
 

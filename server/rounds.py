@@ -22,15 +22,14 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import torch
 
-from common.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, CheckpointError, load_checkpoint, save_checkpoint
+from common.checkpoint import save_checkpoint
 from common.config import DermFedConfig, write_config
 from common.model import ENCODER_PREFIX
 from common.run_files import atomic_write_text
+from common.run_folder import (CHECKPOINT_NAME, CONFIG_NAME, HISTORY_CSV_NAME, HISTORY_NAME, PREVIOUS_NAME,
+                               STATUS_NAME, latest_good_checkpoint)
 
 log = logging.getLogger("dermfed.server")
-
-
-STATUS_NAME = "run-status.json"
 
 
 def owner_only_folder(run_dir: Path) -> Path:
@@ -101,7 +100,7 @@ class RunRecorder:
         self.current: Optional[RoundRecord] = None
         self.started = time.perf_counter()
         owner_only_folder(self.run_dir)
-        if not (self.run_dir / "config.yaml").is_file():  # a resumed run keeps its original config (revisions beside it)
+        if not (self.run_dir / CONFIG_NAME).is_file():  # a resumed run keeps its original config (revisions beside it)
             write_config(config, self.run_dir)
 
     def write_status(self, state: str, reason: str = "", resumable: bool = False) -> None:
@@ -138,7 +137,7 @@ class RunRecorder:
         self.current = None
 
     def _write_history(self) -> None:
-        atomic_write_text(self.run_dir / "history.json", json.dumps(self.history, indent=2))
+        atomic_write_text(self.run_dir / HISTORY_NAME, json.dumps(self.history, indent=2))
         rows = []
         for entry in self.history:
             row = {"round": entry["round"], "seconds": entry["seconds"], "sites": len(entry["sites"]),
@@ -154,7 +153,7 @@ class RunRecorder:
         writer = csv.DictWriter(table, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-        atomic_write_text(self.run_dir / "history.csv", table.getvalue())
+        atomic_write_text(self.run_dir / HISTORY_CSV_NAME, table.getvalue())
 
     def _save_checkpoint(self, round_number: int, tensors: Mapping[str, torch.Tensor], strategy_state: dict[str, Any],
                          history: list[dict[str, Any]]) -> None:
@@ -186,20 +185,10 @@ class RunRecorder:
               f"{left_out}{monitor}", flush=True)
 
 
-def latest_checkpoint(run_dir: Path) -> dict[str, Any]:
-    """The run's latest readable checkpoint: checkpoint.pt, or the previous round's when it is torn (with a warning)."""
-    try:
-        return load_checkpoint(run_dir / CHECKPOINT_NAME)
-    except (CheckpointError, FileNotFoundError) as exc:  # torn, or gone while a file system without hard links rotated
-        if not (run_dir / PREVIOUS_NAME).is_file():
-            raise
-        log.warning("%s; falling back to the previous round's %s", exc, PREVIOUS_NAME)
-        return load_checkpoint(run_dir / PREVIOUS_NAME)
-
-
 def load_resume_point(run_dir: Path) -> dict[str, Any]:
-    """The last completed round of a run folder: round, shared arrays, history, strategy state."""
-    payload = latest_checkpoint(run_dir)
+    """The last completed round of a run folder (its latest good checkpoint): round, shared arrays, history,
+    strategy state."""
+    payload = latest_good_checkpoint(run_dir)
     strategy = {name: {k: v.numpy() for k, v in moments.items()}
                 for name, moments in payload["extra"].get("strategy", {}).items()}
     return {"round": int(payload["position"]["round"]), "shared": payload["extra"]["shared"],

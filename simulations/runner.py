@@ -18,15 +18,15 @@ floor, a public image count, ...). They travel in a file of the run folder named
 environment variable of the run's processes (`client.simulated_nodes`), never in the run
 config; `--resume` keeps them unless new ones are given.
 
-`--resume` checks the new config against the run's before writing anything (`resume_config`):
-changes that would corrupt the run are refused, the others are recorded as a new revision
+`--resume` checks the folder and the new config before writing anything (`resume_config`, from
+`common.run_folder`, which `deploy run` uses too): a folder that is not a resumable simulation run
+and changes that would corrupt the run are refused, the others are recorded as a new revision
 (`config.r2.yaml`, ...) beside the original `config.yaml`, which is never rewritten.
 """
 
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import shutil
@@ -45,22 +45,22 @@ from typing import Iterator, Optional
 import torch
 
 from client import simulated_nodes
-from common.checkpoint import CHECKPOINT_NAME
 from common.config import (PROJECT_ROOT, ConfigError, DermFedConfig, flatten_config, flower_run_config, load_config,
                            run_config_argument, write_config)
 from common.data.partition import check_partitions, partition_catalog
 from common.data.pipeline import prepare_data
 from common.interrupts import Interrupted, stop_signals_raise
 from common.processes import RUN_MARKER, die_with_parent, stop_marked
-from common.run_kinds import SIMULATE, run_kind
+from common.run_folder import (CHECKPOINT_NAME, CONFIG_NAME, FLOWER_HOME_NAME, HISTORY_CSV_NAME, HISTORY_NAME,
+                               LOCK_NAME, SITES_NAME, STATUS_NAME, RunFolderError, check_resume, completed_rounds,
+                               config_revisions, read_status)
+from common.run_folder import resume_config as _checked_resume_config
 from server.federation import ResumeError, initial_shared_weights
-from server.rounds import STATUS_NAME, latest_checkpoint
 
 log = logging.getLogger("dermfed.simulate")
 
 CONNECTION = "dermfed-simulation"
 STARTUP_TIMEOUT_S = 60.0
-LOCK_NAME = ".run.lock"
 SHUTDOWN_GRACE_S = 10.0  # after the ServerApp ended, how long the simulation may take to stop by itself
 
 
@@ -143,13 +143,6 @@ def local_superlink(port: int, env: dict[str, str], log_file: Path) -> Iterator[
                 process.wait()
 
 
-def completed_rounds(run_dir: Path) -> int:
-    try:
-        return int(latest_checkpoint(run_dir)["position"]["round"])
-    except FileNotFoundError:
-        return 0
-
-
 class SimulationInterrupted(SimulationError):
     """SIGINT or SIGTERM reached `dermfed simulate`."""
 
@@ -168,7 +161,7 @@ def after_interrupt(run_dir: Path, num_rounds: int) -> str:
         return f"the run's checkpoint in {run_dir} cannot be read; start the run again in a new folder"
     if done == 0:
         return (f"no round had completed, so there is nothing to resume; start the run again (with another --out, "
-                f"or after removing {run_dir})")
+                f"or with --force, which moves {run_dir} aside)")
     if done >= num_rounds:
         return f"all {num_rounds} rounds had completed: the checkpoint is {run_dir / CHECKPOINT_NAME}"
     return f"{done} of {num_rounds} rounds had completed; continue with: dermfed simulate --resume {run_dir}"
@@ -195,49 +188,20 @@ class RunLock:
         os.close(self.fd)
 
 
-# What a resumed run may not change: the data, the split, the model's shapes, what is shared and how
-# it is aggregated, whether and how privacy is accounted. Everything else (rounds, schedules, timeouts,
-# monitor, ...) may change, and is recorded as a new revision of the run's config.
-LOCKED_KEYS = ("seed", "data.", "synth.", "model.encoder", "model.latent_dim", "model.decoder_width",
-               "model.drop_path_rate", "federation.share", "federation.strategy", "dp.enabled", "dp.accountant",
-               "dp.delta")
-FREE_KEYS = ("data.cache_dir", "data.use_cache", "output_dir", "run_name")
-
-
-def config_revisions(run_dir: Path) -> list[Path]:
-    """The run's configs in order: config.yaml (the original), then config.r2.yaml, config.r3.yaml, ..."""
-    revisions = sorted(run_dir.glob("config.r*.yaml"), key=lambda p: int(p.name[len("config.r"):-len(".yaml")]))
-    return [run_dir / "config.yaml", *revisions]
-
-
 def resume_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> DermFedConfig:
-    """The config a resumed run continues with: its latest revision plus `overrides`, checked against the original.
-
-    Refuses, listing them, changes that would corrupt the run's state; writes nothing.
-    """
-    found = run_kind(run_dir)
-    if found and found[0] != SIMULATE:
-        raise RunRefused(f"--resume {run_dir} holds {found[1]}, not a simulation run; start a new run "
-                         "(dermfed simulate --out NEW_FOLDER)")
-    revisions = config_revisions(run_dir)
-    if not revisions[0].is_file():
-        raise RunRefused(f"--resume {run_dir}: no config.yaml there (is it a dermfed simulate run folder?)")
-    original = flatten_config(load_config(revisions[0]))
-    config = load_config([p for p in revisions if p.is_file()][-1], overrides)
-    changed = {key: (original[key], value) for key, value in flatten_config(config).items()
-               if value != original.get(key) and key.startswith(LOCKED_KEYS) and not key.startswith(FREE_KEYS)}
-    if changed:
-        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-        raise RunRefused(f"--resume {run_dir} cannot change {listed}: the run's checkpoints, site states and "
-                              "privacy ledgers were made with the original values. Start a new run for that")
-    return config
+    """The config a resumed run continues with (`common.run_folder.resume_config`: the run's latest revision plus
+    `overrides`, validated together, checked against the original); refused as RunRefused. Writes nothing."""
+    try:
+        return _checked_resume_config(run_dir, overrides)
+    except RunFolderError as exc:
+        raise RunRefused(str(exc)) from None
 
 
 def _write_revision(config: DermFedConfig, run_dir: Path) -> Path:
     """The config this run segment uses: config.yaml for a new run, a new revision when a resume changed it."""
     revisions = [p for p in config_revisions(run_dir) if p.is_file()]
     if not revisions:
-        return write_config(config, run_dir, "config.yaml")
+        return write_config(config, run_dir, CONFIG_NAME)
     if load_config(revisions[-1]) == config:
         return revisions[-1]
     before, after = flatten_config(load_config(revisions[-1])), flatten_config(config)
@@ -245,11 +209,6 @@ def _write_revision(config: DermFedConfig, run_dir: Path) -> Path:
     changes = ", ".join(f"{k}: {before.get(k)!r} -> {v!r}" for k, v in after.items() if before.get(k) != v)
     print(f"this resume changes {changes}; recorded in {path.name} (config.yaml keeps the original)", flush=True)
     return path
-
-
-def read_status(run_dir: Path) -> dict:
-    path = run_dir / STATUS_NAME
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _start_reaper(token: str, ray_tmp: Path, lock: RunLock) -> subprocess.Popen:
@@ -292,16 +251,17 @@ def _simulated_node_configs(run_dir: Path, names: list[str], resume: bool,
         check_node_configs(by_site, names)
     except ConfigError as exc:
         raise RunRefused(str(exc)) from None
-    partitions = {index: {"state-dir": str(run_dir / "sites"), **by_site.get(name, {})} for index, name in enumerate(names)}
+    partitions = {index: {"state-dir": str(run_dir / SITES_NAME), **by_site.get(name, {})} for index, name in enumerate(names)}
     return simulated_nodes.write_table(path, by_site, partitions)
 
 
 def _run_locked(config: DermFedConfig, run_dir: Path, lock: RunLock, resume: bool, stop_after_round: Optional[int],
                 fault_injection: str, node_configs: Optional[dict[str, dict]] = None) -> Path:
-    done = completed_rounds(run_dir) if resume else 0
-    if resume and done >= config.federation.num_rounds:
-        raise RunRefused(f"{run_dir} already completed federation.num_rounds={config.federation.num_rounds} rounds; "
-                              "raise federation.num_rounds to continue it")
+    if resume:  # the CLI checked before locking; a caller of run_simulation gets the same check here
+        try:
+            check_resume(run_dir, config)
+        except RunFolderError as exc:
+            raise RunRefused(str(exc)) from None
     prepared = prepare_data(config)  # generate/check/cache once, before N processes need it
     parts, names = partition_catalog(prepared.catalog, config.data.partition, config.data.num_partitions,
                                      config.data.dirichlet_alpha, config.seed)
@@ -324,7 +284,7 @@ def _run_locked(config: DermFedConfig, run_dir: Path, lock: RunLock, resume: boo
     gpu_fraction = config.federation.client_gpu_fraction
     if gpu_fraction is None:
         gpu_fraction = (1.0 / len(parts)) if torch.cuda.is_available() else 0.0
-    flwr_home = run_dir / ".flower"
+    flwr_home = run_dir / FLOWER_HOME_NAME
     ray_tmp = Path(tempfile.mkdtemp(prefix="dermfed-ray-"))
     token = uuid.uuid4().hex
     env = {**simulation_environment(flwr_home, ray_tmp), RUN_MARKER: token, simulated_nodes.ENV_VAR: str(node_table)}
@@ -358,7 +318,7 @@ def _run_locked(config: DermFedConfig, run_dir: Path, lock: RunLock, resume: boo
     seconds = time.perf_counter() - started
     _report(run_dir, target_rounds, returncode, flwr_home / "superlink.log")
     print(f"{completed_rounds(run_dir)} rounds in {seconds:.1f} s; checkpoint: {run_dir / CHECKPOINT_NAME}; "
-          f"history: {run_dir / 'history.json'} and history.csv", flush=True)
+          f"history: {run_dir / HISTORY_NAME} and {HISTORY_CSV_NAME}", flush=True)
     return run_dir
 
 
@@ -393,7 +353,7 @@ def _report(run_dir: Path, target_rounds: int, flwr_code: int, superlink_log: Pa
         elif done:  # --resume continues only after a completed round
             advice = f"fix {what} and continue with: dermfed simulate --resume {run_dir}"
         else:
-            advice = f"fix {what} and start the run again (with another --out, or after removing {run_dir})"
+            advice = f"fix {what} and start the run again (with another --out, or with --force, which moves {run_dir} aside)"
         raise SimulationError(f"the federated run failed in round {done + 1}: {reason}. {kept}; {advice}")
     raise SimulationError(f"the federated run ended after {done} of {target_rounds} rounds without finishing "
                           f"(flwr exit code {flwr_code}; the ServerApp {'never started' if not status else 'stopped'}); "

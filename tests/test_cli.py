@@ -3,6 +3,12 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
 
 import pytest
 
@@ -64,10 +70,28 @@ def test_missing_data_root_is_a_clear_error(tmp_path, capsys):
     assert "is not a folder" in capsys.readouterr().err
 
 
-def test_console_script_is_installed():
-    result = subprocess.run([sys.executable, "-m", "server.cli", "config", "--config", "smoke", "--flat"],
-                            capture_output=True, text=True, check=True)
+def test_the_installed_dermfed_console_script_runs_this_cli():
+    """The `dermfed` users type: the script beside this Python, made from the installed console-script metadata,
+    whose target must be the one pyproject.toml declares and must be this CLI's `main` (a renamed or broken target,
+    or a stale install, fails here; `python -m server.cli` would not notice)."""
+    from importlib.metadata import entry_points
+
+    from common.config import PROJECT_ROOT
+
+    script = Path(sys.executable).with_name("dermfed")
+    assert script.is_file(), f"no installed `dermfed` beside {sys.executable}: install the project (make install)"
+    with open(PROJECT_ROOT / "pyproject.toml", "rb") as stream:
+        declared = tomllib.load(stream)["project"]["scripts"]["dermfed"]
+    installed = [entry for entry in entry_points(group="console_scripts") if entry.name == "dermfed"]
+    assert [entry.value for entry in installed] == [declared], "the installed metadata is not pyproject's: reinstall"
+    assert installed[0].load() is main
+    result = subprocess.run([str(script), "config", "--config", "smoke", "--flat"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
     assert "data.format=\"synthetic\"" in result.stdout
+    refused = subprocess.run([str(script), "config", "--config", "smoke", "data.imagesize=64"], capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode == 2 and "unknown config key 'data.imagesize'" in refused.stderr
 
 
 def test_federation_commands_refuse_bad_inputs_with_one_line_and_exit_2(tmp_path, capsys):

@@ -141,6 +141,26 @@ def read_manifest_file(path: Path) -> tuple[str, str]:
         raise DeployError(f"{path} is not a run manifest from `dermfed deploy sign` ({type(exc).__name__})") from None
 
 
+def check_run_folder(run_config: dict[str, Any], dermfed_config: dict[str, Any]) -> None:
+    """The signed run's folder on this server, checked before anything is submitted, as `dermfed simulate` checks its
+    own (`common.run_folder`): a `--resume` continues a resumable run without changing a locked key (encoder, data,
+    privacy accounting, ...); a new run never writes into a folder holding another run."""
+    from common.config import ConfigError, build_config
+    from common.run_folder import SIMULATE, RunFolderError, check_resume, refusal
+
+    run_dir = Path(str(run_config.get("run-dir", "")))
+    if not str(run_config.get("run-dir", "")):
+        return  # the ServerApp picks output_dir/federated-<run id>: a new folder
+    try:
+        if run_config.get("resume"):
+            check_resume(run_dir, build_config(dermfed_config), option="the manifest's --resume of")
+        elif why := refusal(run_dir, SIMULATE, option="the manifest's --run-dir",
+                            remedy="sign a manifest with another --run-dir (or with --resume)"):
+            raise RunFolderError(why)
+    except (RunFolderError, ConfigError) as exc:
+        raise DeployError(str(exc)) from None
+
+
 def submit_run(root: Path, manifest_path: Path, stream: bool = True) -> int:
     """Forward a signed run: check it here first (signature, this checkout's bundle, this registry), then submit."""
     from flwr.cli.build import build_fab_from_disk
@@ -165,6 +185,7 @@ def submit_run(root: Path, manifest_path: Path, stream: bool = True) -> int:
                           f"{layout.registry.resolve()}; sign it again with this federation's folder")
     if not layout.registry.is_file():
         raise DeployError(f"no site registry in {layout.coordinator}: run `dermfed deploy register --dir {root}` first")
+    check_run_folder(manifest.run_config, manifest.dermfed_config)
     run_config = {**manifest.run_config, MANIFEST_KEY: encoded, SIGNATURE_KEY: signature}
     args = ["run", str(PROJECT_ROOT), CONNECTION, *(["--stream"] if stream else []),
             "--run-config", run_config_argument(run_config)]

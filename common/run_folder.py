@@ -1,0 +1,289 @@
+"""A run folder, owned in one place: its kind, its file names, its completion, its latest good checkpoint, and
+whether (and with what config) it may be resumed.
+
+Every command that writes a run (`pretrain`, `simulate`, `evaluate`, `data summary`) asks `claim_out` before it
+writes anything: a folder holding a run of another kind, or a finished run of the same kind, is refused with one
+line (README "Errors"), or, with `--force`, moved aside first (RUN.old-<time>). `dermfed simulate --resume` and
+`dermfed deploy run` of a `--resume` manifest both ask `resume_config` / `check_resume` before any process starts
+or any file is written: the folder must hold a simulation run with a completed round and rounds left, and the
+new config may not change what the run's checkpoints, site states and privacy ledgers were made with
+(`LOCKED_KEYS`).
+
+Writes are atomic and disk-full-safe (`common.run_files`): the last good checkpoint is never moved or removed
+before the new one is completely written and synced, and `latest_good_checkpoint` falls back, with a warning,
+to the previous one when the latest is missing or torn.
+
+Standard library only at import time (the CLI imports this before torch): the checkpoint reader is imported
+where it is used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Optional
+
+if TYPE_CHECKING:
+    from common.config import DermFedConfig
+
+log = logging.getLogger("dermfed.run")
+
+# -- kinds and file names --------------------------------------------------------------------------------------
+
+SIMULATE, PRETRAIN, EVALUATE, DATA_SUMMARY = "simulate", "pretrain", "evaluate", "data summary"
+
+CONFIG_NAME = "config.yaml"  # the run's resolved config; a resumed simulation adds config.r2.yaml, ...
+CHECKPOINT_NAME = "checkpoint.pt"
+PREVIOUS_NAME = "checkpoint.prev.pt"  # the round (epoch) before: a torn latest checkpoint loses one round only
+HISTORY_NAME = "history.json"
+HISTORY_CSV_NAME = "history.csv"
+STATUS_NAME = "run-status.json"  # a federated run's state (running, finished, stopped, failed), for the CLI
+LOCK_NAME = ".run.lock"  # held while a simulation uses the folder
+FLOWER_HOME_NAME = ".flower"  # a simulation's private SuperLink home
+SITES_NAME = "sites"  # simulated hospitals' state folders
+SIMULATED_NODES_NAME = "simulated-node-configs.json"
+SUMMARY_NAME = "summary.json"  # written last by `pretrain` and by `data summary`
+METRICS_NAME = "metrics.json"  # written last by `evaluate` (before the report)
+
+# Files only one command writes (a simulation's before its first checkpoint, too).
+_MARKERS = (
+    (SIMULATE, (STATUS_NAME, SIMULATED_NODES_NAME, SITES_NAME, FLOWER_HOME_NAME, HISTORY_CSV_NAME)),
+    (EVALUATE, (METRICS_NAME, "predictions.npz")),
+    (DATA_SUMMARY, ("summary.csv", "skipped.csv")),
+    (PRETRAIN, ("reconstructions.png",)),
+)
+
+
+class RunFolderError(ValueError):
+    """A run folder cannot be used as asked (another kind's run, a finished run, nothing to resume); one line."""
+
+
+def _describe(kind: str) -> str:
+    return "a `dermfed data summary`" if kind == DATA_SUMMARY else f"a `dermfed {kind}` run"
+
+
+def _read_checkpoint(path: Path) -> Optional[dict[str, Any]]:
+    from common.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        return load_checkpoint(path)
+    except (CheckpointError, OSError):
+        return None
+
+
+def run_kind(folder: Path) -> Optional[tuple[str, str]]:
+    """(kind, what it holds in words) of a run folder, or None for a missing, empty or unknown folder.
+
+    The kind is read from the checkpoint's position (`round`: simulate, `epoch`: pretrain) where there is a readable
+    one (the latest, else the previous), else from the files each command writes."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    for name in (CHECKPOINT_NAME, PREVIOUS_NAME):
+        if (folder / name).is_file() and (payload := _read_checkpoint(folder / name)) is not None:
+            position = payload.get("position", {})
+            if "round" in position:
+                return SIMULATE, f"a `dermfed simulate` run (round {position['round']})"
+            if "epoch" in position:
+                return PRETRAIN, f"a `dermfed pretrain` checkpoint (epoch {position['epoch']})"
+    for kind, names in _MARKERS:
+        if any((folder / name).exists() for name in names):
+            return kind, _describe(kind)
+    return None
+
+
+# -- the latest good checkpoint, completion ----------------------------------------------------------------------
+
+
+def latest_good_checkpoint(folder: Path) -> dict[str, Any]:
+    """The run's latest readable checkpoint: checkpoint.pt, or the previous one when the latest is missing or torn
+    (with a warning). Raises FileNotFoundError when there is none, CheckpointError when neither can be read."""
+    from common.checkpoint import CheckpointError, load_checkpoint
+
+    folder = Path(folder)
+    try:
+        return load_checkpoint(folder / CHECKPOINT_NAME)
+    except (CheckpointError, FileNotFoundError) as exc:  # torn, or gone between a rotation's two renames
+        if not (folder / PREVIOUS_NAME).is_file():
+            raise
+        log.warning("%s; falling back to the previous round's %s", exc, PREVIOUS_NAME)
+        return load_checkpoint(folder / PREVIOUS_NAME)
+
+
+def completed_rounds(folder: Path) -> int:
+    """Rounds a federated run has completed, by its latest good checkpoint (0: none yet)."""
+    try:
+        return int(latest_good_checkpoint(folder)["position"]["round"])
+    except FileNotFoundError:
+        return 0
+
+
+def is_complete(folder: Path) -> bool:
+    """Whether the folder holds a finished run: the one answer every command uses.
+
+    A simulation is finished when its latest good checkpoint reached the rounds its own config asked for; a
+    pretraining run when it wrote its summary (after its last epoch and its reconstructions); an evaluation when it
+    wrote metrics.json; a data summary when it wrote summary.json."""
+    folder = Path(folder)
+    found = run_kind(folder)
+    if found is None:
+        return False
+    kind = found[0]
+    if kind == SIMULATE:
+        try:
+            payload = latest_good_checkpoint(folder)
+        except (OSError, ValueError):
+            return False
+        return int(payload["position"].get("round", 0)) >= int(payload["config"]["federation"]["num_rounds"])
+    if kind == PRETRAIN:
+        return (folder / SUMMARY_NAME).is_file()
+    if kind == EVALUATE:
+        return (folder / METRICS_NAME).is_file()
+    return (folder / SUMMARY_NAME).is_file()
+
+
+# -- claiming a folder for a new run -------------------------------------------------------------------------------
+
+
+FORCE_REMEDY = "choose another folder, or pass --force to move it aside"
+
+
+def move_aside(folder: Path) -> Path:
+    """Rename `folder` to FOLDER.old-<time> (never over anything): where a `--force` keeps the old run."""
+    folder = Path(folder)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = folder.with_name(f"{folder.name}.old-{stamp}")
+    counter = 1
+    while target.exists():
+        counter += 1
+        target = folder.with_name(f"{folder.name}.old-{stamp}-{counter}")
+    folder.rename(target)
+    return target
+
+
+def refusal(folder: Path, kind: str, option: str = "--out", remedy: str = FORCE_REMEDY) -> Optional[str]:
+    """Why `folder` may not receive a new run of `kind`, or None: it holds a run of another kind, or a finished
+    run of this kind (an unfinished one is simply started again, except a simulation's, which `--resume`
+    continues). `remedy` ends the message: what else the user may do."""
+    folder = Path(folder)
+    found = run_kind(folder)
+    if found is None:
+        return None
+    if found[0] != kind:
+        return f"{option} {folder} holds {found[1]}, not a `dermfed {kind}` run; writing there would mix the two: {remedy}"
+    if kind == SIMULATE:
+        if completed_rounds_or_none(folder) != 0:
+            return f"{option} {folder} already holds a federated run; continue it with --resume, or {remedy}"
+        return f"{option} {folder} holds a federated run that completed no round: {remedy}"
+    if is_complete(folder):
+        return f"{option} {folder} holds {_describe(kind)} that finished: {remedy}"
+    return None
+
+
+def completed_rounds_or_none(folder: Path) -> Optional[int]:
+    """Completed rounds, or None where the checkpoints cannot be read (a torn run still is a run)."""
+    try:
+        return completed_rounds(folder)
+    except (OSError, ValueError):
+        return None if (Path(folder) / CHECKPOINT_NAME).exists() else 0
+
+
+def claim_out(folder: Path, kind: str, force: bool = False, option: str = "--out") -> Optional[Path]:
+    """Make `folder` ready for a new run of `kind`, before anything is written: refuse it (RunFolderError) when it
+    holds another kind's run or a finished run; with `force`, move that run aside and return where it went."""
+    why = refusal(folder, kind, option)
+    if why is None:
+        return None
+    if not force:
+        raise RunFolderError(why)
+    return move_aside(folder)
+
+
+# -- resuming a simulation -------------------------------------------------------------------------------------------
+
+# What a resumed run may not change: the data, the split, the model's shapes, what is shared and how
+# it is aggregated, whether and how privacy is accounted. Everything else (rounds, schedules, timeouts,
+# monitor, ...) may change, and is recorded as a new revision of the run's config.
+LOCKED_KEYS = ("seed", "data.", "synth.", "model.encoder", "model.latent_dim", "model.decoder_width",
+               "model.drop_path_rate", "federation.share", "federation.strategy", "dp.enabled", "dp.accountant",
+               "dp.delta")
+FREE_KEYS = ("data.cache_dir", "data.use_cache", "output_dir", "run_name")
+
+
+def config_revisions(folder: Path) -> list[Path]:
+    """The run's configs in order: config.yaml (the original), then config.r2.yaml, config.r3.yaml, ..."""
+    folder = Path(folder)
+    revisions = sorted(folder.glob("config.r*.yaml"), key=lambda p: int(p.name[len("config.r"):-len(".yaml")]))
+    return [folder / CONFIG_NAME, *revisions]
+
+
+def latest_config_file(folder: Path) -> Path:
+    return [p for p in config_revisions(folder) if p.is_file()][-1]
+
+
+def resumable_rounds(folder: Path, option: str = "--resume") -> int:
+    """The rounds a resumable simulation run has completed; RunFolderError for anything else (another kind's run,
+    no run at all, a run that completed no round, unreadable checkpoints). Reads only."""
+    folder = Path(folder)
+    found = run_kind(folder)
+    if found and found[0] != SIMULATE:
+        raise RunFolderError(f"{option} {folder} holds {found[1]}, not a simulation run; start a new run "
+                             "(dermfed simulate --out NEW_FOLDER)")
+    has_checkpoint = any((folder / name).exists() for name in (CHECKPOINT_NAME, PREVIOUS_NAME))
+    if not (folder / CONFIG_NAME).is_file() or (found is None and not has_checkpoint):
+        raise RunFolderError(f"{option} {folder}: no federated run there (no {CONFIG_NAME} of a `dermfed simulate` "
+                             "run); start a new run (dermfed simulate --out NEW_FOLDER)")
+    try:
+        done = completed_rounds(folder)
+    except (OSError, ValueError) as exc:
+        raise RunFolderError(f"{option} {folder}: its checkpoints cannot be read ({exc}); start the run again in a "
+                             "new folder") from None
+    if done == 0:
+        raise RunFolderError(f"{option} {folder}: the run completed no round, so there is nothing to resume; start "
+                             "it again (with another --out, or --force to move this one aside)")
+    return done
+
+
+def locked_changes(folder: Path, config: "DermFedConfig") -> dict[str, tuple[Any, Any]]:
+    """The locked keys `config` changes against the run's original config.yaml: key -> (original, new)."""
+    from common.config import flatten_config, load_config
+
+    original = flatten_config(load_config(Path(folder) / CONFIG_NAME))
+    return {key: (original.get(key), value) for key, value in flatten_config(config).items()
+            if value != original.get(key) and key.startswith(LOCKED_KEYS) and not key.startswith(FREE_KEYS)}
+
+
+def check_resume(folder: Path, config: "DermFedConfig", option: str = "--resume") -> int:
+    """Whether `config` may continue the run in `folder`: a resumable simulation run, rounds left, no locked key
+    changed. Returns the completed rounds; raises RunFolderError naming what is wrong. Reads only."""
+    done = resumable_rounds(folder, option)
+    if changed := locked_changes(folder, config):
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        raise RunFolderError(f"{option} {folder} cannot change {listed}: the run's checkpoints, site states and "
+                             "privacy ledgers were made with the original values. Start a new run for that")
+    total = config.federation.num_rounds
+    if done >= total:
+        raise RunFolderError(f"{option} {folder} already completed federation.num_rounds={total} rounds; raise "
+                             "federation.num_rounds to continue it")
+    return done
+
+
+def resume_config(folder: Path, overrides: Iterable[str] = (), option: str = "--resume") -> "DermFedConfig":
+    """The config a resumed simulation continues with: its latest revision plus `overrides`, parsed and validated
+    once, together, then checked (`check_resume`). Writes nothing."""
+    from common.config import load_config
+
+    resumable_rounds(folder, option)  # before its config is read: a folder of another kind has none to read
+    config = load_config(latest_config_file(folder), list(overrides))
+    check_resume(folder, config, option)
+    return config
+
+
+def read_status(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / STATUS_NAME
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        return {}

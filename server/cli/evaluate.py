@@ -1,0 +1,97 @@
+"""`dermfed evaluate`: frozen encoders under identical heads. Its flags are built in `register` below."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence
+
+from server.cli.options import add_common, add_force, claim_out, out_folder
+
+if TYPE_CHECKING:
+    from common.config import DermFedConfig
+
+
+def cmd_evaluate(args: argparse.Namespace, config: DermFedConfig) -> int:
+    from server.evaluation.arms import load_imagenet_file
+    from server.evaluation.report import write_report
+    from server.evaluation.run import run_evaluation
+
+    config = with_external_sets(config, args.external)
+    if args.imagenet_weights:  # a wrong file is refused now, not after the other arms were evaluated
+        load_imagenet_file(Path(args.imagenet_weights), config.evaluation.imagenet_model)
+    folder = out_folder(config, "evaluation", args.out)
+    refuse_evaluation_out(folder, {"--checkpoint": args.checkpoint, "--pooled": args.pooled, "--local": args.local},
+                          args.force)
+    metrics = run_evaluation(config, Path(args.checkpoint), folder, args.imagenet_weights, args.pooled, args.local)
+    report = write_report(folder, metrics)
+    print(f"metrics: {folder / 'metrics.json'}")
+    print(f"report: {report.resolve()}")
+    return 0
+
+
+def refuse_evaluation_out(folder: Path, inputs: dict[str, Optional[str]], force: bool = False) -> None:
+    """`evaluate --out` never lies in a run it reads (not even with --force: it would move that run away), nor in
+    any folder holding a checkpoint.pt (it would overwrite that run's config.yaml and mix its metrics in)."""
+    from common.config import ConfigError
+    from common.run_folder import CHECKPOINT_NAME, EVALUATE, move_aside
+
+    out = folder.resolve()
+    for option, given in inputs.items():
+        if not given:
+            continue
+        run = Path(given).resolve()
+        inside = out == run or out.is_relative_to(run)  # a run folder, and all below it
+        if run.is_file():  # a checkpoint file: only its own folder, whose config.yaml describes it
+            inside = out == run.parent
+        if inside:
+            raise ConfigError(f"--out {folder} lies in the {option} run {given}: evaluate writes its config.yaml and "
+                              "metrics there; choose another --out")
+    if (folder / CHECKPOINT_NAME).exists() and not force:
+        raise ConfigError(f"--out {folder} holds a {CHECKPOINT_NAME} (a pretraining or simulation run): evaluate would "
+                          "overwrite its config.yaml; choose another --out, or pass --force to move it aside")
+    claim_out(folder, EVALUATE, force)
+    if (folder / CHECKPOINT_NAME).exists():  # --force, and a checkpoint of no kind known (torn): aside too
+        print(f"--force: moved the run that was in {folder} to {move_aside(folder)}", flush=True)
+
+
+def parse_external(spec: str) -> dict[str, str]:
+    """`FORMAT:ROOT[:NAME]` -> an `evaluation.external` entry (a ROOT holding ':' needs the config list)."""
+    from common.config import ConfigError
+
+    fmt, _, rest = spec.partition(":")
+    root, name = rest.rsplit(":", 1) if ":" in rest else (rest, "")
+    if not fmt or not root:
+        raise ConfigError(f"--external {spec!r}: expected FORMAT:ROOT[:NAME], e.g. isic-gt:/data/isic2018-task3-test:isic2018")
+    return {"format": fmt, "root": root, **({"name": name} if name else {})}
+
+
+def with_external_sets(config: DermFedConfig, specs: Sequence[str]) -> DermFedConfig:
+    """The config's `evaluation.external` list (its one owner), extended by `--external` flags and validated."""
+    from common.config import build_config
+
+    if not specs:
+        return config
+    tree = config.model_dump(mode="json")
+    tree["evaluation"]["external"] = [*tree["evaluation"]["external"], *(parse_external(spec) for spec in specs)]
+    return build_config(tree)
+
+
+def register(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:
+    """The flags of `dermfed evaluate` (an arm's own flags go here too)."""
+    evaluate = sub.add_parser("evaluate", help="frozen encoders against ImageNet ConvNeXt-Tiny under identical heads",
+                              formatter_class=fmt)
+    evaluate.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
+                          help="pretraining run folder or checkpoint.pt (arm A, the encoder under study: a federated "
+                               "run, or any pretraining run, labelled by what its checkpoint records)")
+    evaluate.add_argument("--imagenet-weights", default=None, metavar="FILE",
+                          help="arm B's ImageNet weights file (default: the Hugging Face cache, offline)")
+    evaluate.add_argument("--pooled", default=None, metavar="RUN_DIR", help="arm D: a pooled `dermfed pretrain` run")
+    evaluate.add_argument("--local", default=None, metavar="RUN_DIR", help="arm E: a local-only `dermfed pretrain` run")
+    evaluate.add_argument("--external", action="append", default=[], metavar="FORMAT:ROOT[:NAME]",
+                          help="also score the heads on this labelled data set, all of it test data (repeat; "
+                               "adds to evaluation.external)")
+    evaluate.add_argument("--out", default=None, help="run folder (default: output_dir/run_name)")
+    add_force(evaluate)
+    add_common(evaluate)
+    evaluate.set_defaults(handler=cmd_evaluate)
