@@ -1,0 +1,85 @@
+"""Objectives: the VAE pinned bit-for-bit against the code before the objectives registry.
+
+The hashes below were recorded on main 0f4a099 (before `common/objectives/` existed): the VAE's
+per-sample loss terms for a fixed seed, the weights after one local training call, and each
+simulated hospital's shared weights after one federated round plus their FedAvg mean. Moving
+the VAE behind the registry must not change a single bit of any of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from client.site import SiteRunner, simulation_site_data
+from common.config import load_config
+from common.data.batches import ImageRows
+from common.data.pipeline import prepare_data
+from common.data.splits import split_indices
+from common.model import build_vae, shared_state, vae_loss_per_sample
+from common.training import LocalTrainer, SiteState, seed_everything
+
+
+def _sha(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        digest.update(key.encode())
+        digest.update(tensors[key].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _smoke(root, tmp_path, *overrides):
+    return load_config("smoke", [f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}", "train.device=cpu",
+                                 *overrides])
+
+
+PIN_LOSS_TERMS = "bb94bad60b34934756ce4e917005e1f7a939adf22085ac62a7e666575350727f"
+PIN_LOSS_TERMS_WITH_DRAWS = "14fa61b51d49b577793a7f11b66199704fe0165bca5950aa34703543a5db750d"
+PIN_ONE_LOCAL_CALL = "54cf9957691596541cf88a8df4d03b5827cae2505bcfe31862e05f54515aecc8"
+PIN_ROUND_SITES = ["a9fa36a82a2fc91a4f601126d3188b022c4930abcb36e352248d855603cf609e",
+                   "c22b8b7b86b3bda8fe0810305e8f360fb89e51b356f8581f1e250fcb99ce2fee",
+                   "73c7e8f8f28f43b2eed136f0732a9c1fdea6041b66e952e8baa03c306df41699"]
+PIN_ROUND_MEAN = "921821048dde27620f8c213c7961150f0e44019180653c0322b370b89f37873a"
+PIN_ROUND_LOSSES = [["0x1.2ab9d871c71c7p+7", "0x1.7277c638e38e4p+2", "0x1.364d9671c71c7p+7"],
+                    ["0x1.0b56e15555555p+7", "0x1.97bb1aaaaaaabp+1", "0x1.11b5cd5555555p+7"],
+                    ["0x1.fb1dde0000000p+6", "0x1.03fe820000000p+2", "0x1.05aee40000000p+7"]]  # each site's reply metrics reconstruction, kl, total (float.hex)
+
+
+def test_vae_per_sample_loss_terms_are_pinned(synthetic_root, tmp_path):
+    config = _smoke(synthetic_root, tmp_path)  # convnext_atto at 32 px, latent 16, decoder width 8
+    seed_everything(0)
+    model = build_vae(config.model, config.data.image_size).train()
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(1)
+    terms = vae_loss_per_sample(images, model(images), 0.5)
+    assert set(terms) == {"reconstruction", "kl", "total"} and all(v.shape == (4,) for v in terms.values())
+    assert _sha(terms) == PIN_LOSS_TERMS
+    latent = torch.randn(4, 16, generator=torch.Generator().manual_seed(3))  # DP's path: the draws are handed in
+    terms = vae_loss_per_sample(images, model(images, draws={"latent": latent}), 0.5)
+    assert _sha(terms) == PIN_LOSS_TERMS_WITH_DRAWS
+
+
+def test_vae_weights_after_one_local_training_call_are_pinned(synthetic_root, tmp_path):
+    config = _smoke(synthetic_root, tmp_path, "train.max_steps=3")
+    prepared = prepare_data(config)
+    seed_everything(config.seed)
+    model = build_vae(config.model, config.data.image_size)
+    trainer = LocalTrainer(config, model, ImageRows(prepared.store, split_indices(prepared.catalog, "train")))
+    result = trainer.train(SiteState())
+    assert result.steps == 3
+    assert _sha(model.state_dict()) == PIN_ONE_LOCAL_CALL
+
+
+def test_vae_federated_round_is_pinned(synthetic_root, tmp_path):
+    """Three hospitals train round 1 from the same global weights (the simulation's SiteRunner path), then FedAvg."""
+    config = _smoke(synthetic_root, tmp_path)
+    torch.manual_seed(0)
+    start = shared_state(build_vae(config.model, config.data.image_size), config.federation.share)
+    outputs = [SiteRunner(config, simulation_site_data(config, i, 3), tmp_path / f"site{i}").train_round(1, start)
+               for i in range(3)]
+    assert [_sha(o.shared) for o in outputs] == PIN_ROUND_SITES
+    assert [[o.metrics[k].hex() for k in ("reconstruction", "kl", "total")] for o in outputs] == PIN_ROUND_LOSSES
+    total = sum(o.metrics["num-examples"] for o in outputs)
+    mean = {k: sum(o.shared[k] * (o.metrics["num-examples"] / total) for o in outputs) for k in start}
+    assert _sha(mean) == PIN_ROUND_MEAN
