@@ -51,6 +51,7 @@ from common.data.partition import check_partitions, partition_catalog
 from common.data.pipeline import prepare_data
 from common.interrupts import Interrupted, stop_signals_raise
 from common.processes import RUN_MARKER, die_with_parent, stop_marked
+from common.objectives import locked_keys
 from common.run_kinds import SIMULATE, run_kind
 from server.federation import ResumeError, initial_shared_weights
 from server.rounds import STATUS_NAME, latest_checkpoint
@@ -208,11 +209,11 @@ class RunLock:
         os.close(self.fd)
 
 
-# What a resumed run may not change: the data, the split, the model's shapes, what is shared and how
-# it is aggregated, whether and how privacy is accounted. Everything else (rounds, schedules, timeouts,
-# monitor, ...) may change, and is recorded as a new revision of the run's config.
-LOCKED_KEYS = ("seed", "data.", "synth.", "model.encoder", "model.latent_dim", "model.decoder_width",
-               "model.drop_path_rate", "federation.share", "federation.strategy", "dp.enabled", "dp.accountant",
+# What a resumed run may not change: the data, the split, the objective and the model's shapes (the objective
+# names its own: `Objective.locked`), what is shared and how it is aggregated, whether and how privacy is
+# accounted. Everything else (rounds, schedules, timeouts, monitor, ...) may change, and is recorded as a new
+# revision of the run's config.
+LOCKED_KEYS = ("seed", "data.", "synth.", "model.objective", "model.encoder", "model.drop_path_rate", "federation.share", "federation.strategy", "dp.enabled", "dp.accountant",
                "dp.delta")
 FREE_KEYS = ("data.cache_dir", "data.use_cache", "output_dir", "run_name")
 
@@ -237,8 +238,9 @@ def resume_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) ->
         raise RunRefused(f"--resume {run_dir}: no config.yaml there (is it a dermfed simulate run folder?)")
     original = flatten_config(load_config(revisions[0]))
     config = load_config([p for p in revisions if p.is_file()][-1], overrides)
-    changed = {key: (original[key], value) for key, value in flatten_config(config).items()
-               if value != original.get(key) and key.startswith(LOCKED_KEYS) and not key.startswith(FREE_KEYS)}
+    locked = LOCKED_KEYS + locked_keys(config.model)
+    changed = {key: (original.get(key), value) for key, value in flatten_config(config).items()
+               if value != original.get(key) and key.startswith(locked) and not key.startswith(FREE_KEYS)}
     if changed:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
         raise RunRefused(f"--resume {run_dir} cannot change {listed}: the run's checkpoints, site states and "

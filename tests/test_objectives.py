@@ -18,7 +18,8 @@ from common.config import load_config
 from common.data.batches import ImageRows
 from common.data.pipeline import prepare_data
 from common.data.splits import split_indices
-from common.model import build_vae, shared_state, vae_loss_per_sample
+from common.model import build_model, shared_state
+from common.objectives.vae import vae_loss_per_sample
 from common.training import LocalTrainer, SiteState, seed_everything
 
 
@@ -59,7 +60,7 @@ PIN_ROUND_LOSSES = [["0x1.2ab9d871c71c7p+7", "0x1.7277c6aaaaaabp+2", "0x1.364d96
 def test_vae_per_sample_loss_terms_are_pinned(synthetic_root, tmp_path):
     config = _smoke(synthetic_root, tmp_path)  # convnext_atto at 32 px, latent 16, decoder width 8
     seed_everything(0)
-    model = build_vae(config.model, config.data.image_size).train()
+    model = build_model(config.model, config.data.image_size).train()
     images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(7))
     torch.manual_seed(1)
     terms = vae_loss_per_sample(images, model(images), 0.5)
@@ -74,7 +75,7 @@ def test_vae_weights_after_one_local_training_call_are_pinned(synthetic_root, tm
     config = _smoke(synthetic_root, tmp_path, "train.max_steps=3")
     prepared = prepare_data(config)
     seed_everything(config.seed)
-    model = build_vae(config.model, config.data.image_size)
+    model = build_model(config.model, config.data.image_size)
     trainer = LocalTrainer(config, model, ImageRows(prepared.store, split_indices(prepared.catalog, "train")))
     result = trainer.train(SiteState())
     assert result.steps == 3
@@ -85,7 +86,7 @@ def test_vae_federated_round_is_pinned(synthetic_root, tmp_path):
     """Three hospitals train round 1 from the same global weights (the simulation's SiteRunner path), then FedAvg."""
     config = _smoke(synthetic_root, tmp_path)
     torch.manual_seed(0)
-    start = shared_state(build_vae(config.model, config.data.image_size), config.federation.share)
+    start = shared_state(build_model(config.model, config.data.image_size), config.federation.share)
     outputs = [SiteRunner(config, simulation_site_data(config, i, 3), tmp_path / f"site{i}").train_round(1, start)
                for i in range(3)]
     assert [_sha(o.shared) for o in outputs] == PIN_ROUND_SITES
