@@ -193,7 +193,7 @@ def _migrate_flat_vae_keys(values: dict[str, Any]) -> dict[str, Any]:
     section = section.model_dump() if isinstance(section, BaseModel) else dict(section or {})
     twice = sorted(set(flat) & set(section))
     if twice:
-        raise ValueError(f"model.{twice[0]} and model.vae.{twice[0]} are both given; keep model.vae.{twice[0]}")
+        raise ConfigError(f"model.{twice[0]} and model.vae.{twice[0]} are both given; keep model.vae.{twice[0]}")
     values["vae"] = {**flat, **section}
     return values
 
@@ -586,6 +586,8 @@ def apply_overrides(config: DermFedConfig, overrides: list[str] | tuple[str, ...
 
 
 def _overridden(tree: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> DermFedConfig:
+    if isinstance(tree.get("model"), dict):  # an old run's flat model keys first, so `model.vae.*` overrides apply to them
+        tree = {**tree, "model": _migrate_flat_vae_keys(dict(tree["model"]))}
     for text in overrides:
         key_path, value = parse_override(text)
         _apply_override(tree, key_path, value)

@@ -1,6 +1,6 @@
-"""Objectives: the VAE pinned bit-for-bit against the code before the objectives registry.
+"""Objectives: the registry, and the VAE pinned bit-for-bit against the code before the objectives registry.
 
-The hashes below were recorded on main 0f4a099 (before `common/objectives/` existed): the VAE's
+The first tests pin the VAE. The hashes below were recorded on main 0f4a099 (before `common/objectives/` existed): the VAE's
 per-sample loss terms for a fixed seed, the weights after one local training call, and each
 simulated hospital's shared weights after one federated round plus their FedAvg mean. Moving
 the VAE behind the registry must not change a single bit of any of them.
@@ -9,18 +9,26 @@ the VAE behind the registry must not change a single bit of any of them.
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
+import timm
 import torch
+from pydantic import Field
+from torch import nn
 
 from client.site import SiteRunner, simulation_site_data
-from common.config import load_config
+from common.checkpoint import load_checkpoint
+from common.config import ConfigError, apply_overrides, load_config
 from common.data.batches import ImageRows
 from common.data.pipeline import prepare_data
 from common.data.splits import split_indices
 from common.model import build_model, shared_state
+from common.objectives import OBJECTIVES, Objective, ObjectiveSettings, create_encoder, register_objective
 from common.objectives.vae import vae_loss_per_sample
 from common.training import LocalTrainer, SiteState, seed_everything
+from server.cli import main
+from simulations.runner import resume_config
 
 
 @pytest.fixture(autouse=True)
@@ -94,3 +102,112 @@ def test_vae_federated_round_is_pinned(synthetic_root, tmp_path):
     total = sum(o.metrics["num-examples"] for o in outputs)
     mean = {k: sum(o.shared[k] * (o.metrics["num-examples"] / total) for o in outputs) for k in start}
     assert _sha(mean) == PIN_ROUND_MEAN
+
+
+# -- the registry -------------------------------------------------------------------------------------------
+
+class ToySettings(ObjectiveSettings):
+    weight: float = Field(1.0, gt=0.0)
+
+
+class Toy(Objective):
+    """Predict each image's mean colour from the encoder's features: one file's worth of objective."""
+
+    Settings = ToySettings
+    terms = ("colour", "total")
+    locked = ()
+
+    def __init__(self, encoder: str, weight: float):
+        super().__init__()
+        self.encoder = create_encoder(encoder)
+        self._normalisation()
+        self.head = nn.Linear(self.encoder.num_features, 3)
+        self.weight = weight
+
+    @classmethod
+    def from_config(cls, model_config, image_size):
+        return cls(model_config.encoder, model_config.settings("toy").weight)
+
+    def forward(self, images, draws=None):
+        return self.head(self.features(images))
+
+    def loss_terms(self, images, output, schedule):
+        colour = (output - images.mean(dim=(2, 3))).pow(2).sum(dim=1)
+        return {"colour": colour, "total": self.weight * colour}
+
+
+@pytest.fixture()
+def toy():
+    register_objective("toy")(Toy)
+    yield Toy
+    OBJECTIVES.pop("toy")
+
+
+def test_an_objective_registered_from_a_test_module_pretrains_through_the_cli(toy, synthetic_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["pretrain", "--config", "smoke", "--out", str(out), f"data.root={synthetic_root}",
+                 f"data.cache_dir={tmp_path / 'cache'}", "train.device=cpu", "model.objective=toy",
+                 "model.toy.weight=2"]) == 0
+    printed = capsys.readouterr().out
+    assert "epoch 1: colour " in printed and "kl" not in printed.split("checkpoint:")[0]
+    history = json.loads((out / "history.json").read_text())
+    assert {"colour", "total"} <= set(history[-1]) and "kl" not in history[-1] and "beta" not in history[-1]
+    payload = load_checkpoint(out)
+    assert payload["config"]["model"]["objective"] == "toy" and payload["config"]["model"]["toy"] == {"weight": 2.0}
+    backbone = timm.create_model("convnext_atto", num_classes=0)
+    backbone.load_state_dict(payload["encoder"], strict=True)  # the encoder is a plain timm state dict
+    assert (out / "reconstructions.png").is_file()
+
+
+def test_objective_names_and_keys_are_checked_against_the_registry(toy):
+    with pytest.raises(ConfigError, match=r"model.objective: not a registered objective; did you mean toy\? "
+                                          r"allowed: toy, vae"):
+        load_config("smoke", ["model.objective=tyo"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.toy.wieght' in section 'model.toy'; allowed: weight"):
+        load_config("smoke", ["model.toy.wieght=1"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.latent_dim' in section 'model'; allowed: "
+                                          r"drop_path_rate, encoder, objective, toy, vae"):
+        load_config("smoke", ["model.latent_dim=8"])
+    with pytest.raises(ConfigError, match=r"model.toy.weight: Input should be greater than 0"):
+        load_config("smoke", ["model.objective=toy", "model.toy.weight=0"])
+    with pytest.raises(ConfigError, match=r"model.vae: beta must be a number, got true"):
+        load_config("smoke", ["model.vae.beta=true"])
+    with pytest.raises(ConfigError, match=r"federation.monitor=reconstruction is not supported by model.objective=toy; "
+                                          r"it supports: none, linear-probe"):
+        load_config("smoke", ["model.objective=toy", "federation.share=all", "federation.monitor=reconstruction"])
+    switched = apply_overrides(load_config("smoke"), ["model.objective=toy"])  # one override; the VAE's settings stay
+    assert switched.model.settings().weight == 1.0 and switched.model.vae.latent_dim == 16
+
+
+def test_an_unknown_objective_exits_2_with_the_allowed_names(capsys):
+    assert main(["config", "--config", "smoke", "model.objective=mae"]) == 2
+    assert "allowed: vae" in capsys.readouterr().err
+
+
+OLD_RUN_CONFIG = """seed: 0
+data: {format: synthetic, root: data/smoke, image_size: 32}
+model:
+  encoder: convnext_atto
+  latent_dim: 16
+  decoder_width: 8
+  drop_path_rate: 0.0
+  beta: 1.0
+  kl_warmup_steps: 0
+federation: {share: vae, monitor: reconstruction}
+"""
+
+
+def test_a_run_config_written_before_objectives_still_loads_and_resumes_with_its_locks(tmp_path):
+    run = tmp_path / "old-run"
+    run.mkdir()
+    (run / "config.yaml").write_text(OLD_RUN_CONFIG)
+    config = load_config(run / "config.yaml")
+    assert config.model.objective == "vae" and config.federation.share == "all"
+    assert config.model.vae.model_dump() == {"latent_dim": 16, "decoder_width": 8, "beta": 1.0, "kl_warmup_steps": 0}
+    assert resume_config(run, ["model.vae.beta=0.5"]).model.vae.beta == 0.5  # a schedule may change on resume
+    with pytest.raises(Exception, match=r"cannot change model.vae.latent_dim: 16 -> 32"):
+        resume_config(run, ["model.vae.latent_dim=32"])
+    both = OLD_RUN_CONFIG.replace("  beta: 1.0\n", "  beta: 1.0\n  vae: {beta: 2.0}\n")
+    (run / "config.yaml").write_text(both)
+    with pytest.raises(ConfigError, match=r"model.beta and model.vae.beta are both given"):
+        load_config(run / "config.yaml")
