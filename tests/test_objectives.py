@@ -161,12 +161,12 @@ def test_an_objective_registered_from_a_test_module_pretrains_through_the_cli(to
 
 def test_objective_names_and_keys_are_checked_against_the_registry(toy):
     with pytest.raises(ConfigError, match=r"model.objective: not a registered objective; did you mean toy\? "
-                                          r"allowed: toy, vae"):
+                                          r"allowed: masked, toy, vae"):
         load_config("smoke", ["model.objective=tyo"])
     with pytest.raises(ConfigError, match=r"unknown config key 'model.toy.wieght' in section 'model.toy'; allowed: weight"):
         load_config("smoke", ["model.toy.wieght=1"])
     with pytest.raises(ConfigError, match=r"unknown config key 'model.latent_dim' in section 'model'; allowed: "
-                                          r"drop_path_rate, encoder, objective, toy, vae"):
+                                          r"drop_path_rate, encoder, masked, objective, toy, vae"):
         load_config("smoke", ["model.latent_dim=8"])
     with pytest.raises(ConfigError, match=r"model.toy.weight: Input should be greater than 0"):
         load_config("smoke", ["model.objective=toy", "model.toy.weight=0"])
@@ -181,7 +181,7 @@ def test_objective_names_and_keys_are_checked_against_the_registry(toy):
 
 def test_an_unknown_objective_exits_2_with_the_allowed_names(capsys):
     assert main(["config", "--config", "smoke", "model.objective=mae"]) == 2
-    assert "allowed: vae" in capsys.readouterr().err
+    assert "allowed: masked, vae" in capsys.readouterr().err
 
 
 OLD_RUN_CONFIG = """seed: 0

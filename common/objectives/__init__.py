@@ -65,7 +65,7 @@ def locked_keys(model_config: Any) -> tuple[str, ...]:
     return tuple(f"model.{cls.name}.{key}" for key in cls.locked)
 
 
-from common.objectives import vae  # noqa: E402,F401  - the built-in objectives register themselves
+from common.objectives import masked, vae  # noqa: E402,F401  - the built-in objectives register themselves
 
 __all__ = ["ENCODER_PREFIX", "OBJECTIVES", "SHARE_SCOPES", "Objective", "ObjectiveSettings", "available_encoders",
            "build_model", "create_encoder", "get_objective", "locked_keys", "objective_names", "register_objective",

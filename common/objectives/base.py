@@ -61,7 +61,8 @@ class Objective(nn.Module):
 
     name: ClassVar[str] = ""  # set by `register_objective`
     Settings: ClassVar[type[ObjectiveSettings]] = ObjectiveSettings  # the section model.<name>
-    terms: ClassVar[tuple[str, ...]] = ("total",)  # per-sample loss terms, "total" (the one optimised) included
+    terms: ClassVar[tuple[str, ...]] = ("total",)  # per-sample loss terms, "total" (the one optimised) included;
+    # the first is the headline the round log and the report plot
     locked: ClassVar[tuple[str, ...]] = ()  # settings that shape the weights: a resumed run may not change them
     monitors: ClassVar[tuple[str, ...]] = ()  # federation.monitor kinds it supports beyond none and linear-probe
     encoder: nn.Module
@@ -112,7 +113,7 @@ class Objective(nn.Module):
 
     @torch.no_grad()
     def preview(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Rows of images in [0, 1] that show what the objective learned (inputs first); evaluation mode."""
+        """Rows of images in [0, 1] that show what the objective learned (one row per kind); evaluation mode."""
         return [images]
 
     # -- federation ----------------------------------------------------------------------------------
