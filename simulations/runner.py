@@ -213,8 +213,8 @@ class RunLock:
 # names its own: `Objective.locked`), what is shared and how it is aggregated, whether and how privacy is
 # accounted. Everything else (rounds, schedules, timeouts, monitor, ...) may change, and is recorded as a new
 # revision of the run's config.
-LOCKED_KEYS = ("seed", "data.", "synth.", "model.objective", "model.encoder", "model.drop_path_rate", "federation.share", "federation.strategy", "dp.enabled", "dp.accountant",
-               "dp.delta")
+LOCKED_KEYS = ("seed", "data.", "synth.", "model.objective", "model.encoder", "model.drop_path_rate", "federation.share",
+               "federation.strategy", "dp.enabled", "dp.accountant", "dp.delta")
 FREE_KEYS = ("data.cache_dir", "data.use_cache", "output_dir", "run_name")
 
 

@@ -37,6 +37,7 @@ def register_objective(name: str) -> Callable[[_O], _O]:
         if name in OBJECTIVES and OBJECTIVES[name] is not cls:
             raise ValueError(f"objective {name!r} is registered twice ({OBJECTIVES[name].__qualname__}, {cls.__qualname__})")
         cls.name = name
+        cls.title = cls.__dict__.get("title") or name
         OBJECTIVES[name] = cls
         return cls
 

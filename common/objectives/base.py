@@ -60,6 +60,7 @@ class Objective(nn.Module):
     `loss_terms` (and, where they have them, `schedule`, `random_streams`, `preview`)."""
 
     name: ClassVar[str] = ""  # set by `register_objective`
+    title: ClassVar[str] = ""  # how reports write it ("VAE"); default: the name
     Settings: ClassVar[type[ObjectiveSettings]] = ObjectiveSettings  # the section model.<name>
     terms: ClassVar[tuple[str, ...]] = ("total",)  # per-sample loss terms, "total" (the one optimised) included;
     # the first is the headline the round log and the report plot

@@ -55,6 +55,7 @@ def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
 class MaskedConvNeXt(Objective):
     """Encoder (timm ConvNeXt) on masked images -> light decoder -> the masked patches' pixels."""
 
+    title = "masked image modelling"
     Settings = MaskedSettings
     terms = ("masked_mse", "total")
     locked = ("decoder_width", "patch_size")  # the decoder's shape; the task the weights were trained on
@@ -72,10 +73,10 @@ class MaskedConvNeXt(Objective):
         self.grid = image_size // patch_size
         self.masked_patches = max(1, round(mask_ratio * self.grid * self.grid))
         self.norm_pix_loss = norm_pix_loss
-        width = decoder_width
+        width, groups = decoder_width, min(8, decoder_width // 4)  # >= 4 channels a group: a 1x1 map (32 px) normalises
         self.decoder = nn.Sequential(
-            nn.Conv2d(self.encoder.num_features, width, kernel_size=1), nn.GroupNorm(min(8, width), width), nn.GELU(),
-            nn.Conv2d(width, width, kernel_size=3, padding=1), nn.GroupNorm(min(8, width), width), nn.GELU(),
+            nn.Conv2d(self.encoder.num_features, width, kernel_size=1), nn.GroupNorm(groups, width), nn.GELU(),
+            nn.Conv2d(width, width, kernel_size=3, padding=1), nn.GroupNorm(groups, width), nn.GELU(),
             nn.Conv2d(width, 3 * CELL * CELL, kernel_size=1))
 
     @classmethod

@@ -93,6 +93,7 @@ def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
 class ConvNeXtVAE(Objective):
     """Encoder (timm ConvNeXt) -> mean and log-variance of the latent -> decoder."""
 
+    title = "VAE"
     Settings = VAESettings
     terms = ("reconstruction", "kl", "total")
     locked = ("latent_dim", "decoder_width")  # they shape the weights; beta and its warm-up may change on resume
