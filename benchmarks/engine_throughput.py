@@ -33,8 +33,8 @@ def _config(args, dp: bool):
     data = (["data.format=ham10000", f"data.root={HAM_SAMPLE}"] if (HAM_SAMPLE / "HAM10000_metadata.csv").is_file()
             else [f"data.root={Path(tempfile.gettempdir()) / 'dermfed-bench-synthetic'}"])
     overrides = [*data, f"data.cache_dir={Path(tempfile.gettempdir()) / 'dermfed-bench-cache'}",
-                 f"data.image_size={args.size}", f"model.encoder={args.encoder}", "model.latent_dim=128",
-                 "model.decoder_width=32", f"train.batch_size={args.batch}", "train.epochs=1000",
+                 f"data.image_size={args.size}", f"model.encoder={args.encoder}", "model.vae.latent_dim=128",
+                 "model.vae.decoder_width=32", f"train.batch_size={args.batch}", "train.epochs=1000",
                  "train.progress=false", "data.val_fraction=0", "data.test_fraction=0"]
     if dp:
         overrides += ["dp.enabled=true", "dp.noise_multiplier=1.0"]
@@ -58,13 +58,13 @@ def _device_name(device) -> str:
 def bare(args) -> dict:
     import torch
 
-    from common.model import build_vae, vae_loss_per_sample
+    from common.model import build_model
     from common.training import autocast_dtype, resolve_device
 
     config = _config(args, dp=False)
     device = resolve_device("auto")
     torch.manual_seed(0)
-    model = build_vae(config.model, args.size).to(device)
+    model = build_model(config.model, args.size).to(device)
     images = torch.rand(args.batch, 3, args.size, args.size, device=device)
     dtype = autocast_dtype(device, True)
     if device.type == "cuda":
@@ -76,7 +76,7 @@ def bare(args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out = model(images)
-        loss = vae_loss_per_sample(images, out, 1.0)["total"].mean()
+        loss = model.loss_terms(images, out, model.schedule(None))["total"].mean()
         loss.backward()
         optimizer.step()
 
@@ -101,14 +101,14 @@ def engine(args, dp: bool) -> dict:
     from common.data.batches import ImageRows
     from common.data.pipeline import prepare_data
     from common.data.splits import split_indices
-    from common.model import build_vae
+    from common.model import build_model
     from common.training import LocalTrainer, SiteState
 
     config = _config(args, dp)
     prepared = prepare_data(config)
     images = ImageRows(prepared.store, split_indices(prepared.catalog, "train"))
     torch.manual_seed(0)
-    model = build_vae(config.model, args.size)
+    model = build_model(config.model, args.size)
     warm = config.model_copy(update={"train": config.train.model_copy(update={"max_steps": 2})})
     LocalTrainer(warm, model, images).train(SiteState())  # kernels and allocator warm; the cache exists
     trainer = LocalTrainer(config.model_copy(update={"train": config.train.model_copy(update={"max_steps": args.steps})}),

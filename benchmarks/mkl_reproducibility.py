@@ -34,12 +34,12 @@ def measure(steps: int, repeats: int) -> dict:
     from common.config import load_config
     from common.data.batches import ImageRows
     from common.data.cache import MemmapStore
-    from common.model import build_vae
+    from common.model import build_model
     from common.training import LocalTrainer, SiteState, seed_everything
 
     def trained(config, images) -> dict:
         seed_everything(0, 1)
-        model = build_vae(config.model, config.data.image_size)
+        model = build_model(config.model, config.data.image_size)
         LocalTrainer(config, model, images).train(SiteState())
         return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -56,7 +56,7 @@ def measure(steps: int, repeats: int) -> dict:
 
     pixels = np.random.default_rng(2).integers(0, 256, (16 * steps, 64, 64, 3), dtype=np.uint8)
     images = ImageRows(MemmapStore(pixels), np.arange(len(pixels)))
-    model = build_vae(demo(2).model, 64)
+    model = build_model(demo(2).model, 64)
     LocalTrainer(demo(2), model, images).train(SiteState())  # warm-up
     timed = LocalTrainer(demo(steps), model, images)
     started = time.perf_counter()

@@ -44,7 +44,7 @@ from common.data.batches import ImageRows, ordered_batches, read_batch, to_devic
 from common.data.catalog import DataError
 from common.data.partition import partition_catalog
 from common.data.pipeline import PreparedData, prepare_data
-from common.model import build_vae, load_partial_state, private_state, shared_keys, shared_state, vae_loss_per_sample
+from common.model import build_model, load_partial_state, private_state, shared_keys, shared_state
 from common.run_files import atomic_write_bytes
 from common.serialization import read_site_snapshot, site_snapshot
 from common.privacy import group_epsilon, with_planned_steps
@@ -199,7 +199,7 @@ class RoundOutput:
 
 
 class SiteRunner:
-    """Trains one site's VAE round after round; owns the site's model and state."""
+    """Trains one site's model (the run's objective) round after round; owns the site's model and state."""
 
     def __init__(self, config: DermFedConfig, data: SiteData, state_dir: Path,
                  floor: PrivacyFloor = PrivacyFloor(), public_count: Optional[int] = None,
@@ -213,7 +213,7 @@ class SiteRunner:
         self.config, self.data, self.state_dir = config, data, Path(state_dir)
         self.public_weight = float(public_count or 1)
         seed_everything(config.seed, 30_000, data.index)
-        self.model = build_vae(config.model, config.data.image_size)
+        self.model = build_model(config.model, config.data.image_size)
         self.scope = config.federation.share
         self.images = ImageRows(data.prepared.store, data.train_rows)
         self._require_at_least(len(data.train_rows), "train on", "training")
@@ -322,9 +322,7 @@ class SiteRunner:
             "num-examples": float(len(self.images)),  # FedAvg weight: the site's training images
             "images-seen": float(result.images),
             "steps": float(result.steps),
-            "reconstruction": sum(e.reconstruction * e.images for e in result.epochs) / images,
-            "kl": sum(e.kl * e.images for e in result.epochs) / images,
-            "total": sum(e.total * e.images for e in result.epochs) / images,
+            **{key: sum(e.losses[key] * e.images for e in result.epochs) / images for key in self.model.terms},
             "seconds": sum(e.seconds for e in result.epochs),
             "skipped-steps": float(sum(e.skipped_steps for e in result.epochs)),  # float16 overflow: no update
         }
@@ -334,7 +332,8 @@ class SiteRunner:
 
     @torch.no_grad()
     def evaluate(self, shared: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        """Reconstruction loss of the global weights (with this site's private decoder) on its validation images.
+        """The objective's loss terms of the global weights (with this site's private part, e.g. the VAE's decoder)
+        on its validation images, as `val-<term>`.
 
         Refused under DP (an un-noised loss on private images is not covered by the accounting) and
         when the site holds no validation images (its training images would flatter the number).
@@ -349,11 +348,12 @@ class SiteRunner:
         rows = self.data.val_rows
         self.model.eval()
         device = next(self.model.parameters()).device
-        totals = torch.zeros(3, dtype=torch.float64, device=device)
+        keys, schedule = self.model.terms, self.model.schedule(None)
+        totals = torch.zeros(len(keys), dtype=torch.float64, device=device)
         for positions in ordered_batches(len(rows), 64):
             images = to_device_float(read_batch(self.data.prepared.store, rows[positions]), device)
-            terms = vae_loss_per_sample(images, self.model(images), self.config.model.beta)
-            totals += torch.stack([terms[key].sum() for key in ("reconstruction", "kl", "total")]).double()
-        values = dict(zip(("reconstruction", "kl", "total"), totals.tolist()))
+            terms = self.model.loss_terms(images, self.model(images), schedule)
+            totals += torch.stack([terms[key].sum() for key in keys]).double()
+        values = dict(zip(keys, totals.tolist()))
         return {"num-examples": float(len(rows)), "site-index": float(self.data.index),
                 **{f"val-{k}": v / len(rows) for k, v in values.items()}}

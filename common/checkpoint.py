@@ -14,7 +14,8 @@ import timm
 import torch
 
 from common.config import DermFedConfig, build_config
-from common.model import ConvNeXtVAE, encoder_state_dict, strip_wrapper_prefixes
+from common.model import encoder_state_dict, strip_wrapper_prefixes
+from common.objectives import Objective
 from common.run_files import atomic_write_bytes, torch_bytes
 from common.run_folder import CHECKPOINT_NAME, PREVIOUS_NAME  # noqa: F401 - the run folder owns its file names
 
@@ -25,7 +26,10 @@ def save_checkpoint(path: str | Path, *, config: DermFedConfig, encoder_state: d
                     vae_state: Optional[dict[str, torch.Tensor]] = None, position: dict[str, int],
                     history: list[dict[str, Any]], extra: Optional[dict[str, Any]] = None,
                     previous: Optional[str | Path] = None) -> Path:
-    """Write atomically (`common.run_files`): a failed or interrupted save leaves the last good file as it was.
+    """`vae_state`: the objective's whole model (stored under "vae", the key's name before objectives, so that old
+    and new checkpoints read alike); None when only the encoder is shared.
+
+    Write atomically (`common.run_files`): a failed or interrupted save leaves the last good file as it was.
 
     With `previous` (e.g. checkpoint.prev.pt), the file it replaces is kept under that name."""
     path = Path(path)
@@ -42,7 +46,7 @@ def save_checkpoint(path: str | Path, *, config: DermFedConfig, encoder_state: d
     return atomic_write_bytes(path, torch_bytes(payload), previous)
 
 
-def save_vae_checkpoint(path: str | Path, model: ConvNeXtVAE, config: DermFedConfig, position: dict[str, int],
+def save_model_checkpoint(path: str | Path, model: Objective, config: DermFedConfig, position: dict[str, int],
                         history: list[dict[str, Any]], extra: Optional[dict[str, Any]] = None,
                         previous: Optional[str | Path] = None) -> Path:
     return save_checkpoint(path, config=config, encoder_state=encoder_state_dict(model),

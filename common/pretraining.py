@@ -1,7 +1,8 @@
 """Centralised pretraining: all sites pooled (the "pooled" arm) or one site (the "local-only" arm).
 
 The same LocalTrainer that a hospital runs in a federated round, on one data set, with a
-checkpoint after every epoch and a grid of inputs next to their reconstructions.
+checkpoint after every epoch and a grid of what the objective learned (`Objective.preview`: for the VAE,
+inputs above their reconstructions).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from torchvision.utils import save_image
 
-from common.checkpoint import load_checkpoint, save_vae_checkpoint
+from common.checkpoint import load_checkpoint, save_model_checkpoint
 from common.config import DermFedConfig, write_config
 from common.data.batches import ImageRows, read_batch, to_device_float
 from common.data.catalog import DataError
@@ -30,7 +31,8 @@ from common.data.identity import (
     with_content,
 )
 from common.data.pipeline import PreparedData, prepare_data
-from common.model import ConvNeXtVAE, build_vae
+from common.model import build_model
+from common.objectives import Objective
 from common.run_files import atomic_write_bytes, atomic_write_text
 from common.run_folder import CHECKPOINT_NAME, HISTORY_NAME, PREVIOUS_NAME, SUMMARY_NAME
 from common.training import EpochMetrics, LocalTrainer, SiteState, seed_everything
@@ -89,13 +91,11 @@ def with_warm_start(record: dict[str, Any], stage: dict[str, Any]) -> dict[str, 
 
 
 @torch.no_grad()
-def save_reconstruction_grid(model: ConvNeXtVAE, images: torch.Tensor, path: Path) -> Path:
-    """Top row: inputs; bottom row: reconstructions (z = mean of the posterior)."""
-    model.eval()
-    device = next(model.parameters()).device
-    reconstruction = model(images.to(device)).reconstruction.cpu()
+def save_reconstruction_grid(model: Objective, images: torch.Tensor, path: Path) -> Path:
+    """One row per image row of the objective's preview (top row: the inputs)."""
+    rows = model.preview(images)
     png = io.BytesIO()
-    save_image(torch.cat([images, reconstruction]), png, format="png", nrow=len(images), padding=2, pad_value=1.0)
+    save_image(torch.cat([row.cpu() for row in rows]), png, format="png", nrow=len(images), padding=2, pad_value=1.0)
     return atomic_write_bytes(path, png.getvalue())
 
 
@@ -111,7 +111,7 @@ def run_pretraining(config: DermFedConfig, out: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     write_config(config, out)
     seed_everything(config.seed, 10_000)
-    model = build_vae(config.model, config.data.image_size)
+    model = build_model(config.model, config.data.image_size)
     images = ImageRows(prepared.store, indices)
     site = config.data.site or "pooled"
     trainer = LocalTrainer(config, model, images, site=site)
@@ -124,9 +124,9 @@ def run_pretraining(config: DermFedConfig, out: Path) -> dict[str, Any]:
     def checkpoint(metrics: EpochMetrics, state: SiteState) -> None:
         history.append(metrics.as_dict())
         eps = f", epsilon {metrics.epsilon:.2f}" if metrics.epsilon is not None else ""
-        print(f"epoch {metrics.epoch}: reconstruction {metrics.reconstruction:.2f}, KL {metrics.kl:.2f}, "
-              f"total {metrics.total:.2f}, {metrics.images_per_second:.1f} img/s{eps}", flush=True)
-        save_vae_checkpoint(out / CHECKPOINT_NAME, model, config, {"epoch": metrics.epoch, "step": state.step},
+        losses = ", ".join(f"{key} {metrics.losses[key]:.2f}" for key in model.terms)
+        print(f"epoch {metrics.epoch}: {losses}, {metrics.images_per_second:.1f} img/s{eps}", flush=True)
+        save_model_checkpoint(out / CHECKPOINT_NAME, model, config, {"epoch": metrics.epoch, "step": state.step},
                             history, extra={"arm": arm, "site": site, "images": len(images), "pretraining_images": seen},
                             previous=out / PREVIOUS_NAME)  # checkpoint first: history.json never claims a lost epoch
         atomic_write_text(out / HISTORY_NAME, json.dumps(history, indent=2))

@@ -203,12 +203,12 @@ def claim_out(folder: Path, kind: str, force: bool = False, option: str = "--out
 
 # -- resuming a simulation -------------------------------------------------------------------------------------------
 
-# What a resumed run may not change: the data, the split, the model's shapes, what is shared and how
-# it is aggregated, whether and how privacy is accounted. Everything else (rounds, schedules, timeouts,
-# monitor, ...) may change, and is recorded as a new revision of the run's config.
-LOCKED_KEYS = ("seed", "data.", "synth.", "model.encoder", "model.latent_dim", "model.decoder_width",
-               "model.drop_path_rate", "federation.share", "federation.strategy", "dp.enabled", "dp.accountant",
-               "dp.delta")
+# What a resumed run may not change: the data, the split, the objective and the model's shapes (the objective
+# names its own: `Objective.locked`), what is shared and how it is aggregated, whether and how privacy is
+# accounted. Everything else (rounds, schedules, timeouts, monitor, ...) may change, and is recorded as a new
+# revision of the run's config.
+LOCKED_KEYS = ("seed", "data.", "synth.", "model.objective", "model.encoder", "model.drop_path_rate", "federation.share",
+               "federation.strategy", "dp.enabled", "dp.accountant", "dp.delta")
 FREE_KEYS = ("data.cache_dir", "data.use_cache", "output_dir", "run_name")
 
 
@@ -249,10 +249,12 @@ def resumable_rounds(folder: Path, option: str = "--resume") -> int:
 def locked_changes(folder: Path, config: "DermFedConfig") -> dict[str, tuple[Any, Any]]:
     """The locked keys `config` changes against the run's original config.yaml: key -> (original, new)."""
     from common.config import flatten_config, load_config
+    from common.objectives import locked_keys
 
     original = flatten_config(load_config(Path(folder) / CONFIG_NAME))
+    locked = LOCKED_KEYS + locked_keys(config.model)
     return {key: (original.get(key), value) for key, value in flatten_config(config).items()
-            if value != original.get(key) and key.startswith(LOCKED_KEYS) and not key.startswith(FREE_KEYS)}
+            if value != original.get(key) and key.startswith(locked) and not key.startswith(FREE_KEYS)}
 
 
 def check_resume(folder: Path, config: "DermFedConfig", option: str = "--resume") -> int:

@@ -1,9 +1,9 @@
 """The local pretraining engine every hospital runs (and the pooled / local-only arms).
 
-One call of `LocalTrainer.train` trains the VAE on one site's images for `train.epochs`
+One call of `LocalTrainer.train` trains the objective's model (`common.objectives`) on one site's images for `train.epochs`
 epochs (or `train.max_steps` steps) and returns per-epoch metrics. What must survive between
 calls, across federated rounds, lives in `SiteState`: the global step (which drives the
-learning-rate schedule, the KL warm-up and the random seed), the optimizer state, the float16
+learning-rate schedule, the objective's schedule such as the VAE's KL warm-up, and the random seed), the optimizer state, the float16
 loss scaler, and the DP accountant's history. A resumed site therefore continues exactly where
 it stopped.
 
@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from common.augment import PER_IMAGE_UNIFORMS, build_augmentation
 from common.config import DermFedConfig
 from common.data.batches import BatchLoader, ImageRows, plain_batches_per_epoch, poisson_batches, shuffled_batches
-from common.model import ConvNeXtVAE, VAEOutput, vae_loss_per_sample
+from common.objectives import Objective
 from common.privacy import (
     AccountantError,
     ImageDraws,
@@ -75,14 +75,14 @@ class DPPlan:
 
 @dataclass
 class EpochMetrics:
+    """One epoch's numbers; the loss names are the objective's (`Objective.terms`, e.g. the VAE's reconstruction,
+    kl, total), per image, plus its derived metrics and its schedule values (e.g. beta)."""
+
     epoch: int
     steps: int
     images: int
-    reconstruction: float  # per image, summed over pixels and channels
-    kl: float  # per image, summed over latent dimensions
-    total: float
-    mse_per_pixel: float
-    beta: float
+    losses: dict[str, float]  # the objective's terms per image, then its derived metrics
+    schedule: dict[str, float]  # the objective's step-dependent weights at the epoch's last step
     seconds: float
     images_per_second: float
     lr: float
@@ -90,8 +90,16 @@ class EpochMetrics:
     delta: Optional[float] = None
     skipped_steps: int = 0  # float16 steps the loss scaler skipped (overflow): no update was made
 
+    @property
+    def total(self) -> float:
+        return self.losses["total"]
+
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Flat, as history.json and the report read it: epoch, steps, images, <losses>, <schedule>, seconds, ..."""
+        fields = asdict(self)
+        losses, schedule = fields.pop("losses"), fields.pop("schedule")
+        head = {key: fields.pop(key) for key in ("epoch", "steps", "images")}
+        return {**head, **losses, **schedule, **fields}
 
 
 @dataclass
@@ -109,7 +117,6 @@ class TrainResult:
         return sum(e.steps for e in self.epochs)
 
 
-LOSS_KEYS = ("reconstruction", "kl", "total")
 FP16_INIT_SCALE = 2.0 ** 8  # GradScaler's default 2**16 overflows at once with a loss summed over ~10^4 pixels
 FINITE_CHECK_EVERY = 16  # steps between reads of the device-side sums (a NaN loss stops training within this)
 
@@ -158,7 +165,7 @@ def autocast_dtype(device: torch.device, amp: bool) -> Optional[torch.dtype]:
 
 
 class LocalTrainer:
-    """Trains a ConvNeXtVAE on one site's images; optional DP-SGD through Opacus.
+    """Trains an objective's model on one site's images; optional DP-SGD through Opacus.
 
     Under DP, the sampling rate, the steps per call and the scale of the released update come from
     a public data-set size (`public_size`: the hospital's declared count, else N rounded up to a
@@ -166,7 +173,7 @@ class LocalTrainer:
     from secret generators (`common.privacy.ImageDraws`).
     """
 
-    def __init__(self, config: DermFedConfig, model: ConvNeXtVAE, images: ImageRows, *, site: str = "site",
+    def __init__(self, config: DermFedConfig, model: Objective, images: ImageRows, *, site: str = "site",
                  site_index: int = 0, planned_steps: Optional[int] = None, augment: bool = True,
                  declared_size: Optional[int] = None, min_batch: int = 1):
         if len(images) == 0:
@@ -205,10 +212,6 @@ class LocalTrainer:
     def steps_per_call(self) -> int:
         steps = self.config.train.epochs * self.steps_per_epoch
         return min(steps, self.config.train.max_steps) if self.config.train.max_steps else steps
-
-    def _beta(self, step: int) -> float:
-        warmup = self.config.model.kl_warmup_steps
-        return self.config.model.beta * (min(1.0, step / warmup) if warmup else 1.0)
 
     def privacy_status(self, state: SiteState) -> Optional[PrivacyStatus]:
         dp = self.config.dp
@@ -289,29 +292,30 @@ class LocalTrainer:
                                                    private.sampling))
                 else:
                     batches = list(shuffled_batches(len(self.images), cfg.train.batch_size, self.min_batch))
-                sums = torch.zeros(len(LOSS_KEYS), device=self.device, dtype=torch.float64)
-                images, steps, skipped, pixels, started = 0, 0, 0, 1.0, time.perf_counter()
-                lr, beta = cfg.train.lr, self._beta(state.step)
+                loss_keys = self.model.terms
+                sums = torch.zeros(len(loss_keys), device=self.device, dtype=torch.float64)
+                images, steps, skipped, image_shape, started = 0, 0, 0, (), time.perf_counter()
+                lr, schedule = cfg.train.lr, self.model.schedule(state.step)
                 for positions, batch in zip(batches, self.loader(batches)):
                     if done >= steps_this_call:
                         break
                     lr = cfg.train.lr * lr_factor(state.step, cfg.train.warmup_steps, total_steps, cfg.train.scheduler)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
-                    beta = self._beta(state.step)
+                    schedule = self.model.schedule(state.step)
                     step_draws = draws.for_batch(positions) if draws is not None else None  # every step, even empty
                     if len(batch) == 0:  # Poisson sampling drew nobody: the accounted step still releases noise
                         private.noise_only_step()
                     else:
                         if step_draws is not None and self.augment is not None:
                             batch = self.augment(batch, step_draws["augment"])
-                        terms, was_skipped = self._step(model, optimizer, scaler, batch, beta, private, step_draws)
+                        terms, was_skipped = self._step(model, optimizer, scaler, batch, schedule, private, step_draws)
                         if anchors:
                             self._proximal_step(lr * prox_mu, anchors)
-                        sums += torch.stack([terms[key].sum() for key in LOSS_KEYS]).double()
+                        sums += torch.stack([terms[key].sum() for key in loss_keys]).double()
                         images += len(batch)
                         skipped += was_skipped
-                        pixels = float(np.prod(batch.shape[1:]))
+                        image_shape = tuple(batch.shape[1:])
                     steps += 1
                     done += 1
                     state.step += 1
@@ -319,14 +323,14 @@ class LocalTrainer:
                     if steps % FINITE_CHECK_EVERY == 0:
                         self._require_finite(sums)
                 self._require_finite(sums)
-                values = dict(zip(LOSS_KEYS, sums.tolist()))  # the epoch's one read of the device
+                values = dict(zip(loss_keys, sums.tolist()))  # the epoch's one read of the device
                 seconds = time.perf_counter() - started
                 per_image = {key: value / max(images, 1) for key, value in values.items()}
                 bar.set_postfix(loss=f"{per_image['total']:.1f}")
                 metrics = EpochMetrics(
-                    epoch=epoch + 1, steps=steps, images=images, reconstruction=per_image["reconstruction"],
-                    kl=per_image["kl"], total=per_image["total"], mse_per_pixel=per_image["reconstruction"] / pixels,
-                    beta=beta, seconds=seconds, images_per_second=images / seconds if seconds > 0 else 0.0, lr=lr,
+                    epoch=epoch + 1, steps=steps, images=images,
+                    losses={**per_image, **self.model.derived_metrics(per_image, image_shape)}, schedule=schedule,
+                    seconds=seconds, images_per_second=images / seconds if seconds > 0 else 0.0, lr=lr,
                     skipped_steps=skipped,
                 )
                 if skipped:
@@ -350,7 +354,7 @@ class LocalTrainer:
         finally:
             bar.close()
             if private is not None:
-                private.close()  # drop Opacus hooks and the layout change: self.model is a plain VAE again
+                private.close()  # drop Opacus hooks and the layout change: self.model is the plain model again
         result.privacy = self.privacy_status(state)
         return result
 
@@ -374,7 +378,7 @@ class LocalTrainer:
         for param, anchor in anchors:
             param.sub_(rate * (param - anchor))
 
-    def _step(self, model, optimizer, scaler, batch: torch.Tensor, beta: float,
+    def _step(self, model, optimizer, scaler, batch: torch.Tensor, schedule: dict[str, float],
               private: Optional[PrivateTraining] = None,
               draws: Optional[dict[str, torch.Tensor]] = None) -> tuple[dict[str, torch.Tensor], int]:
         """One optimisation step; returns the per-sample loss terms (on the device) and 1 if the scaler skipped it."""
@@ -382,7 +386,7 @@ class LocalTrainer:
         inputs = batch.detach().requires_grad_(True) if private is not None else batch
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             out = model(inputs) if draws is None else model(inputs, draws=draws)
-        terms = vae_loss_per_sample(_at_least_float32(batch), _as_float(out), beta)
+        terms = self.model.loss_terms(_at_least_float32(batch), self.model.as_float(out), schedule)
         if private is not None:
             private.backward(terms["total"], inputs)  # each sample's gradient clipped; noise added in step()
             optimizer.step()
@@ -402,11 +406,6 @@ class LocalTrainer:
 
 def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.dtype == torch.float64 else tensor.float()
-
-
-def _as_float(out: VAEOutput) -> VAEOutput:
-    """Mixed precision produces half-precision outputs; the loss is computed in float32 (float64 for a float64 model)."""
-    return VAEOutput(_at_least_float32(out.reconstruction), _at_least_float32(out.mu), _at_least_float32(out.logvar))
 
 
 def _original_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

@@ -15,7 +15,7 @@ import torch
 from common.checkpoint import CheckpointError, load_checkpoint
 from common.config import DermFedConfig
 from common.data.pipeline import PreparedData
-from common.model import ENCODER_PREFIX, build_vae, shared_state
+from common.model import ENCODER_PREFIX, build_model, shared_state
 from common.pretraining import pretraining_record, warm_start_stage, with_warm_start
 from common.run_folder import RunFolderError, check_resume
 from common.training import seed_everything
@@ -46,10 +46,14 @@ class RunPlan:
 def initial_shared_weights(config: DermFedConfig) -> dict[str, torch.Tensor]:
     """Round-0 global weights: seeded random init, or `federation.initial_checkpoint`."""
     seed_everything(config.seed, 40_000)
-    model = build_vae(config.model, config.data.image_size)
+    model = build_model(config.model, config.data.image_size)
     shared = shared_state(model, config.federation.share)
     if config.federation.initial_checkpoint:
         payload = load_checkpoint(config.federation.initial_checkpoint)
+        objective = (payload.get("config") or {}).get("model", {}).get("objective", "vae")  # before objectives: vae
+        if payload["vae"] and objective != config.model.objective and config.federation.share == "all":
+            raise ResumeError(f"federation.initial_checkpoint was trained with model.objective={objective}, but this run "
+                              f"shares the whole model of model.objective={config.model.objective}")
         if payload["encoder_name"] != config.model.encoder:
             raise ResumeError(f"federation.initial_checkpoint holds {payload['encoder_name']}, "
                               f"but model.encoder={config.model.encoder}")
@@ -57,7 +61,7 @@ def initial_shared_weights(config: DermFedConfig) -> dict[str, torch.Tensor]:
         missing = set(shared) - set(source)
         if missing:
             raise ResumeError(f"federation.initial_checkpoint lacks {len(missing)} shared weights "
-                              f"(e.g. {sorted(missing)[:2]}); share=vae needs a whole-VAE checkpoint")
+                              f"(e.g. {sorted(missing)[:2]}); share=all needs a checkpoint of the whole model")
         shared = {k: source[k].clone() for k in shared}
     return shared
 

@@ -3,8 +3,9 @@
 - `linear-probe`: freeze the global encoder, extract features of the labelled validation
   images, fit a logistic regression on half of the lesions and report balanced accuracy on
   the other half. Cheap, and it says whether the encoder is learning anything clinical.
-- `reconstruction`: the global VAE's reconstruction loss on the validation images (only when
-  the whole VAE is shared; otherwise the decoders stay at the sites).
+- `reconstruction`: the global model's loss terms on the validation images (`val-<term>` for each
+  of the objective's terms but the total), for an objective that declares it among its `monitors`
+  and only when the whole model is shared (otherwise its decoders stay at the sites).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from common.config import DermFedConfig
 from common.data.batches import read_batch, to_device_float
 from common.data.pipeline import PreparedData, prepare_data
 from common.data.splits import split_indices
-from common.model import build_vae, load_partial_state, vae_loss_per_sample
+from common.model import build_model, load_partial_state
 
 
 class Monitor:
@@ -48,19 +49,18 @@ class Monitor:
         if self.kind == "none":
             return {}
         if self._model is None:
-            self._model = build_vae(self.config.model, self.config.data.image_size).eval()
+            self._model = build_model(self.config.model, self.config.data.image_size).eval()
         load_partial_state(self._model, shared)
         prepared, rows, images = self._data()
         if self.kind == "reconstruction":
-            terms = vae_loss_per_sample(images, self._model(images), self.config.model.beta)
-            return {"val-reconstruction": float(terms["reconstruction"].mean()), "val-kl": float(terms["kl"].mean())}
+            terms = self._model.loss_terms(images, self._model(images), self._model.schedule(None))
+            return {f"val-{key}": float(terms[key].mean()) for key in self._model.terms if key != "total"}
         return self._linear_probe(prepared, rows, images)
 
     def _linear_probe(self, prepared: PreparedData, rows: np.ndarray, images: torch.Tensor) -> dict[str, float]:
         if not prepared.catalog.labelled:
             return {}
-        features = torch.cat([self._model.encoder((images[i:i + 64] - self._model.mean) / self._model.std)
-                              for i in range(0, len(images), 64)]).numpy()
+        features = torch.cat([self._model.features(images[i:i + 64]) for i in range(0, len(images), 64)]).numpy()
         labels = prepared.catalog.label_indices().to_numpy()[rows]
         groups = prepared.catalog.frame["group"].to_numpy()[rows]
         if len(np.unique(labels)) < 2 or len(np.unique(groups)) < 2:

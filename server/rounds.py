@@ -25,6 +25,7 @@ import torch
 from common.checkpoint import save_checkpoint
 from common.config import DermFedConfig, write_config
 from common.model import ENCODER_PREFIX
+from common.objectives import get_objective
 from common.run_files import atomic_write_text
 from common.run_folder import (CHECKPOINT_NAME, CONFIG_NAME, HISTORY_CSV_NAME, HISTORY_NAME, PREVIOUS_NAME,
                                STATUS_NAME, latest_good_checkpoint)
@@ -133,7 +134,7 @@ class RunRecorder:
         self._save_checkpoint(round_number, shared, strategy_state, history)
         self.history = history
         self._write_history()
-        self._print(record)
+        self._print(record, get_objective(self.config.model.objective).terms)
         self.current = None
 
     def _write_history(self) -> None:
@@ -160,18 +161,19 @@ class RunRecorder:
         encoder = {k[len(ENCODER_PREFIX):]: v for k, v in tensors.items() if k.startswith(ENCODER_PREFIX)}
         save_checkpoint(self.run_dir / CHECKPOINT_NAME, config=self.config, encoder_state=encoder,
                         previous=self.run_dir / PREVIOUS_NAME,  # the last two rounds stay on disk
-                        vae_state=dict(tensors) if self.config.federation.share == "vae" else None,
+                        vae_state=dict(tensors) if self.config.federation.share == "all" else None,
                         position={"round": round_number}, history=history,
                         extra={"shared": dict(tensors), "arm": "federated", "pretraining_images": self.pretraining_images,
                                "strategy": {name: {k: torch.from_numpy(np.array(v, copy=True)) for k, v in moments.items()}
                                             for name, moments in strategy_state.items()}})
 
     @staticmethod
-    def _print(record: RoundRecord) -> None:
+    def _print(record: RoundRecord, terms: tuple[str, ...]) -> None:
+        """One line per round; the losses are the objective's terms (the first one per site)."""
         train = record.train
 
         def site(s: dict[str, Any]) -> str:
-            parts = [f"rec {s['reconstruction']:.1f}"] if "reconstruction" in s else []
+            parts = [f"{terms[0]} {s[terms[0]]:.1f}"] if terms[0] in s else []
             if s.get("epsilon") not in (None, math.inf):
                 parts.append(f"eps {s['epsilon']:.2f}")
             return f"{s['site']}: {' '.join(parts) or 'ok'}"
@@ -179,8 +181,8 @@ class RunRecorder:
         sites = ", ".join(site(s) for s in record.sites)
         left_out = f"; left out: {', '.join(e['site'] + ' (' + e['reason'] + ')' for e in record.excluded)}" if record.excluded else ""
         monitor = f"; monitor {record.monitor}" if record.monitor else ""
-        losses = (f"reconstruction {train['reconstruction']:.2f}, KL {train.get('kl', float('nan')):.2f}"
-                  if "reconstruction" in train else "no losses leave DP sites")
+        losses = (", ".join(f"{key} {train[key]:.2f}" for key in terms if key in train)
+                  if "total" in train else "no losses leave DP sites")
         print(f"[round {record.round}] {len(record.sites)} sites, {losses} ({record.seconds:.1f} s) [{sites}]"
               f"{left_out}{monitor}", flush=True)
 

@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
 from client.client_app import _RUNNERS, SNAPSHOT_KEY, evaluate, train
 from client.site import SiteRunner, deployment_site_data, simulation_site_data
 from common.config import load_config
-from common.model import build_vae, shared_keys, shared_state
+from common.model import build_model, shared_keys, shared_state
 from tests.conftest import write_jpeg
 from tests.flower_helpers import run_config_of, train_message
 
@@ -20,7 +20,7 @@ def _config(root, tmp_path, *overrides):
 
 def _global_weights(config):
     torch.manual_seed(0)
-    return shared_state(build_vae(config.model, config.data.image_size), config.federation.share)
+    return shared_state(build_model(config.model, config.data.image_size), config.federation.share)
 
 
 def test_a_reply_holds_only_the_shared_tensors_and_scalar_metrics(synthetic_root, tmp_path):

@@ -231,11 +231,11 @@ def test_a_torn_site_state_is_reported_not_silently_replaced(synthetic_root, tmp
     from flwr.app import Context, RecordDict
 
     from client.client_app import _RUNNERS, train
-    from common.model import build_vae, shared_state
+    from common.model import build_model, shared_state
     from tests.flower_helpers import run_config_of, train_message
 
     config = load_config("smoke", [f"data.root={synthetic_root}", f"data.cache_dir={tmp_path / 'cache'}"])
-    shared = shared_state(build_vae(config.model, config.data.image_size), "encoder")
+    shared = shared_state(build_model(config.model, config.data.image_size), "encoder")
 
     def ask(round_number, node_id):
         context = Context(run_id=5, node_id=node_id, node_config={"partition-id": 0, "num-partitions": 3,

@@ -17,7 +17,7 @@ from common.config import load_config
 from common.data.batches import BatchLoader, ImageRows, ordered_batches
 from common.data.pipeline import prepare_data
 from common.data.splits import split_indices
-from common.model import build_vae
+from common.model import build_model
 from common.training import FP16_INIT_SCALE, LocalTrainer, SiteState
 from tests.conftest import random_image_rows
 
@@ -30,7 +30,7 @@ def _trainer(synthetic_root, tmp_path, *overrides, seed=0):
                                    "train.device=cuda", *overrides])
     prepared = prepare_data(config)
     torch.manual_seed(seed)
-    model = build_vae(config.model, config.data.image_size)
+    model = build_model(config.model, config.data.image_size)
     return LocalTrainer(config, model, ImageRows(prepared.store, split_indices(prepared.catalog, "train")))
 
 

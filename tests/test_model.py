@@ -4,14 +4,8 @@ import pytest
 import timm
 import torch
 
-from common.model import (
-    ConvNeXtVAE,
-    VAEOutput,
-    create_encoder,
-    encoder_state_dict,
-    strip_wrapper_prefixes,
-    vae_loss_per_sample,
-)
+from common.model import create_encoder, encoder_state_dict, strip_wrapper_prefixes
+from common.objectives.vae import ConvNeXtVAE, VAEOutput, vae_loss_per_sample
 
 
 @pytest.mark.parametrize("size", [64, 128, 224])

@@ -8,7 +8,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from common.config import load_config
-from common.model import ConvNeXtVAE, vae_loss_per_sample
+from common.objectives.vae import ConvNeXtVAE, vae_loss_per_sample
 from common.privacy import PrivacyBudgetExhausted, make_private
 from common.training import LocalTrainer, SiteState
 from tests.conftest import random_image_rows

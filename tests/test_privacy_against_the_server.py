@@ -27,7 +27,8 @@ from client.policy import DP_REPLY_FIELDS, PrivacyFloor
 from common.config import ConfigError, load_config
 from common.data.batches import ImageRows
 from common.data.cache import MemmapStore
-from common.model import ConvNeXtVAE, build_vae, shared_state
+from common.model import build_model, shared_state
+from common.objectives.vae import ConvNeXtVAE
 from common.privacy import PrivacyBudgetExhausted, PrivateTraining, epsilon_of, public_size, sample_rate_of
 from common.training import LocalTrainer, SiteState
 from tests.conftest import random_image_rows
@@ -168,7 +169,7 @@ def _context(tmp_path, node_id, partition=0, run_id=11, **node_config):
 def _ask(config, context, kind=train, round_number=1):
     """The coordinator's run carries `config` in its run config (a site keeps the first one it got for a run)."""
     torch.manual_seed(0)
-    shared = shared_state(build_vae(config.model, config.data.image_size), config.federation.share)
+    shared = shared_state(build_model(config.model, config.data.image_size), config.federation.share)
     context.run_config = {**context.run_config, **run_config_of(config)}
     message = train_message(context.node_id, shared, {"server-round": round_number})
     return kind(message, context)
@@ -258,7 +259,7 @@ def _round_with_another_config(config, context, round_number):
     """The coordinator's later round carrying another config, in every channel it controls: the instruction's config
     record (where configs travelled before) and the run config it hands the site."""
     torch.manual_seed(0)
-    shared = shared_state(build_vae(config.model, config.data.image_size), config.federation.share)
+    shared = shared_state(build_model(config.model, config.data.image_size), config.federation.share)
     context.run_config = {**context.run_config, **run_config_of(config)}
     message = train_message(context.node_id, shared, {"server-round": round_number,
                                                      "dermfed-config": config.model_dump_json()})
@@ -430,7 +431,7 @@ def test_one_appended_image_changes_the_clipped_gradient_sum_by_at_most_the_clip
                                    "train.optimizer=sgd", "train.momentum=0", "train.weight_decay=0", "train.lr=1.0",
                                    "train.scheduler=constant", "train.warmup_steps=0", "train.max_steps=1",
                                    "train.epochs=1", "train.batch_size=16", "train.device=cpu",
-                                   "model.kl_warmup_steps=0"])
+                                   "model.vae.kl_warmup_steps=0"])
     monkeypatch.setattr(opacus_optimizer, "_generate_noise", lambda std, reference, *a, **k: torch.zeros_like(reference))
     pixels = np.random.default_rng(3).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
     sums = []

@@ -22,7 +22,7 @@ from flwr.app import Context, RecordDict
 from client.client_app import _RUNNERS, train
 from common.config import config_to_json, load_config
 from common.data.sources import load_catalog
-from common.model import build_vae, shared_state
+from common.model import build_model, shared_state
 from tests.conftest import PROJECT_ROOT, write_jpeg
 from tests.flower_helpers import run_config_of, train_message
 
@@ -92,7 +92,7 @@ def ask(config, folder, run_id, node_id=7, node=None):
     context = Context(run_id=run_id, node_id=node_id, state=RecordDict(), run_config=run_config_of(config),
                       node_config={**(node or NODE), "state-dir": str(Path(folder) / "state")})
     torch.manual_seed(0)
-    shared = shared_state(build_vae(config.model, config.data.image_size), config.federation.share)
+    shared = shared_state(build_model(config.model, config.data.image_size), config.federation.share)
     reply = train(train_message(node_id, shared, {"server-round": 1}), context)
     _RUNNERS.clear()
     return reply

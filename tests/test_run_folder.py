@@ -96,7 +96,7 @@ def test_resume_refuses_an_override_the_runs_own_config_does_not_allow(tmp_path,
     run = _simulation_run(tmp_path / "run", 1)  # share=encoder: no decoder on the server
     before = _tree(run)
     code, _, err = _run(capsys, "simulate", "--resume", str(run), "federation.monitor=reconstruction")
-    assert code == 2 and "federation.monitor=reconstruction needs federation.share=vae" in err
+    assert code == 2 and "federation.monitor=reconstruction needs federation.share=all" in err
     assert not launches.calls and _tree(run) == before
 
 

@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from client.client_app import _RUNNERS, evaluate, train
 from client.trusted_app import check_limits
 from common.config import load_config
-from common.model import build_vae, shared_state
+from common.model import build_model, shared_state
 from tests.flower_helpers import run_config_of, set_identity
 
 MINIMUM = 16
@@ -40,7 +40,7 @@ def _ask(folder, tmp_path, overrides, kind=MessageType.TRAIN, **node_config):
     node = {"data-root": str(folder), "state-dir": str(tmp_path / "state"), "min-batch-size": MINIMUM, **node_config}
     check_limits(config.model_dump(mode="json"), node)  # what the verifying process applies: it passes
     torch.manual_seed(0)
-    shared = shared_state(build_vae(config.model, config.data.image_size), config.federation.share)
+    shared = shared_state(build_model(config.model, config.data.image_size), config.federation.share)
     set_identity(run_id=5, node_id=3)
     content = RecordDict({"arrays": ArrayRecord(shared),
                           "config": ConfigRecord({"server-round": 1})})

@@ -13,7 +13,8 @@ from common.config import load_config
 from common.data.batches import ImageRows, read_batch, to_device_float
 from common.data.pipeline import prepare_data
 from common.data.splits import split_indices
-from common.model import build_vae, vae_loss_per_sample
+from common.model import build_model
+from common.objectives.vae import vae_loss_per_sample
 from common.training import LocalTrainer, SiteState, lr_factor, seed_everything
 from server.cli import main
 
@@ -28,14 +29,14 @@ def _eval_loss(model, images):
 def test_loss_falls_on_real_ham10000_images_at_64px(ham_sample, tmp_path):
     config = load_config("smoke", [
         "data.format=ham10000", f"data.root={ham_sample}", "data.image_size=64", f"data.cache_dir={tmp_path}",
-        "model.encoder=convnext_atto", "model.latent_dim=32", "model.decoder_width=16",
+        "model.encoder=convnext_atto", "model.vae.latent_dim=32", "model.vae.decoder_width=16",
         "train.max_steps=40", "train.epochs=5", "train.batch_size=16", "train.lr=0.002", "train.scheduler=constant",
     ])
     prepared = prepare_data(config)
     train = split_indices(prepared.catalog, "train")
     held_out = to_device_float(read_batch(prepared.store, split_indices(prepared.catalog, "val")[:32]), torch.device("cpu"))
     seed_everything(0)
-    model = build_vae(config.model, 64)
+    model = build_model(config.model, 64)
     before = _eval_loss(model, held_out)
     trainer = LocalTrainer(config, model, ImageRows(prepared.store, train))
     result = trainer.train(SiteState())
@@ -49,7 +50,7 @@ def _synthetic_trainer(root, tmp_path, *overrides):
     prepared = prepare_data(config)
     dataset = ImageRows(prepared.store, split_indices(prepared.catalog, "train"))
     seed_everything(config.seed)
-    return LocalTrainer(config, build_vae(config.model, config.data.image_size), dataset)
+    return LocalTrainer(config, build_model(config.model, config.data.image_size), dataset)
 
 
 def test_same_seed_same_weights_other_seed_other_weights(synthetic_root, tmp_path):
@@ -63,15 +64,16 @@ def test_same_seed_same_weights_other_seed_other_weights(synthetic_root, tmp_pat
 
 
 def test_state_carries_step_optimizer_and_metrics(synthetic_root, tmp_path):
-    trainer = _synthetic_trainer(synthetic_root, tmp_path, "train.max_steps=3", "model.kl_warmup_steps=6")
+    trainer = _synthetic_trainer(synthetic_root, tmp_path, "train.max_steps=3", "model.vae.kl_warmup_steps=6")
     first = trainer.train(SiteState())
     assert first.state.step == 3 and first.state.optimizer["state"]
     second = trainer.train(first.state)
     assert second.state.step == 6
-    assert first.epochs[0].beta < second.epochs[0].beta <= 1.0  # KL warm-up follows the global step
+    assert first.epochs[0].schedule["beta"] < second.epochs[0].schedule["beta"] <= 1.0  # KL warm-up follows the global step
     metrics = second.epochs[0]
     assert metrics.images > 0 and metrics.images_per_second > 0
-    assert metrics.total == pytest.approx(metrics.reconstruction + metrics.beta * metrics.kl, rel=0.2)
+    losses = metrics.losses
+    assert metrics.total == pytest.approx(losses["reconstruction"] + metrics.schedule["beta"] * losses["kl"], rel=0.2)
 
 
 def test_learning_rate_schedule():

@@ -13,14 +13,10 @@ from typing import Any, Optional
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from common.config.schema import DermFedConfig
+from common.config.schema import ConfigError, DermFedConfig, _migrate_flat_vae_keys
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PRESET_DIR = PROJECT_ROOT / "configs"
-
-
-class ConfigError(ValueError):
-    """A configuration problem, worded for the person who typed the command."""
 
 
 def resolve_preset_path(preset: str | Path) -> Path:
@@ -53,7 +49,21 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def _allowed_keys(model: type[BaseModel]) -> list[str]:
-    return sorted(model.model_fields)
+    return sorted([*model.model_fields, *_subsections(model)])
+
+
+def _subsections(model: type[BaseModel]) -> dict[str, type[BaseModel]]:
+    """Sections found by name at run time (the objectives' `model.<name>`), beside the declared fields."""
+    found = getattr(model, "subsections", None)
+    return found() if callable(found) else {}
+
+
+def _child_section(model: type[BaseModel], part: str) -> Optional[type[BaseModel]]:
+    field = model.model_fields.get(part)
+    if field is not None:
+        annotation = field.annotation
+        return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return _subsections(model).get(part)
 
 
 def _apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
@@ -61,14 +71,14 @@ def _apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
     node = tree
     for depth, part in enumerate(path):
         dotted = ".".join(path[: depth + 1])
-        if part not in model.model_fields:
+        if part not in model.model_fields and part not in _subsections(model):
             prefix = ".".join(path[:depth])
             where = f" in section {prefix!r}" if prefix else ""
             raise ConfigError(
                 f"unknown config key {dotted!r}{where}; allowed: {', '.join(_allowed_keys(model))}"
             )
-        annotation = model.model_fields[part].annotation
-        is_section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        child = _child_section(model, part)
+        is_section = child is not None
         if depth == len(path) - 1:
             if is_section:
                 raise ConfigError(f"{dotted!r} is a section; set one of its keys, e.g. {dotted}.KEY=VALUE")
@@ -79,7 +89,7 @@ def _apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"{dotted!r} must be a mapping in the preset")
-        model = annotation
+        model = child
 
 
 def _describe_error(exc: ValidationError) -> str:
@@ -102,10 +112,10 @@ def _describe_error(exc: ValidationError) -> str:
 def _section_model(loc: tuple[Any, ...]) -> Optional[type[BaseModel]]:
     model: type[BaseModel] = DermFedConfig
     for part in loc:
-        field = model.model_fields.get(str(part))
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        child = _child_section(model, str(part))
+        if child is None:
             return None
-        model = field.annotation
+        model = child
     return model
 
 
@@ -171,6 +181,8 @@ def apply_overrides(config: DermFedConfig, overrides: list[str] | tuple[str, ...
 
 
 def _overridden(tree: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> DermFedConfig:
+    if isinstance(tree.get("model"), dict):  # an old run's flat model keys first, so `model.vae.*` overrides apply to them
+        tree = {**tree, "model": _migrate_flat_vae_keys(dict(tree["model"]))}
     for text in overrides:
         key_path, value = parse_override(text)
         _apply_override(tree, key_path, value)

@@ -14,10 +14,14 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DataFormat = Literal["ham10000", "isic2019", "isic-gt", "isic2020", "folder", "synthetic"]
 Artifact = Literal["ruler", "hair", "bubbles", "vignette", "ink"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the person who typed the command."""
 
 
 def _is_numeric(annotation: Any) -> bool:
@@ -96,15 +100,65 @@ class SynthConfig(_Section):
     val_fraction: float = Field(0.15, ge=0.0, lt=0.5, description="lesions in the validation split")
 
 
-class ModelConfig(_Section):
-    """The ConvNeXt VAE."""
+OLD_FLAT_VAE_KEYS = ("latent_dim", "decoder_width", "beta", "kl_warmup_steps")  # model.* before model.vae.*
 
+
+class ModelConfig(_Section):
+    """The objective (`common.objectives`) and its encoder; each objective's own keys in `model.<objective>`.
+
+    A section may hold settings for several objectives; `model.objective` picks the one trained, and
+    its section is always present (defaults filled in)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True, allow_inf_nan=False)  # extras: objective sections
+
+    objective: str = Field("vae", description="self-supervised objective (common/objectives): vae, ...")
     encoder: str = Field("convnext_tiny", description="timm ConvNeXt name (convnext_atto ... convnext_tiny ...)")
-    latent_dim: int = Field(128, ge=2, le=4096)
-    decoder_width: int = Field(32, ge=4, le=256, description="channels of the last decoder stage (x2 per stage)")
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0, description="stochastic depth; must be 0 under DP")
-    beta: float = Field(1.0, ge=0.0, description="weight of the KL term")
-    kl_warmup_steps: int = Field(0, ge=0, description="beta ramps linearly from 0 over this many steps")
+
+    @classmethod
+    def subsections(cls) -> dict[str, type[BaseModel]]:
+        from common.objectives import OBJECTIVES  # the registry, as it is now (tests may add to it)
+
+        return {name: objective.Settings for name, objective in OBJECTIVES.items()}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _objective_sections(cls, values: Any) -> Any:
+        """Validate each `model.<objective>` section with the objective's own class (errors keep their key)."""
+        if not isinstance(values, dict):
+            return values
+        values = _migrate_flat_vae_keys(dict(values))
+        sections = cls.subsections()
+        chosen = values.get("objective", cls.model_fields["objective"].default)
+        if isinstance(chosen, str) and chosen in sections and values.get(chosen) is None:
+            values[chosen] = {}
+        errors: list[Any] = []
+        for key, value in list(values.items()):
+            if key in cls.model_fields:
+                continue
+            if key not in sections:
+                errors.append({"type": "extra_forbidden", "loc": (key,), "input": value})
+                continue
+            if isinstance(value, BaseModel):
+                value = value.model_dump()
+            try:
+                values[key] = sections[key].model_validate(value)
+            except ValidationError as exc:
+                errors += [{"type": e["type"], "loc": (key, *e["loc"]), "input": e["input"], **(
+                    {"ctx": e["ctx"]} if "ctx" in e else {})} for e in exc.errors()]
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        return values
+
+    @field_validator("objective")
+    @classmethod
+    def _known_objective(cls, name: str) -> str:
+        known = sorted(cls.subsections())
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=2)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            raise ValueError(f"not a registered objective; {hint}allowed: {', '.join(known)}")
+        return name
 
     @field_validator("encoder")
     @classmethod
@@ -115,6 +169,25 @@ class ModelConfig(_Section):
             hint = f"did you mean {' or '.join(close)}? " if close else ""
             raise ValueError(f"not a ConvNeXt architecture of timm; {hint}known: {', '.join(known)}")
         return name
+
+    def settings(self, name: Optional[str] = None) -> Any:
+        """The section `model.<name>` (default: the chosen objective's), validated by that objective's class."""
+        return getattr(self, name or self.objective)
+
+
+def _migrate_flat_vae_keys(values: dict[str, Any]) -> dict[str, Any]:
+    """A run written before the objectives registry holds `model.latent_dim`, ... : they are `model.vae.*` now.
+    (Loading only: an override must name the new key; `dermfed config` lists them.)"""
+    flat = {key: values.pop(key) for key in OLD_FLAT_VAE_KEYS if key in values}
+    if not flat:
+        return values
+    section = values.get("vae")
+    section = section.model_dump() if isinstance(section, BaseModel) else dict(section or {})
+    twice = sorted(set(flat) & set(section))
+    if twice:
+        raise ConfigError(f"model.{twice[0]} and model.vae.{twice[0]} are both given; keep model.vae.{twice[0]}")
+    values["vae"] = {**flat, **section}
+    return values
 
 
 @functools.lru_cache(maxsize=1)
@@ -201,23 +274,31 @@ class FederationConfig(_Section):
     server_beta_1: float = Field(0.9, ge=0.0, lt=1.0)
     server_beta_2: float = Field(0.99, ge=0.0, lt=1.0)
     server_tau: float = Field(1e-3, gt=0.0, description="fedadam: adaptivity (tau)")
-    share: Literal["encoder", "vae"] = Field("encoder", description="what leaves a site: encoder only, or the whole VAE")
+    share: Literal["encoder", "all"] = Field("encoder", description=(
+        "what leaves a site: the encoder only, or the objective's whole model (`vae`, the name before "
+        "objectives, means `all`)"))
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0, description="sites that report validation loss")
     min_clients: int = Field(2, ge=1, description="fewest valid updates a round may aggregate")
     round_timeout: float = Field(3600.0, gt=0.0, description="seconds to wait for a round's replies")
     initial_checkpoint: Optional[str] = Field(None, description="start from this checkpoint's weights")
     monitor: Literal["none", "reconstruction", "linear-probe"] = Field(
-        "none", description="per-round server-side check of the global model (reconstruction needs share=vae)")
+        "none", description="per-round server-side check of the global model (reconstruction needs share=all and an "
+        "objective that supports it)")
     client_cpus: int = Field(1, ge=1, description="simulation: CPUs per virtual hospital")
     client_gpu_fraction: Optional[float] = Field(
         None, ge=0.0, le=1.0, description="simulation: GPU share per virtual hospital; default: 1/N with a GPU, else 0")
     superlink_port: int = Field(0, ge=0, le=65535, description="simulation: port of the local SuperLink (0: free port)")
 
+    @field_validator("share", mode="before")
+    @classmethod
+    def _old_share_name(cls, value: Any) -> Any:
+        return "all" if value == "vae" else value  # run configs written before objectives say `vae`
+
     @model_validator(mode="after")
     def _monitor_needs_decoder(self) -> "FederationConfig":
-        if self.monitor == "reconstruction" and self.share != "vae":
-            raise ValueError("federation.monitor=reconstruction needs federation.share=vae (the decoder stays at the sites)")
+        if self.monitor == "reconstruction" and self.share != "all":
+            raise ValueError("federation.monitor=reconstruction needs federation.share=all (the decoder stays at the sites)")
         return self
 
 
@@ -309,6 +390,11 @@ class DermFedConfig(_Section):
     def _check_consistency(self) -> "DermFedConfig":
         if self.data.image_size % 32:
             raise ValueError(f"data.image_size={self.data.image_size} must be a multiple of 32 (ConvNeXt downsamples by 32)")
+        generic_monitors = ("none", "linear-probe")
+        supported = _objective_monitors(self.model.objective)
+        if self.federation.monitor not in generic_monitors and self.federation.monitor not in supported:
+            raise ValueError(f"federation.monitor={self.federation.monitor} is not supported by model.objective="
+                             f"{self.model.objective}; it supports: {', '.join([*generic_monitors, *supported])}")
         if self.dp.enabled and self.model.drop_path_rate > 0:
             raise ValueError("model.drop_path_rate must be 0 when dp.enabled (per-sample gradients cannot replay its random masks)")
         if self.synth.shortcut and self.synth.shortcut_class not in self.synth.classes:
@@ -317,3 +403,9 @@ class DermFedConfig(_Section):
                 f"synth.classes={self.synth.classes}"
             )
         return self
+
+
+def _objective_monitors(name: str) -> tuple[str, ...]:
+    from common.objectives import get_objective
+
+    return get_objective(name).monitors

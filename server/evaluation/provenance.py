@@ -19,8 +19,12 @@ from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 from common.checkpoint import checkpoint_config
+from common.objectives import OBJECTIVES
 
-OBJECTIVE_NAMES = {"vae": "VAE"}  # how the report writes an objective's registry name
+
+def objective_title(name: str) -> str:
+    """How the report writes an objective's registry name (its `title`; the name itself if it is not registered)."""
+    return OBJECTIVES[name].title if name in OBJECTIVES else name
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,7 @@ class Provenance:
         """`federated VAE encoder (3 rounds, 4 sites)`, without DP words."""
         if self.kind == "unknown":
             return f"checkpoint that cannot be read here ({self.checkpoint})"
-        objective = OBJECTIVE_NAMES.get(self.objective, self.objective)
+        objective = objective_title(self.objective)
         parts = []
         if self.kind == "local-only" and self.sites:
             parts.append(self.sites[0])

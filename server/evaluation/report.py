@@ -6,7 +6,7 @@ other arm on the same images, every arm's metrics, per site, per class), then th
 source's own test split; without, the source's. Then the heads' training: the chosen epochs and
 the overfitting gap in the metric heads are selected on, the curves as in the paper's Figure 2
 (loss, accuracy and the selection metric, one column per arm), the shortcut test, confusion
-matrices, the pretraining history (reconstruction loss per round, epsilon per site) and the
+matrices, the pretraining history (the objective's loss per round, epsilon per site) and the
 exact config. Every interval says what it covers.
 """
 
@@ -186,18 +186,19 @@ def _history_axis(history: list[dict]) -> tuple[bool, list[int], str]:
     return federated, [h[unit] for h in history], unit
 
 
-def figure_pretraining_loss(history: list[dict], path: Path) -> Optional[Path]:
-    """Reconstruction loss per round (federated) or epoch (pooled/local); None when none was reported (DP sites send none)."""
+def figure_pretraining_loss(history: list[dict], path: Path, loss: str = "reconstruction") -> Optional[Path]:
+    """The objective's headline loss (`loss`: its first term, e.g. the VAE's reconstruction) per round (federated) or
+    epoch (pooled/local); None when none was reported (DP sites send none)."""
     if not history:
         return None
     federated, x, unit = _history_axis(history)
     lines = {}
     if federated:
-        lines["training (sites, weighted)"] = _series([h["train"].get("reconstruction") for h in history])
-        lines["validation (sites)"] = _series([h.get("evaluate", {}).get("val-reconstruction") for h in history])
+        lines["training (sites, weighted)"] = _series([h["train"].get(loss) for h in history])
+        lines["validation (sites)"] = _series([h.get("evaluate", {}).get(f"val-{loss}") for h in history])
     else:
-        lines["training"] = _series([h.get("reconstruction") for h in history])
-    return _lines_figure(x, lines, "Pretraining: reconstruction loss per image", unit, path)
+        lines["training"] = _series([h.get(loss) for h in history])
+    return _lines_figure(x, lines, f"Pretraining: {loss} loss per image", unit, path)
 
 
 def figure_privacy(history: list[dict], path: Path) -> Optional[Path]:
@@ -384,7 +385,8 @@ def _write_report(run_dir: Path, metrics: dict[str, Any]) -> Path:
     gap = figure_gap(arms, select_on, figures / "overfitting_gap.png")
     confusion = figure_confusion(arms, classes, figures / "confusion_matrices.png")
     history = metrics["pretraining"]["history"]
-    loss = figure_pretraining_loss(history, figures / "pretraining_loss.png")
+    loss_name = metrics["pretraining"].get("loss", "reconstruction")  # metrics.json before objectives: the VAE's
+    loss = figure_pretraining_loss(history, figures / "pretraining_loss.png", loss_name)
     privacy = figure_privacy(history, figures / "privacy.png")
     replicates = head.get("bootstrap_replicates", "")
     split_seeds = list(data.get("split_seeds") or [])
@@ -430,8 +432,9 @@ Images of classes the heads were not trained on are excluded, not scored: {html.
                     + privacy_table(history, data.get("max_images_per_lesion")) if privacy else
                     '<p class="note"><b>DP-SGD off.</b> This encoder was pretrained without differential privacy: its '
                     "updates carry no formal privacy guarantee.</p>")
-    loss_html = _embed(loss, "Reconstruction loss during pretraining") if loss else (
-        '<p class="muted">No reconstruction loss was reported: under DP-SGD the sites send only their privacy status.</p>')
+    loss_html = _embed(loss, f"{loss_name.capitalize()} loss during pretraining") if loss else (
+        f'<p class="muted">No {html.escape(loss_name)} loss was reported: under DP-SGD the sites send only their privacy '
+        'status.</p>')
     pretraining_html = (f"""<h2>Pretraining history of arm A</h2>
 <p>{html.escape(reference['label'] if reference else '')}, {html.escape(metrics['pretraining']['encoder'])} from
 <code>{html.escape(metrics['checkpoint'])}</code> ({html.escape(json.dumps(metrics['pretraining']['position']))}).</p>

@@ -30,6 +30,7 @@ from common.data.identity import with_content
 from common.data.pipeline import PreparedData, prepare_data
 from common.data.splits import assign_lesion_splits, assign_splits, split_indices
 from common.data.synthetic import shortcut_matches_class
+from common.objectives import get_objective
 from server.evaluation.arms import Arm, ArmUnavailable, checkpoint_arm, imagenet_arm, random_arm
 from server.evaluation.external import ExternalSet, load_external
 from server.evaluation.features import FeatureExtractor
@@ -418,7 +419,8 @@ def run_evaluation(config: DermFedConfig, checkpoint: Path, out: Path, imagenet_
         "pretraining": {"evaluated": any(r["key"] == REFERENCE_ARM for r in results),
                         "position": pretraining["position"], "encoder": pretraining["encoder_name"],
                         "history": pretraining["history"], "arm": pretraining.get("extra", {}).get("arm"),
-                        "dp": checkpoint_config(pretraining).dp.enabled},
+                        "dp": checkpoint_config(pretraining).dp.enabled,
+                        "loss": get_objective(checkpoint_config(pretraining).model.objective).terms[0]},
         "data": {"format": config.data.format, "root": config.data.root, "image_size": size,
                  "classes": classes, "sites": prepared.catalog.sites,
                  "split_seeds": [s.seed for s in splits],
