@@ -14,17 +14,26 @@ import json
 import re
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, Optional, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.run_files import atomic_write_text
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PRESET_DIR = PROJECT_ROOT / "configs"
 
-DataFormat = Literal["ham10000", "isic2019", "isic-gt", "isic2020", "folder", "synthetic"]
+
+
+def _registered_format(name: str) -> str:
+    """A name from the data-format registry (`common/data/formats/`); imported here, at validation, not at import."""
+    from common.data.formats import check_format_name
+
+    return check_format_name(name)
+
+
+DataFormat = Annotated[str, AfterValidator(_registered_format)]
 Artifact = Literal["ruler", "hair", "bubbles", "vignette", "ink"]
 
 
@@ -255,9 +264,12 @@ class ExternalSetConfig(_Section):
 
     @model_validator(mode="after")
     def _labelled(self) -> "ExternalSetConfig":
-        if self.format == "folder":
-            raise ValueError(f"external set {self.name!r}: format folder holds no labels; an external test set needs them "
-                             "(ham10000, isic2019, isic-gt, isic2020 or synthetic)")
+        from common.data.formats import FORMATS
+
+        if not FORMATS[self.format].labelled:
+            labelled = [name for name, fmt in FORMATS.items() if fmt.labelled]
+            raise ValueError(f"external set {self.name!r}: format {self.format} holds no labels; an external test set "
+                             f"needs them ({', '.join(labelled[:-1])} or {labelled[-1]})")
         return self
 
 

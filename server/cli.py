@@ -99,11 +99,12 @@ def cmd_data_synth(args: argparse.Namespace, config: DermFedConfig) -> int:
 def cmd_data_summary(args: argparse.Namespace, config: DermFedConfig) -> int:
     from common.config import write_config
     from common.data.catalog import format_summary, summary_table
-    from common.data.pipeline import prepare_data
+    from common.data.pipeline import ensure_data, prepare_data
     from common.run_files import atomic_write_text
 
     folder = run_folder(config, "data-summary", args.out)
     refuse_another_run(folder, "data summary")
+    ensure_data(config)  # the synthetic data if absent, the cache: written here, explicitly, never by reading
     prepared = prepare_data(config)
     catalog = prepared.catalog
     print(format_summary(catalog))

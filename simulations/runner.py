@@ -48,7 +48,7 @@ from client import simulated_nodes
 from common.checkpoint import CHECKPOINT_NAME
 from common.config import PROJECT_ROOT, ConfigError, DermFedConfig, flatten_config, load_config, toml_string, write_config
 from common.data.partition import check_partitions, partition_catalog
-from common.data.pipeline import prepare_data
+from common.data.pipeline import ensure_data, prepare_data
 from common.interrupts import Interrupted, stop_signals_raise
 from common.processes import RUN_MARKER, die_with_parent, stop_marked
 from common.run_kinds import SIMULATE, run_kind
@@ -315,7 +315,8 @@ def _run_locked(config: DermFedConfig, run_dir: Path, lock: RunLock, resume: boo
     if resume and done >= config.federation.num_rounds:
         raise RunRefused(f"{run_dir} already completed federation.num_rounds={config.federation.num_rounds} rounds; "
                               "raise federation.num_rounds to continue it")
-    prepared = prepare_data(config)  # generate/check/cache once, before N processes need it
+    ensure_data(config)  # generate and cache once, before N processes read it
+    prepared = prepare_data(config)
     parts, names = partition_catalog(prepared.catalog, config.data.partition, config.data.num_partitions,
                                      config.data.dirichlet_alpha, config.seed)
     if len(parts) < config.federation.min_clients:

@@ -26,7 +26,7 @@ from client.client_app import _RUNNERS, evaluate, train
 from client.policy import DP_REPLY_FIELDS, PrivacyFloor
 from common.config import ConfigError, config_to_json, load_config
 from common.data.batches import ImageRows
-from common.data.cache import MemmapStore
+from common.data.stores import MemmapStore
 from common.model import ConvNeXtVAE, build_vae, shared_state
 from common.privacy import PrivacyBudgetExhausted, PrivateTraining, epsilon_of, public_size, sample_rate_of
 from common.training import LocalTrainer, SiteState
