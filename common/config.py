@@ -25,7 +25,6 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PRESET_DIR = PROJECT_ROOT / "configs"
 
 
-
 def _registered_format(name: str) -> str:
     """A name from the data-format registry (`common/data/formats/`); imported here, at validation, not at import."""
     from common.data.formats import check_format_name

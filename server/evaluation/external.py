@@ -17,10 +17,10 @@ import numpy as np
 
 from common.config import DataConfig, ExternalSetConfig
 from common.data.cache import build_cache, scan
-from common.data.stores import ImageStore, SubsetStore
 from common.data.catalog import Catalog, DataError
-from common.data.identity import with_content
 from common.data.formats import load_catalog
+from common.data.identity import with_content
+from common.data.stores import ImageStore, SubsetStore
 from server.evaluation.leakage import count_in, identities_of, refuse_shared_with_source
 
 

@@ -56,17 +56,16 @@ def format_names() -> list[str]:
     return list(FORMATS)
 
 
-def unknown_format_message(name: object) -> str:
-    """Today's one line: the allowed names, as pydantic words a Literal."""
+def _allowed() -> str:
+    """The registered names as pydantic words a Literal's choices: today's message, unchanged."""
     names = [f"'{n}'" for n in FORMATS]
-    allowed = ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else "".join(names)
-    return f"Input should be {allowed}"
+    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else "".join(names)
 
 
 def check_format_name(name: str) -> str:
     """`name` if it is a registered format; a ValueError listing the registered ones otherwise (config validation)."""
     if name not in FORMATS:
-        raise ValueError(unknown_format_message(name))
+        raise ValueError(f"Input should be {_allowed()}")
     return name
 
 
@@ -74,7 +73,7 @@ def get_format(name: str) -> RegisteredFormat:
     try:
         return FORMATS[name]
     except KeyError:
-        raise DataError(f"unknown data format {name!r}; {unknown_format_message(name)}") from None
+        raise DataError(f"data format {name!r} is not registered; registered: {_allowed()}") from None
 
 
 def load_catalog(cfg: DataConfig) -> Catalog:
