@@ -8,8 +8,10 @@ written; image checks happen in `common.data.cache.scan`). `holds` says what `da
 hold (used in every "not found" message), `labelled` whether the format carries labels (an
 external test set needs them; evaluation refuses a source without them).
 
-Adding a format: a module like `isic2020.py` plus its import below; a format registered from
-elsewhere (a test) works with every command of the same process, with no other change.
+Adding a format: a module like `isic2020.py` plus its import below. A format registered from
+elsewhere (a test module) works with every command run in the same process (data summary,
+pretrain, evaluate) with no other change; a simulation's sites run in processes of their own,
+which know only the formats imported here.
 """
 
 from __future__ import annotations
@@ -50,10 +52,6 @@ def register_format(name: str, *, holds: str, labelled: bool = True) -> Callable
         return loader
 
     return register
-
-
-def format_names() -> list[str]:
-    return list(FORMATS)
 
 
 def _allowed() -> str:
