@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 from common.config import load_config
-from common.data.cache import DecodingStore, scan
-from common.data.sources import load_catalog
+from common.data.cache import build_cache, scan
+from common.data.formats import load_catalog
+from common.data.stores import DecodingStore
 from common.data.synthetic import generate
 
 HAM_SAMPLE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "ham10000-sample"
@@ -48,8 +49,10 @@ def main() -> None:
     config = load_config("demo", [f"data.format={fmt}", f"data.root={root}", f"data.image_size={args.size}",
                                   f"data.cache_dir={workdir / 'cache'}"])
     started = time.perf_counter()
-    catalog, cached = scan(load_catalog(config.data), config.data)
+    catalog = load_catalog(config.data)
+    build_cache(catalog, config.data)
     build = time.perf_counter() - started
+    catalog, cached = scan(catalog, config.data)
     decoding = DecodingStore(catalog.frame["path"].tolist(), args.size, config.data.non_rgb)
     decode_times = [epoch_seconds(decoding) for _ in range(args.epochs)]
     cache_times = [epoch_seconds(cached) for _ in range(args.epochs)]

@@ -99,12 +99,13 @@ def engine(args, dp: bool) -> dict:
     import torch
 
     from common.data.batches import ImageRows
-    from common.data.pipeline import prepare_data
+    from common.data.pipeline import ensure_data, prepare_data
     from common.data.splits import split_indices
     from common.model import build_model
     from common.training import LocalTrainer, SiteState
 
     config = _config(args, dp)
+    ensure_data(config)
     prepared = prepare_data(config)
     images = ImageRows(prepared.store, split_indices(prepared.catalog, "train"))
     torch.manual_seed(0)

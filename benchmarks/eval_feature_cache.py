@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from common.config import load_config
-from common.data.pipeline import prepare_data
+from common.data.pipeline import ensure_data, prepare_data
 from common.pretraining import run_pretraining
 from server.evaluation.run import run_evaluation
 
@@ -31,6 +31,7 @@ def main() -> None:
               f"model.encoder={args.encoder}", "train.max_steps=1", "train.progress=false",
               f"evaluation.epochs={args.epochs}", "evaluation.seeds=[0]", "evaluation.arms=[federated]"]
     config = load_config("demo", common)
+    ensure_data(config)
     prepared = prepare_data(config)
     run_pretraining(config, work / "pretrain")
     timings = {}

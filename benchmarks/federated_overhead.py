@@ -24,7 +24,7 @@ from client.site import SiteRunner, simulation_site_data
 from common.checkpoint import load_checkpoint
 from common.config import load_config
 from common.data.partition import partition_catalog
-from common.data.pipeline import prepare_data
+from common.data.pipeline import ensure_data, prepare_data
 from server.federation import initial_shared_weights
 from simulations.runner import run_simulation
 
@@ -53,7 +53,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="dermfed-fedbench-"))
     config = load_config(args.config, [f"federation.num_rounds={args.rounds}", f"data.root={workdir / 'data'}",
                                        f"data.cache_dir={workdir / 'cache'}", "train.progress=false", *args.overrides])
-    prepare_data(config)  # data generation and the cache are not part of either timing
+    ensure_data(config)  # data generation and the cache are not part of either timing
     started = time.perf_counter()
     run_dir = run_simulation(config, workdir / "simulation")
     simulated = time.perf_counter() - started

@@ -33,7 +33,7 @@ def measure(steps: int, repeats: int) -> dict:
 
     from common.config import load_config
     from common.data.batches import ImageRows
-    from common.data.cache import MemmapStore
+    from common.data.stores import MemmapStore
     from common.model import build_model
     from common.training import LocalTrainer, SiteState, seed_everything
 

@@ -43,7 +43,7 @@ from common.config import DermFedConfig, build_config
 from common.data.batches import ImageRows, ordered_batches, read_batch, to_device_float
 from common.data.catalog import DataError
 from common.data.partition import partition_catalog
-from common.data.pipeline import PreparedData, prepare_data
+from common.data.pipeline import PreparedData, ensure_cache, prepare_data
 from common.model import build_model, load_partial_state, private_state, shared_keys, shared_state
 from common.run_files import atomic_write_bytes
 from common.serialization import read_site_snapshot, site_snapshot
@@ -116,6 +116,7 @@ def deployment_site_data(config: DermFedConfig, node_config: Mapping[str, Any]) 
     tree = config.model_dump(mode="json")
     tree["data"].update(root=str(node_config["data-root"]), format=str(node_config.get("data-format", "folder")))
     config = build_config(tree)  # validated: a wrong data-format is an error that lists the formats
+    ensure_cache(config.data)  # the site's cache, built before it reads (reading never writes)
     prepared = prepare_data(config)
     rows = np.arange(len(prepared.catalog))
     train, val = _site_rows(config, prepared, rows)

@@ -30,7 +30,7 @@ from common.data.identity import (
     image_identities,
     with_content,
 )
-from common.data.pipeline import PreparedData, prepare_data
+from common.data.pipeline import PreparedData, ensure_data, prepare_data
 from common.model import build_model
 from common.objectives import Objective
 from common.run_files import atomic_write_bytes, atomic_write_text
@@ -101,6 +101,7 @@ def save_reconstruction_grid(model: Objective, images: torch.Tensor, path: Path)
 
 def run_pretraining(config: DermFedConfig, out: Path) -> dict[str, Any]:
     """Train on the configured data (pooled, or `data.site` only); write checkpoint, history, grid."""
+    ensure_data(config)  # the synthetic data if absent, the cache: written here, explicitly, never by reading
     prepared = prepare_data(config)
     indices = pretraining_indices(prepared, config.data.pretrain_splits)
     if len(indices) == 0:

@@ -48,7 +48,7 @@ from client import simulated_nodes
 from common.config import (PROJECT_ROOT, ConfigError, DermFedConfig, flatten_config, flower_run_config, load_config,
                            run_config_argument, write_config)
 from common.data.partition import check_partitions, partition_catalog
-from common.data.pipeline import prepare_data
+from common.data.pipeline import ensure_data, prepare_data
 from common.interrupts import Interrupted, stop_signals_raise
 from common.processes import RUN_MARKER, die_with_parent, stop_marked
 from common.run_folder import (CHECKPOINT_NAME, CONFIG_NAME, FLOWER_HOME_NAME, HISTORY_CSV_NAME, HISTORY_NAME,
@@ -262,7 +262,8 @@ def _run_locked(config: DermFedConfig, run_dir: Path, lock: RunLock, resume: boo
             check_resume(run_dir, config)
         except RunFolderError as exc:
             raise RunRefused(str(exc)) from None
-    prepared = prepare_data(config)  # generate/check/cache once, before N processes need it
+    ensure_data(config)  # generate and cache once, before N processes read it
+    prepared = prepare_data(config)
     parts, names = partition_catalog(prepared.catalog, config.data.partition, config.data.num_partitions,
                                      config.data.dirichlet_alpha, config.seed)
     if len(parts) < config.federation.min_clients:

@@ -78,7 +78,7 @@ def data_config(tmp_path):
 def random_image_rows(n: int = 40, size: int = 32, seed: int = 1):
     """`n` random RGB images held in memory, as the engine reads a site's images."""
     from common.data.batches import ImageRows
-    from common.data.cache import MemmapStore
+    from common.data.stores import MemmapStore
 
     pixels = np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
     return ImageRows(MemmapStore(pixels), np.arange(n))

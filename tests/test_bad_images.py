@@ -11,7 +11,7 @@ from PIL import Image
 from common.data.cache import scan
 from common.data.catalog import DataError, summary_table
 from common.data.images import decode_image
-from common.data.sources import load_catalog
+from common.data.formats import load_catalog
 from tests.conftest import write_jpeg
 
 

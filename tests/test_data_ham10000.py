@@ -3,7 +3,7 @@
 import pandas as pd
 
 from common.data.pipeline import prepare_data
-from common.data.sources import load_catalog
+from common.data.formats import load_catalog
 
 
 def test_sample_has_705_images_in_4_sites_and_counts_missing_rows(ham_sample, data_config):

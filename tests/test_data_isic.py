@@ -4,7 +4,8 @@ import pandas as pd
 import pytest
 
 from common.data.catalog import DataError
-from common.data.sources import FLAMBY_ISIC2019_CENTRES, load_catalog
+from common.data.formats import load_catalog
+from common.data.formats.isic2019 import FLAMBY_ISIC2019_CENTRES
 from tests.conftest import write_jpeg
 
 ISIC2019_CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]

@@ -26,7 +26,7 @@ from client.client_app import _RUNNERS, evaluate, train
 from client.policy import DP_REPLY_FIELDS, PrivacyFloor
 from common.config import ConfigError, load_config
 from common.data.batches import ImageRows
-from common.data.cache import MemmapStore
+from common.data.stores import MemmapStore
 from common.model import build_model, shared_state
 from common.objectives.vae import ConvNeXtVAE
 from common.privacy import PrivacyBudgetExhausted, PrivateTraining, epsilon_of, public_size, sample_rate_of

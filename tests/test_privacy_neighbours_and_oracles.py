@@ -21,7 +21,7 @@ from flwr.app import Context, RecordDict
 
 from client.client_app import _RUNNERS, train
 from common.config import config_to_json, load_config
-from common.data.sources import load_catalog
+from common.data.formats import load_catalog
 from common.model import build_model, shared_state
 from tests.conftest import PROJECT_ROOT, write_jpeg
 from tests.flower_helpers import run_config_of, train_message

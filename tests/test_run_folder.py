@@ -88,7 +88,7 @@ def test_resume_validates_overrides_with_the_runs_own_config(tmp_path, monkeypat
     assert code == 0, err
     [call] = launches.calls
     assert call["resume"] and call["config"].federation.monitor == "reconstruction"
-    assert call["config"].federation.share == "vae"
+    assert call["config"].federation.share == "all"
 
 
 def test_resume_refuses_an_override_the_runs_own_config_does_not_allow(tmp_path, monkeypatch, capsys):

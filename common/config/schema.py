@@ -12,11 +12,19 @@ import functools
 import re
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, Optional, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-DataFormat = Literal["ham10000", "isic2019", "isic-gt", "isic2020", "folder", "synthetic"]
+
+def _registered_format(name: str) -> str:
+    """A name from the data-format registry (`common/data/formats/`); imported here, at validation, not at import."""
+    from common.data.formats import check_format_name
+
+    return check_format_name(name)
+
+
+DataFormat = Annotated[str, AfterValidator(_registered_format)]
 Artifact = Literal["ruler", "hair", "bubbles", "vignette", "ink"]
 
 
@@ -324,9 +332,12 @@ class ExternalSetConfig(_Section):
 
     @model_validator(mode="after")
     def _labelled(self) -> "ExternalSetConfig":
-        if self.format == "folder":
-            raise ValueError(f"external set {self.name!r}: format folder holds no labels; an external test set needs them "
-                             "(ham10000, isic2019, isic-gt, isic2020 or synthetic)")
+        from common.data.formats import FORMATS
+
+        if not FORMATS[self.format].labelled:
+            labelled = [name for name, fmt in FORMATS.items() if fmt.labelled]
+            raise ValueError(f"external set {self.name!r}: format {self.format} holds no labels; an external test set "
+                             f"needs them ({', '.join(labelled[:-1])} or {labelled[-1]})")
         return self
 
 

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import numpy as np
 import torch
 
-from common.data.cache import ImageStore
+from common.data.stores import ImageStore, read_batch
 
 Augment = Callable[[torch.Tensor], torch.Tensor]
 
@@ -42,13 +42,6 @@ class ImageRows:
     def read(self, positions: np.ndarray) -> np.ndarray:
         """uint8 (B, H, W, 3) of rows[positions], in that order, in one read."""
         return read_batch(self.store, self.rows[np.asarray(positions, dtype=np.int64)])
-
-
-def read_batch(store: ImageStore, rows: np.ndarray) -> np.ndarray:
-    """uint8 pixels of `rows`: the store's own batched read when it has one, image by image otherwise."""
-    if hasattr(store, "get_batch"):
-        return store.get_batch(rows)
-    return np.stack([store.get(int(i)) for i in rows]) if len(rows) else np.zeros((0, 0, 0, 3), dtype=np.uint8)
 
 
 def to_device_float(pixels: np.ndarray, device: torch.device, channels_last: bool = False,

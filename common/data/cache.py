@@ -1,9 +1,12 @@
 """Checking every image once and keeping it decoded: the preprocessing cache.
 
-`scan` decodes each catalogued file once (in threads: PIL releases the GIL while decoding),
-drops the unusable ones with a reason, and, with `data.use_cache`, writes the resized uint8
-arrays to one `.npy` file keyed by the source files and the size, read back memory-mapped. Later
-epochs, rounds and runs read pixels from that file instead of decoding JPEGs again.
+Two steps, so that reading data never writes it. `build_cache` (the writing step, called by the
+commands: `common.data.pipeline.ensure_cache`) decodes each catalogued file once (in threads: PIL
+releases the GIL while decoding) and, with `data.use_cache`, writes the resized uint8 arrays to
+one `.npy` file keyed by the source files and the size. `scan` (the reading step) drops the
+unusable files with a reason and reads pixels from that file, memory-mapped, when it is there and
+sound; otherwise it decodes the files and writes nothing. Later epochs, rounds and runs read pixels
+from the cache instead of decoding JPEGs again.
 
 A full disk is a message, never a crash: the free space is checked before building, the file is
 written with plain writes (a write into a memory map on a full disk is a SIGBUS), and a failed or
@@ -21,9 +24,9 @@ import os
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Literal, Optional, Protocol
+from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd
@@ -32,6 +35,7 @@ from tqdm.auto import tqdm
 from common.config import DataConfig
 from common.data.catalog import SKIP_COLUMNS, Catalog, DataError
 from common.data.images import DecodeResult, decode_image
+from common.data.stores import DecodingStore, ImageStore, IndexedArray, MemmapStore
 
 log = logging.getLogger("dermfed.data")
 
@@ -39,52 +43,6 @@ CACHE_FORMAT_VERSION = 1
 MAX_WARNINGS_LISTED = 10
 IMAGES_NAME = "images.npy"
 STATUS_NAME = "status.json"
-
-
-class ImageStore(Protocol):
-    """Row i of the catalog -> RGB uint8 array (size, size, 3)."""
-
-    def __len__(self) -> int: ...
-
-    def get(self, index: int) -> np.ndarray: ...
-
-
-@dataclass
-class MemmapStore:
-    """Pixels read from the memory-mapped cache file; no decoding."""
-
-    array: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.array)
-
-    def get(self, index: int) -> np.ndarray:
-        return np.asarray(self.array[index])
-
-    def get_batch(self, rows: np.ndarray) -> np.ndarray:
-        """Many rows in one read, in increasing file order (memory-mapped pages are read sequentially)."""
-        order = np.argsort(rows, kind="stable")
-        out = np.empty((len(rows), *self.array.shape[1:]), dtype=np.uint8)
-        out[order] = self.array[rows[order]]
-        return out
-
-
-@dataclass
-class DecodingStore:
-    """Pixels decoded from the source files each time (data.use_cache=false)."""
-
-    paths: list[str]
-    size: int
-    non_rgb: Literal["skip", "convert"]
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def get(self, index: int) -> np.ndarray:
-        result = decode_image(self.paths[index], self.size, min_side=1, non_rgb=self.non_rgb)
-        if result.array is None:  # the file changed after scan()
-            raise DataError(f"{self.paths[index]} became unreadable after it was checked: {result.reason}")
-        return result.array
 
 
 def cache_key(paths: list[str], size: int, min_side: int, non_rgb: str) -> str:
@@ -232,36 +190,64 @@ def _build_cache(paths: list[str], cfg: DataConfig, source: str, parent: Path, f
         raise
 
 
-def _load_or_build_cache(paths: list[str], cfg: DataConfig, source: str) -> tuple[np.ndarray, list[Optional[str]]]:
+def cache_folder(paths: list[str], cfg: DataConfig, source: str) -> Path:
+    """Where the cache of these files at these settings lives (its name carries the key)."""
     key = cache_key(paths, cfg.image_size, cfg.min_image_side, cfg.non_rgb)
-    parent = Path(cfg.cache_dir).expanduser()
-    folder = parent / f"{source}-{cfg.image_size}px-{key}"
-    if folder.is_dir():
-        try:
-            cached = _read_cache(folder, paths, cfg.image_size)
-            log.info("%s: using preprocessing cache %s", source, folder)
-            return cached
-        except CacheUnusable as why:
-            log.warning("%s: the preprocessing cache %s is unusable (%s); rebuilding it", source, folder, why)
-            shutil.rmtree(folder, ignore_errors=True)
-    _build_cache(paths, cfg, source, parent, folder)
+    return Path(cfg.cache_dir).expanduser() / f"{source}-{cfg.image_size}px-{key}"
+
+
+def _existing_cache(folder: Path, paths: list[str], cfg: DataConfig) -> tuple[Optional[tuple[np.ndarray, list]], str]:
+    """The cache in `folder` when it is there and sound, else None and why not ("" when there is none)."""
+    if not folder.is_dir():
+        return None, ""
     try:
-        return _read_cache(folder, paths, cfg.image_size)
+        return _read_cache(folder, paths, cfg.image_size), ""
+    except CacheUnusable as why:
+        return None, str(why)
+
+
+def build_cache(catalog: Catalog, cfg: DataConfig) -> Optional[Path]:
+    """The writing step: make sure the preprocessing cache of `catalog` exists and is sound, building it (or
+    rebuilding a damaged one) when not; its folder, or None with `data.use_cache=false`. `scan` then reads it."""
+    if not cfg.use_cache:
+        return None
+    paths = catalog.frame["path"].tolist()
+    source = catalog.source
+    folder = cache_folder(paths, cfg, source)
+    cached, damage = _existing_cache(folder, paths, cfg)
+    if cached is not None:
+        log.info("%s: using preprocessing cache %s", source, folder)
+        return folder
+    if damage:
+        log.warning("%s: the preprocessing cache %s is unusable (%s); rebuilding it", source, folder, damage)
+        shutil.rmtree(folder, ignore_errors=True)
+    _build_cache(paths, cfg, source, folder.parent, folder)
+    try:
+        _read_cache(folder, paths, cfg.image_size)
     except CacheUnusable as why:  # only if another process wrote a bad one between our rename and this read
         raise DataError(f"the preprocessing cache {folder} is unusable right after it was built ({why}); remove it "
                         "and run again") from None
+    return folder
 
 
 def scan(catalog: Catalog, cfg: DataConfig) -> tuple[Catalog, ImageStore]:
-    """Check every image once; return the usable catalog and where its pixels come from.
+    """Check every image once; return the usable catalog and where its pixels come from. Writes nothing.
 
-    Unusable files are moved to `catalog.skipped` with a reason and a warning; a site left
-    with no usable image is an error, raised now rather than in the middle of training.
+    With `data.use_cache` and a sound cache (`build_cache`), its checks and pixels are read; without one
+    every file is decoded here and again when read. Unusable files are moved to `catalog.skipped` with a
+    reason and a warning; a site left with no usable image is an error, raised now rather than in the
+    middle of training.
     """
     paths = catalog.frame["path"].tolist()
-    if cfg.use_cache:
-        pixels, reasons = _load_or_build_cache(paths, cfg, catalog.source)
+    cached, damage = _existing_cache(cache_folder(paths, cfg, catalog.source), paths, cfg) if cfg.use_cache else (None, "")
+    if cached is not None:
+        pixels, reasons = cached
     else:
+        if cfg.use_cache:
+            log.info("%s: %s; decoding the images instead (the commands build it first: "
+                     "common.data.pipeline.ensure_cache)", catalog.source,
+                     f"the preprocessing cache is unusable ({damage})" if damage else
+                     f"no preprocessing cache in {cfg.cache_dir}")
         pixels, reasons = None, _decode_all(paths, cfg, desc=f"checking {catalog.source}")
     bad = np.array([reason is not None for reason in reasons], dtype=bool)
     frame = catalog.frame
@@ -272,44 +258,7 @@ def scan(catalog: Catalog, cfg: DataConfig) -> tuple[Catalog, ImageStore]:
     checked = replace(catalog, frame=usable).with_skipped(skipped)
     if pixels is not None:
         keep = np.flatnonzero(~bad)
-        store: ImageStore = MemmapStore(pixels if len(keep) == len(paths) else _IndexedArray(pixels, keep))
+        store: ImageStore = MemmapStore(pixels if len(keep) == len(paths) else IndexedArray(pixels, keep))
     else:
         store = DecodingStore(usable["path"].tolist(), cfg.image_size, cfg.non_rgb)
     return checked, store
-
-
-@dataclass
-class _IndexedArray:
-    """A view of the cache's rows `keep`, without copying the memory map."""
-
-    base: np.ndarray
-    keep: np.ndarray
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (len(self.keep), *self.base.shape[1:])
-
-    def __len__(self) -> int:
-        return len(self.keep)
-
-    def __getitem__(self, index):  # an int or an array of rows
-        return self.base[self.keep[index]]
-
-
-@dataclass
-class SubsetStore:
-    """Rows `rows` of another store, in that order (a catalog restricted after splitting)."""
-
-    base: ImageStore
-    rows: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def get(self, index: int) -> np.ndarray:
-        return self.base.get(int(self.rows[index]))
-
-    def get_batch(self, rows: np.ndarray) -> np.ndarray:
-        from common.data.batches import read_batch
-
-        return read_batch(self.base, self.rows[rows])

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from common.config import DermFedConfig, SynthConfig, write_config
 from common.data.labels import HAM10000_DX
-from common.data.sources import SYNTHETIC_CSV
+from common.data.formats.synthetic import SYNTHETIC_CSV
 
 ARTIFACTS = ("ruler", "hair", "bubbles", "vignette", "ink")
 LOCALIZATIONS = ("back", "trunk", "lower extremity", "upper extremity", "abdomen", "face", "chest")

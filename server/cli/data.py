@@ -31,13 +31,13 @@ def cmd_data_synth(args: argparse.Namespace, config: DermFedConfig) -> int:
 def cmd_data_summary(args: argparse.Namespace, config: DermFedConfig) -> int:
     from common.config import write_config
     from common.data.catalog import format_summary, summary_table
-    from common.data.pipeline import prepare_data
+    from common.data.pipeline import ensure_data, prepare_data
     from common.run_files import atomic_write_text
-
     from common.run_folder import DATA_SUMMARY
 
     folder = out_folder(config, "data-summary", args.out)
     claim_out(folder, DATA_SUMMARY, args.force)
+    ensure_data(config)  # the synthetic data if absent, the cache: written here, explicitly, never by reading
     prepared = prepare_data(config)
     catalog = prepared.catalog
     print(format_summary(catalog))

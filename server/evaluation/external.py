@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 
 from common.config import DataConfig, ExternalSetConfig
-from common.data.cache import ImageStore, SubsetStore, scan
+from common.data.cache import build_cache, scan
 from common.data.catalog import Catalog, DataError
+from common.data.formats import load_catalog
 from common.data.identity import with_content
-from common.data.sources import load_catalog
+from common.data.stores import ImageStore, SubsetStore
 from server.evaluation.leakage import count_in, identities_of, refuse_shared_with_source
 
 
@@ -61,6 +62,7 @@ def load_external(entry: ExternalSetConfig, source: DataConfig, source_catalog: 
         catalog = load_catalog(config)
         if not catalog.labelled:
             raise DataError(f"format {entry.format} holds no labels")
+        build_cache(catalog, config)  # the writing step, explicit; scan only reads
         catalog, store = scan(catalog, config)
     except DataError as exc:
         raise DataError(f"external test set {entry.name!r} ({entry.format} at {entry.root}): {exc}") from None

@@ -10,7 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from common.data.batches import BatchLoader, ImageRows, ordered_batches
-from common.data.cache import ImageStore
+from common.data.stores import ImageStore
 
 
 class FeatureExtractor:

@@ -125,8 +125,7 @@ def rebuild(config_tree: dict[str, Any], cache_dir: Optional[str]) -> tuple[Opti
     Never generates data (a missing synthetic data set is absent, not redrawn); pixels and hashes go to this
     evaluation's cache folder, not the checkpoint's."""
     from common.config import build_config
-    from common.data.pipeline import prepare_data
-    from common.data.sources import SYNTHETIC_CSV
+    from common.data.pipeline import ensure_cache, prepare_data
     from common.pretraining import pretraining_indices
 
     try:
@@ -134,11 +133,12 @@ def rebuild(config_tree: dict[str, Any], cache_dir: Optional[str]) -> tuple[Opti
     except (ConfigError, ValueError, TypeError) as exc:
         return None, f"its config cannot be read ({exc})"
     root = config.data.root
-    if not root or not Path(root).exists() or (config.data.format == "synthetic" and not (Path(root) / SYNTHETIC_CSV).is_file()):
+    if not root or not Path(root).exists():  # reading never generates: a missing synthetic data set stays missing
         return None, f"its data (data.root={root}) is not on this machine"
     if cache_dir:
         config = config.model_copy(update={"data": config.data.model_copy(update={"cache_dir": cache_dir})})
     try:
+        ensure_cache(config.data)  # this evaluation's own cache folder; the data itself is never generated
         prepared = prepare_data(config)
     except (DataError, ConfigError, OSError, ValueError) as exc:
         return None, f"its data cannot be read here ({exc})"

@@ -27,7 +27,7 @@ from common.checkpoint import checkpoint_config, load_checkpoint
 from common.config import ConfigError, DermFedConfig, write_config
 from common.data.catalog import Catalog, DataError
 from common.data.identity import with_content
-from common.data.pipeline import PreparedData, prepare_data
+from common.data.pipeline import PreparedData, ensure_data, prepare_data
 from common.data.splits import assign_lesion_splits, assign_splits, split_indices
 from common.data.synthetic import shortcut_matches_class
 from common.objectives import get_objective
@@ -370,6 +370,7 @@ def run_evaluation(config: DermFedConfig, checkpoint: Path, out: Path, imagenet_
     config = config.model_copy(update={"data": config.data.model_copy(update={"image_size": size})})
     out.mkdir(parents=True, exist_ok=True)
     write_config(config, out)
+    ensure_data(config)  # the synthetic data if absent, the cache: written here, explicitly, never by reading
     prepared = prepare_data(config)
     if not prepared.catalog.labelled:
         raise DataError(f"evaluation needs labels; data.format={config.data.format} has none")
