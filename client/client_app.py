@@ -122,7 +122,7 @@ def train(message: Message, context: Context) -> Message:
     if fault is not None:
         fault.before_training(round_number, runner.first_image_path())
     output = runner.train_round(round_number, message.content["arrays"].to_torch_state_dict(), snapshot,
-                                prox_mu=float(config.get("proximal-mu", 0.0)))
+                                instruction=dict(config))
     context.state[SNAPSHOT_KEY] = ConfigRecord({"snapshot": output.snapshot})
     shared = fault.corrupt(round_number, output.shared) if fault is not None else output.shared
     reply = RecordDict({"arrays": ArrayRecord(shared), "metrics": MetricRecord(output.metrics)})
