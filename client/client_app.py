@@ -144,7 +144,7 @@ def train(message: Message, context: Context) -> Message:
     if fault is not None:
         fault.before_training(round_number, runner.first_image_path())
     output = runner.train_round(round_number, message.content[keys.ARRAYS_RECORD].to_torch_state_dict(), snapshot,
-                                prox_mu=float(instruction.get(keys.PROXIMAL_MU, 0.0)))
+                                instruction=dict(instruction))
     context.state[SNAPSHOT_KEY] = ConfigRecord({"snapshot": output.snapshot})
     shared = fault.corrupt(round_number, output.shared) if fault is not None else output.shared
     reply = RecordDict({keys.ARRAYS_RECORD: ArrayRecord(shared), keys.METRICS_RECORD: MetricRecord(output.metrics)})

@@ -47,6 +47,7 @@ from common.data.pipeline import PreparedData, ensure_cache, prepare_data
 from common.model import build_model, load_partial_state, private_state, shared_keys, shared_state
 from common.run_files import atomic_write_bytes
 from common.serialization import read_site_snapshot, site_snapshot
+from common.strategies import client_hooks
 from common.privacy import group_epsilon, with_planned_steps
 from common.training import DPPlan, LocalTrainer, SiteState, seed_everything
 
@@ -297,7 +298,9 @@ class SiteRunner:
 
     @_holding_the_site_lock
     def train_round(self, round_number: int, shared: Mapping[str, torch.Tensor], snapshot: Optional[bytes] = None,
-                    prox_mu: float = 0.0) -> RoundOutput:
+                    instruction: Optional[Mapping[str, Any]] = None) -> RoundOutput:
+        """One round's local training from the received `shared` weights; `instruction`: the round's train
+        instruction (what the strategy's client hook is made from, e.g. FedProx's `proximal-mu`)."""
         self._check_shared(shared)
         self._restore(round_number, snapshot)
         self._apply_ledger()
@@ -305,9 +308,10 @@ class SiteRunner:
         if self.config.dp.enabled:  # a noise the coordinator chose that cannot meet the ceiling: refused, naming both
             plan = self.trainer.dp_plan(self.state)
             self.floor.check_noise(self.config.dp, plan.noise_multiplier, plan.sample_rate, plan.steps)
-        reference = {k: v.clone() for k, v in shared.items()} if prox_mu else None
-        result = self.trainer.train(self.state, prox_mu=prox_mu, prox_reference=reference,
-                                    before_noisy_steps=self._reserve)
+        hooks = client_hooks(self.config, instruction or {})
+        for hook in hooks:
+            hook.bind(self.model, shared)  # the plain model: by identity, before DP-SGD renames parameters
+        result = self.trainer.train(self.state, hooks=hooks, before_noisy_steps=self._reserve)
         self.state, self.round = result.state, round_number
         self.ledger.close_round(self.state.noise_multiplier, self._recorded_floor(), self.config.dp.accountant)
         if result.privacy is not None:

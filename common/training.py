@@ -22,7 +22,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ from common.privacy import (
     steps_of,
     with_planned_steps,
 )
+from common.strategies import ClientHook
 
 log = logging.getLogger("dermfed.training")
 
@@ -239,14 +240,14 @@ class LocalTrainer:
 
     def train(self, state: Optional[SiteState] = None,
               on_epoch_end: Optional[Callable[[EpochMetrics, SiteState], None]] = None,
-              prox_mu: float = 0.0, prox_reference: Optional[dict[str, torch.Tensor]] = None,
+              hooks: Sequence[ClientHook] = (),
               before_noisy_steps: Optional[Callable[[DPPlan], None]] = None) -> TrainResult:
         """Train for one call's worth of steps, continuing `state`; returns the new state and metrics.
 
-        With `prox_mu` > 0 (FedProx), each step is followed by a decoupled proximal step
-        w <- w - lr * mu * (w - w_global) on the parameters in `prox_reference`: the gradient of
-        (mu/2)||w - w_global||^2, applied outside the loss so that it holds unchanged under
-        DP-SGD (it depends on no sample, so it costs no privacy).
+        `hooks`: a strategy's client hooks (FedProx's proximal term), already bound to `self.model`
+        (the plain model: DP-SGD wraps it only inside this call). Each one's `before_update` runs
+        inside every optimizer step, after DP-SGD's clipping and noise; each is released when the
+        call ends.
 
         Under DP, `before_noisy_steps` gets the call's plan after the budget check and before the
         first noisy step (a site reserves the steps in its ledger there: a call that fails half-way
@@ -264,7 +265,6 @@ class LocalTrainer:
         draws: Optional[ImageDraws] = None
         plan: Optional[DPPlan] = None
         steps_this_call = self.steps_per_call()
-        anchors = self._proximal_anchors(prox_reference) if prox_mu and prox_reference else []  # before DP renames
         if dp.enabled:
             plan = self.dp_plan(state)
             check_budget(dp, state.accountant, plan.noise_multiplier, plan.sample_rate, plan.steps, self.site)
@@ -283,6 +283,8 @@ class LocalTrainer:
         bar = tqdm(total=steps_this_call, desc=f"{self.site} training", unit="step", leave=False,
                    disable=None if cfg.train.progress else True)
         done = 0
+        # On the plain optimizer: under DP, Opacus's step clips and noises, then calls this one's step.
+        hooked = [_original_optimizer(optimizer).register_step_pre_hook(_before_update(hooks))] if hooks else []
         try:
             for epoch in range(cfg.train.epochs):
                 if done >= steps_this_call:
@@ -310,8 +312,6 @@ class LocalTrainer:
                         if step_draws is not None and self.augment is not None:
                             batch = self.augment(batch, step_draws["augment"])
                         terms, was_skipped = self._step(model, optimizer, scaler, batch, schedule, private, step_draws)
-                        if anchors:
-                            self._proximal_step(lr * prox_mu, anchors)
                         sums += torch.stack([terms[key].sum() for key in loss_keys]).double()
                         images += len(batch)
                         skipped += was_skipped
@@ -353,6 +353,10 @@ class LocalTrainer:
                 raise AccountantError(f"{self.site}: the accountant's steps do not match the steps reserved for this call")
         finally:
             bar.close()
+            for handle in hooked:
+                handle.remove()
+            for hook in hooks:
+                hook.release()
             if private is not None:
                 private.close()  # drop Opacus hooks and the layout change: self.model is the plain model again
         result.privacy = self.privacy_status(state)
@@ -361,22 +365,6 @@ class LocalTrainer:
     def _require_finite(self, sums: torch.Tensor) -> None:
         if not bool(torch.isfinite(sums).all()):
             raise FloatingPointError(f"{self.site}: the loss became NaN or infinite; lower train.lr or check the data")
-
-    def _proximal_anchors(self, reference: dict[str, torch.Tensor]) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
-        """Each parameter of `reference`, bound to its global value by identity: names are captured here, before
-        DP-SGD's layout change renames ConvNeXt's `gamma` and MLP parameters (the same Parameter objects move)."""
-        params = dict(self.model.named_parameters())
-        unknown = sorted(set(reference) - set(params) - {name for name, _ in self.model.named_buffers()})
-        if unknown:
-            raise KeyError(f"FedProx reference names parameters this model does not have: {unknown[:3]}")
-        return [(params[name], anchor.to(params[name].device, params[name].dtype))
-                for name, anchor in reference.items() if name in params]
-
-    @staticmethod
-    @torch.no_grad()
-    def _proximal_step(rate: float, anchors: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
-        for param, anchor in anchors:
-            param.sub_(rate * (param - anchor))
 
     def _step(self, model, optimizer, scaler, batch: torch.Tensor, schedule: dict[str, float],
               private: Optional[PrivateTraining] = None,
@@ -406,6 +394,16 @@ class LocalTrainer:
 
 def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
+def _before_update(hooks: Sequence[ClientHook]) -> Callable[..., None]:
+    """An optimizer step pre-hook that runs the strategy hooks' `before_update`."""
+
+    def run(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for hook in hooks:
+            hook.before_update()
+
+    return run
 
 
 def _original_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

@@ -1,7 +1,9 @@
 """Flower's strategies with a robust front door (the only server module that imports Flower's
 strategy API, besides the ServerApp adapter).
 
-`RobustAggregation` is mixed into FedAvg, FedProx, FedAdam or FedMedian: before Flower
+The configured strategy's registry entry (`common/strategies/`) names a class of
+`flwr.serverapp.strategy` and its keyword arguments; this adapter resolves and builds it.
+`RobustAggregation` is mixed into it (FedAvg, FedProx, FedAdam, FedMedian, ...): before Flower
 aggregates a round, it drops replies that are errors, missing (timed out), or unsound (NaN/Inf,
 wrong keys or shapes, no positive example count), records who was left out and why, and
 refuses the round when fewer than `federation.min_clients` remain. It also numbers rounds
@@ -16,17 +18,16 @@ from typing import Any, Iterable, Optional
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx
+from flwr.serverapp import strategy as flower_strategies
 
 from common.config import DermFedConfig
+from common.strategies import strategy_named
 from common.reply_signature import RECORD_KEY, ForgedReply, reply_digest, verify_reply
 from server.deploy.registry import SiteRegistry
 from server.rounds import RoundFailed, RoundRecord, RunRecorder, screen_update
 
 # Averaging these across sites means nothing: they are kept per site in the history.
 PER_SITE_ONLY = {"site-index", "epsilon", "delta"}
-
-STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedmedian": FedMedian}
 
 
 class RobustAggregation:
@@ -195,7 +196,11 @@ class RobustAggregation:
 def build_strategy(config: DermFedConfig) -> RobustAggregation:
     """The configured Flower strategy, with robust aggregation mixed in."""
     fed = config.federation
-    base = STRATEGIES[fed.strategy]
+    entry = strategy_named(fed.strategy)
+    base = getattr(flower_strategies, entry.flower_class, None)
+    if not (isinstance(base, type) and issubclass(base, flower_strategies.Strategy)):
+        raise ValueError(f"strategy {entry.name!r} names {entry.flower_class!r}, which is not a strategy class of "
+                         "flwr.serverapp.strategy")
     # Under DP sites refuse client evaluation (an un-noised loss on private images), so none is asked for.
     fraction_evaluate = 0.0 if config.dp.enabled else fed.fraction_evaluate
     kwargs: dict[str, Any] = dict(
@@ -203,10 +208,6 @@ def build_strategy(config: DermFedConfig) -> RobustAggregation:
         min_train_nodes=fed.min_clients, min_evaluate_nodes=fed.min_clients if fraction_evaluate else 0,
         min_available_nodes=fed.min_clients,
     )
-    if fed.strategy == "fedprox":
-        kwargs["proximal_mu"] = fed.proximal_mu
-    if fed.strategy == "fedadam":
-        kwargs.update(eta=fed.server_lr, eta_l=config.train.lr, beta_1=fed.server_beta_1,
-                      beta_2=fed.server_beta_2, tau=fed.server_tau)
+    kwargs.update(entry.server_kwargs(config))
     cls = type(f"Robust{base.__name__}", (RobustAggregation, base), {})
     return cls(**kwargs)

@@ -272,11 +272,17 @@ class DPConfig(_Section):
         return self
 
 
+def _listed(names: list[str]) -> str:
+    """'a', 'b' or 'c': how pydantic lists a Literal's values."""
+    quoted = [repr(name) for name in names]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+
+
 class FederationConfig(_Section):
     """Federated pretraining with Flower: rounds, strategy, robustness, simulation resources."""
 
     num_rounds: int = Field(3, ge=1)
-    strategy: Literal["fedavg", "fedprox", "fedadam", "fedmedian"] = "fedavg"
+    strategy: str = Field("fedavg", description="a registered aggregation strategy (common/strategies/)")
     proximal_mu: float = Field(0.01, ge=0.0, description="fedprox: weight of (mu/2)||w - w_global||^2")
     server_lr: float = Field(0.01, gt=0.0, description="fedadam: server learning rate (eta)")
     server_beta_1: float = Field(0.9, ge=0.0, lt=1.0)
@@ -302,6 +308,15 @@ class FederationConfig(_Section):
     @classmethod
     def _old_share_name(cls, value: Any) -> Any:
         return "all" if value == "vae" else value  # run configs written before objectives say `vae`
+
+    @field_validator("strategy")
+    @classmethod
+    def _registered_strategy(cls, name: str) -> str:
+        from common.strategies import STRATEGIES  # here: the registry imports torch and its plugins
+
+        if name not in STRATEGIES:
+            raise ValueError(f"Input should be {_listed(list(STRATEGIES))}")
+        return name
 
     @model_validator(mode="after")
     def _monitor_needs_decoder(self) -> "FederationConfig":
