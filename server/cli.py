@@ -314,16 +314,15 @@ def cmd_node_approve(args: argparse.Namespace, config: DermFedConfig) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace, config: DermFedConfig) -> int:
-    from server.evaluation.arms import load_imagenet_file
+    from server.evaluation.arms import arm_inputs
     from server.evaluation.report import write_report
     from server.evaluation.run import run_evaluation
 
     config = with_external_sets(config, args.external)
-    if args.imagenet_weights:  # a wrong file is refused now, not after the other arms were evaluated
-        load_imagenet_file(Path(args.imagenet_weights), config.evaluation.imagenet_model)
+    inputs = arm_inputs(args, config)  # checked now (a wrong weights file), not after the other arms were evaluated
     folder = run_folder(config, "evaluation", args.out)
-    refuse_evaluation_out(folder, {"--checkpoint": args.checkpoint, "--pooled": args.pooled, "--local": args.local})
-    metrics = run_evaluation(config, Path(args.checkpoint), folder, args.imagenet_weights, args.pooled, args.local)
+    refuse_evaluation_out(folder, inputs.runs())
+    metrics = run_evaluation(config, Path(args.checkpoint), folder, inputs.given)
     report = write_report(folder, metrics)
     print(f"metrics: {folder / 'metrics.json'}")
     print(f"report: {report.resolve()}")
@@ -379,6 +378,7 @@ def cmd_config(args: argparse.Namespace, config: DermFedConfig) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from common.config import PROJECT_ROOT
     from common.deployment.proxy import DEFAULT_MAX_BODY_MB, DEFAULT_MAX_CONNECTIONS
+    from server.evaluation.arms import add_arm_arguments  # the arms' registry alone: no torch, no timm
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="dermfed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -515,13 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", help="frozen encoders against ImageNet ConvNeXt-Tiny under identical heads",
                               formatter_class=fmt)
-    evaluate.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
-                          help="pretraining run folder or checkpoint.pt (arm A, the encoder under study: a federated "
-                               "run, or any pretraining run, labelled by what its checkpoint records)")
-    evaluate.add_argument("--imagenet-weights", default=None, metavar="FILE",
-                          help="arm B's ImageNet weights file (default: the Hugging Face cache, offline)")
-    evaluate.add_argument("--pooled", default=None, metavar="RUN_DIR", help="arm D: a pooled `dermfed pretrain` run")
-    evaluate.add_argument("--local", default=None, metavar="RUN_DIR", help="arm E: a local-only `dermfed pretrain` run")
+    add_arm_arguments(evaluate)  # --checkpoint, --imagenet-weights, --pooled, --local: each arm's own option
     evaluate.add_argument("--external", action="append", default=[], metavar="FORMAT:ROOT[:NAME]",
                           help="also score the heads on this labelled data set, all of it test data (repeat; "
                                "adds to evaluation.external)")
@@ -609,8 +603,10 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                             format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
         from common.config import load_config
+        from server.evaluation.arms import check_arm_names
 
         config = load_config(args.config, args.overrides)
+        check_arm_names(config.evaluation.arms)  # against the arms' registry, for every command as for the config
         return args.handler(args, config)
     except Interrupted as exc:
         return _fail(f"{command}: interrupted by {exc.signal_name}", verbose, 130)
