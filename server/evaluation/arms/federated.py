@@ -20,8 +20,8 @@ class FederatedArm(EvaluationArm):
     description = ("the encoder under study (--checkpoint), named by what its checkpoint records (federated, "
                    "pooled or local-only; rounds or epochs; objective; DP-SGD)")
     input = ArmInput("--checkpoint", "run", "RUN_DIR", required=True,
-                     help="pretraining run folder or checkpoint.pt (arm A, the encoder under study: a federated run, or any "
-                          "pretraining run, labelled by what its checkpoint records)")
+                     help="pretraining run folder or checkpoint.pt (arm A, the encoder under study: a federated run, "
+                          "or any pretraining run, labelled by what its checkpoint records)")
 
     def build(self, given: Optional[str], context: ArmContext) -> Arm:
         return checkpoint_arm(self.name, self.letter, "federated", str(given), context.config.data.cache_dir)

@@ -42,7 +42,8 @@ class Arm:
     label: str  # "C: random init (control)": its letter, then what it is
     encoder: "nn.Module"
     source: str  # where its weights came from, in words
-    pretraining: "PretrainingImages" = field(default_factory=_no_pretraining)  # which images it pretrained on (leak check)
+    # which images it pretrained on (the leak check); default: none
+    pretraining: "PretrainingImages" = field(default_factory=_no_pretraining)
     provenance: Optional[dict[str, Any]] = None  # checkpoint arms: what the checkpoint records it is
 
 
@@ -97,11 +98,13 @@ def register_arm(cls: type[EvaluationArm]) -> type[EvaluationArm]:
     """Class decorator: make an arm known to `evaluation.arms` and its option known to `dermfed evaluate`."""
     arm = cls()
     if arm.name in ARMS:
-        raise ValueError(f"evaluation arm {arm.name!r} is registered twice ({type(ARMS[arm.name]).__name__}, {cls.__name__})")
+        raise ValueError(f"evaluation arm {arm.name!r} is registered twice "
+                         f"({type(ARMS[arm.name]).__name__}, {cls.__name__})")
     if arm.input is not None:
         taken = {other.input.flag: other.name for other in ARMS.values() if other.input is not None}
         if arm.input.flag in taken:
-            raise ValueError(f"evaluation arm {arm.name!r}: option {arm.input.flag} is already arm {taken[arm.input.flag]!r}'s")
+            raise ValueError(f"evaluation arm {arm.name!r}: option {arm.input.flag} is already "
+                             f"arm {taken[arm.input.flag]!r}'s")
     if arm.study and any(other.study for other in ARMS.values()):
         raise ValueError(f"evaluation arm {arm.name!r}: only one arm is the encoder under study ({study_arm()!r})")
     ARMS[arm.name] = arm
@@ -117,10 +120,10 @@ def check_arm_names(names: list[str]) -> None:
     """`evaluation.arms` against the registry: an unknown name is one line listing the registered ones."""
     from common.config import ConfigError
 
-    allowed = list(ARMS)
+    allowed = [repr(name) for name in ARMS]
+    listed = f"{', '.join(allowed[:-1])} or {allowed[-1]}" if len(allowed) > 1 else allowed[0]
     for index, name in enumerate(names):
         if name not in ARMS:
-            listed = ", ".join(repr(a) for a in allowed[:-1]) + f" or {allowed[-1]!r}" if len(allowed) > 1 else repr(allowed[0])
             raise ConfigError(f"invalid configuration: evaluation.arms.{index}: Input should be {listed} (got {name!r})")
 
 
