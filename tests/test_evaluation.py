@@ -15,13 +15,14 @@ from PIL import Image
 
 import server.evaluation.features as features_module
 from server.cli import main
-from server.evaluation.arms import ArmUnavailable, cached_imagenet_file, imagenet_arm
+from server.evaluation.arms import ArmUnavailable
+from server.evaluation.arms.imagenet import cached_imagenet_file, imagenet_arm
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def test_missing_imagenet_weights_offline_name_both_fixes(monkeypatch):
-    monkeypatch.setattr("server.evaluation.arms.cached_imagenet_file", lambda name: None)
+    monkeypatch.setattr("server.evaluation.arms.imagenet.cached_imagenet_file", lambda name: None)
     monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("offline: nothing may be downloaded"))
     with pytest.raises(ArmUnavailable) as err:
         imagenet_arm("convnext_tiny.fb_in1k", None)
@@ -33,8 +34,8 @@ def test_missing_imagenet_weights_offline_name_both_fixes(monkeypatch):
 
 def test_online_the_imagenet_arm_fetches_its_weights_as_timm_does(monkeypatch):
     """With the Hub reachable (stubbed here: tests never download), arm B asks timm for the pretrained model."""
-    monkeypatch.setattr("server.evaluation.arms.cached_imagenet_file", lambda name: None)
-    monkeypatch.setattr("server.evaluation.arms._hub_unreachable", lambda: None)
+    monkeypatch.setattr("server.evaluation.arms.imagenet.cached_imagenet_file", lambda name: None)
+    monkeypatch.setattr("server.evaluation.arms.imagenet._hub_unreachable", lambda: None)
     monkeypatch.delenv("HF_HUB_OFFLINE")
     calls = []
 
@@ -53,7 +54,7 @@ def test_online_the_imagenet_arm_fetches_its_weights_as_timm_does(monkeypatch):
     monkeypatch.setattr(timm, "create_model", no_network)
     with pytest.raises(ArmUnavailable, match="could not be downloaded .*Network is unreachable.*--imagenet-weights"):
         imagenet_arm("convnext_tiny.fb_in1k", None)
-    monkeypatch.setattr("server.evaluation.arms._hub_unreachable", lambda: "huggingface.co: Name or service not known")
+    monkeypatch.setattr("server.evaluation.arms.imagenet._hub_unreachable", lambda: "huggingface.co: Name or service not known")
     with pytest.raises(ArmUnavailable, match="cannot be reached .*--imagenet-weights"):
         imagenet_arm("convnext_tiny.fb_in1k", None)
 
@@ -81,7 +82,7 @@ def test_imagenet_weights_load_from_a_file_or_the_cache(tmp_path):
 
 
 def test_imagenet_weights_are_named_imagenet_only_by_a_known_hash(tmp_path, monkeypatch):
-    from server.evaluation import arms
+    from server.evaluation.arms import imagenet as arms
 
     assert "08b9dc9c3a3a29421de7996761e176501896d1ae7fc3085cf56a643772329276" in \
         arms.KNOWN_IMAGENET_SHA256["convnext_tiny.fb_in1k"]  # timm/convnext_tiny.fb_in1k model.safetensors

@@ -13,17 +13,15 @@ if TYPE_CHECKING:
 
 
 def cmd_evaluate(args: argparse.Namespace, config: DermFedConfig) -> int:
-    from server.evaluation.arms import load_imagenet_file
+    from server.evaluation.arms import arm_inputs
     from server.evaluation.report import write_report
     from server.evaluation.run import run_evaluation
 
     config = with_external_sets(config, args.external)
-    if args.imagenet_weights:  # a wrong file is refused now, not after the other arms were evaluated
-        load_imagenet_file(Path(args.imagenet_weights), config.evaluation.imagenet_model)
+    inputs = arm_inputs(args, config)  # checked now (a wrong weights file), not after the other arms were evaluated
     folder = out_folder(config, "evaluation", args.out)
-    refuse_evaluation_out(folder, {"--checkpoint": args.checkpoint, "--pooled": args.pooled, "--local": args.local},
-                          args.force)
-    metrics = run_evaluation(config, Path(args.checkpoint), folder, args.imagenet_weights, args.pooled, args.local)
+    refuse_evaluation_out(folder, inputs.runs(), args.force)
+    metrics = run_evaluation(config, Path(args.checkpoint), folder, inputs.given)
     report = write_report(folder, metrics)
     print(f"metrics: {folder / 'metrics.json'}")
     print(f"report: {report.resolve()}")
@@ -78,16 +76,12 @@ def with_external_sets(config: DermFedConfig, specs: Sequence[str]) -> DermFedCo
 
 
 def register(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:
-    """The flags of `dermfed evaluate` (an arm's own flags go here too)."""
+    """The flags of `dermfed evaluate` (each arm's own flag comes from the arms' registry)."""
+    from server.evaluation.arms import add_arm_arguments  # the arms' registry alone: no torch, no timm
+
     evaluate = sub.add_parser("evaluate", help="frozen encoders against ImageNet ConvNeXt-Tiny under identical heads",
                               formatter_class=fmt)
-    evaluate.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
-                          help="pretraining run folder or checkpoint.pt (arm A, the encoder under study: a federated "
-                               "run, or any pretraining run, labelled by what its checkpoint records)")
-    evaluate.add_argument("--imagenet-weights", default=None, metavar="FILE",
-                          help="arm B's ImageNet weights file (default: the Hugging Face cache, offline)")
-    evaluate.add_argument("--pooled", default=None, metavar="RUN_DIR", help="arm D: a pooled `dermfed pretrain` run")
-    evaluate.add_argument("--local", default=None, metavar="RUN_DIR", help="arm E: a local-only `dermfed pretrain` run")
+    add_arm_arguments(evaluate)  # --checkpoint, --imagenet-weights, --pooled, --local: each arm's own option
     evaluate.add_argument("--external", action="append", default=[], metavar="FORMAT:ROOT[:NAME]",
                           help="also score the heads on this labelled data set, all of it test data (repeat; "
                                "adds to evaluation.external)")

@@ -116,6 +116,10 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         # by its handler (`common.run_folder.resume_config`): never validated against a preset first.
         config = None if getattr(args, "resume_from_run", False) and args.resume else load_config(args.config,
                                                                                                    args.overrides)
+        if config is not None:
+            from server.evaluation.arms import check_arm_names
+
+            check_arm_names(config.evaluation.arms)  # against the arms' registry, for every command as for the config
         return args.handler(args, config)
     except Interrupted as exc:
         return _fail(f"{command}: interrupted by {exc.signal_name}", verbose, 130)

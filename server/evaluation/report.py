@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 
 from common.data.catalog import DataError  # noqa: E402
 from common.privacy import classical_group_privacy  # noqa: E402
+from server.evaluation.arms import report_words, study_arm  # noqa: E402
 from server.evaluation.metrics import METRICS_FORMAT  # noqa: E402
 
 REPORT_NAME = "report.html"
@@ -391,7 +392,7 @@ def _write_report(run_dir: Path, metrics: dict[str, Any]) -> Path:
     replicates = head.get("bootstrap_replicates", "")
     split_seeds = list(data.get("split_seeds") or [])
     seeds_words, _ = _seeds_words(split_seeds)
-    reference = next((arm for arm in arms if arm["key"] == "federated"), None)  # arm A, wherever evaluation.arms put it
+    reference = next((arm for arm in arms if arm["key"] == study_arm()), None)  # arm A, wherever evaluation.arms put it
     evaluated = reference is not None and metrics["pretraining"].get("evaluated", True)
 
     external_html = ""
@@ -486,9 +487,7 @@ over seeds; dotted lines mark the epochs the seeds chose (on {html.escape(select
 <li>Start with the paired differences, on the external test sets first when there are any (the generalisation answer), then on
 the source's test split. An interval that includes 0 means no difference was shown, even if one mean is higher. A verdict about
 an arm whose pretraining images are not known is qualified: they could not be checked against the test images.</li>
-<li>A is the encoder under study (<code>--checkpoint</code>), named by what its checkpoint records (federated, pooled or
-local-only; rounds or epochs; objective; DP-SGD); B: ImageNet; C: random weights, the floor that says what any pretraining adds;
-D and E (when present): the pooled and local-only controls, also named by their checkpoints.</li>
+<li>The arms: {html.escape("; ".join(report_words([arm["key"] for arm in arms])))}.</li>
 <li>The overfitting gap alone does not rank encoders (see its caption); the test metrics and paired differences do.</li>
 <li>Epsilon is the privacy budget each site spent (with delta in the config); without DP-SGD there is no formal guarantee.</li>
 </ul>

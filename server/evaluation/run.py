@@ -18,7 +18,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
@@ -31,7 +31,7 @@ from common.data.pipeline import PreparedData, ensure_data, prepare_data
 from common.data.splits import assign_lesion_splits, assign_splits, split_indices
 from common.data.synthetic import shortcut_matches_class
 from common.objectives import get_objective
-from server.evaluation.arms import Arm, ArmUnavailable, checkpoint_arm, imagenet_arm, random_arm
+from server.evaluation.arms import Arm, ArmContext, build_arms, check_arm_names, study_arm
 from server.evaluation.external import ExternalSet, load_external
 from server.evaluation.features import FeatureExtractor
 from server.evaluation.heads import SELECTION_METRIC, train_head
@@ -54,7 +54,6 @@ log = logging.getLogger("dermfed.evaluate")
 
 SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "macro_auroc")
 COMPARED_METRICS = ("balanced_accuracy", "macro_auroc")
-REFERENCE_ARM = "federated"  # the --checkpoint slot: arm A, whatever its checkpoint records it is
 GAP_METRICS = ("accuracy", "balanced_accuracy", "loss")
 PREDICTIONS_NAME = "predictions.npz"
 SOURCE = ":source"  # the source's test split among the test sets; no external set's name can start with ':'
@@ -68,29 +67,6 @@ class Split:
     catalog: Catalog
     rows: dict[str, np.ndarray]
     weights: np.ndarray  # replicates x test images
-
-
-def _arms(config: DermFedConfig, checkpoint: Path, encoder_name: str, imagenet_weights: Optional[str],
-          pooled: Optional[str], local: Optional[str], skipped: dict[str, str]) -> Iterator[Arm]:
-    """Build each requested arm when its turn comes (one encoder in memory at a time); record the skipped."""
-    makers = {
-        "federated": lambda: checkpoint_arm("federated", checkpoint, config.data.cache_dir),
-        "imagenet": lambda: imagenet_arm(config.evaluation.imagenet_model, imagenet_weights),
-        "random": lambda: random_arm(encoder_name, config.seed),
-        "pooled": lambda: checkpoint_arm("pooled", pooled, config.data.cache_dir) if pooled else None,
-        "local": lambda: checkpoint_arm("local", local, config.data.cache_dir) if local else None,
-    }
-    for key in config.evaluation.arms:
-        try:
-            arm = makers[key]()
-        except ArmUnavailable as exc:
-            skipped[key] = str(exc)
-            print(f"arm {key} skipped: {exc}", flush=True)
-            continue
-        if arm is None:
-            skipped[key] = f"not requested (pass --{key} CHECKPOINT from `dermfed pretrain`)"
-            continue
-        yield arm
 
 
 def make_splits(config: DermFedConfig, prepared: PreparedData, rng: np.random.Generator) -> list[Split]:
@@ -305,7 +281,7 @@ def score(test: TestSet, arms: list[dict[str, Any]], probabilities: dict[str, di
                 result["shortcut"][name] = interval(subset.point, subset.replicates)
         scored[key] = result
     keys = [arm["key"] for arm in arms]
-    reference = REFERENCE_ARM if REFERENCE_ARM in keys else keys[0]
+    reference = study_arm() if study_arm() in keys else keys[0]
     comparisons = []
     lesions = test.lesions()
     too_few = (f"too few test lesions to decide: {lesions} (or patients) here, evaluation.min_test_groups={min_groups}"
@@ -360,11 +336,15 @@ def _words(arms: list[dict[str, Any]], a: str, b: str, metric: str, diff: dict[s
     return f"{labels[a]} minus {labels[b]}, {name}: {span}{undefined}; {verdict}{qualified}"
 
 
-def run_evaluation(config: DermFedConfig, checkpoint: Path, out: Path, imagenet_weights: Optional[str] = None,
-                   pooled: Optional[str] = None, local: Optional[str] = None) -> dict[str, Any]:
-    """Evaluate every available arm: heads trained and selected on the source (`data.*`), scored on its test split and
-    on every external set (`evaluation.external`); write metrics.json, predictions.npz, config.yaml."""
+def run_evaluation(config: DermFedConfig, checkpoint: Path, out: Path,
+                   inputs: Optional[Mapping[str, Optional[str]]] = None) -> dict[str, Any]:
+    """Evaluate every available arm of `evaluation.arms`: heads trained and selected on the source (`data.*`), scored
+    on its test split and on every external set (`evaluation.external`); write metrics.json, predictions.npz,
+    config.yaml. `inputs`: what each arm's option supplied, by arm name (`arms.arm_inputs`); the study arm reads
+    `checkpoint` unless given otherwise."""
+    check_arm_names(config.evaluation.arms)  # before anything is written
     checkpoint = Path(checkpoint)
+    inputs = {study_arm(): str(checkpoint), **(inputs or {})}
     pretraining = load_checkpoint(checkpoint)
     size = config.evaluation.image_size or checkpoint_config(pretraining).data.image_size
     config = config.model_copy(update={"data": config.data.model_copy(update={"image_size": size})})
@@ -384,7 +364,7 @@ def run_evaluation(config: DermFedConfig, checkpoint: Path, out: Path, imagenet_
     skipped: dict[str, str] = {}
     results: list[dict[str, Any]] = []
     probabilities: dict[str, dict[str, dict[int, list[np.ndarray]]]] = {}  # test set -> arm -> split seed -> seeds
-    for arm in _arms(config, checkpoint, pretraining["encoder_name"], imagenet_weights, pooled, local, skipped):
+    for arm in build_arms(ArmContext(config, pretraining["encoder_name"]), inputs, skipped):
         print(f"evaluating {arm.label} ({arm.source})", flush=True)
         result, arm_probabilities = evaluate_arm(arm, config, prepared, splits, labels, externals)
         results.append(result)
@@ -417,7 +397,7 @@ def run_evaluation(config: DermFedConfig, checkpoint: Path, out: Path, imagenet_
     metrics = {
         "format": METRICS_FORMAT,
         "checkpoint": str(checkpoint.resolve()),
-        "pretraining": {"evaluated": any(r["key"] == REFERENCE_ARM for r in results),
+        "pretraining": {"evaluated": any(r["key"] == study_arm() for r in results),
                         "position": pretraining["position"], "encoder": pretraining["encoder_name"],
                         "history": pretraining["history"], "arm": pretraining.get("extra", {}).get("arm"),
                         "dp": checkpoint_config(pretraining).dp.enabled,

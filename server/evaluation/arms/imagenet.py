@@ -1,40 +1,27 @@
-"""The arms of the study: each a frozen encoder feeding an identical head.
+"""Arm B: ConvNeXt-Tiny with ImageNet weights (timm), the transfer-learning baseline of the study.
 
-A  federated: the encoder under study, `--checkpoint` (a `dermfed simulate` run, or any pretraining run)
-B  imagenet:  ConvNeXt-Tiny with ImageNet weights (timm): --imagenet-weights, the HF cache, or the Hub when online;
-              named "ImageNet" only when the weights are known to be timm's (see `imagenet_arm`)
-C  random:    the same architecture as A, randomly initialised (what pretraining adds at all)
-D  pooled:    a centrally pretrained encoder (`dermfed pretrain`)
-E  local:     one site's local-only encoder (`dermfed pretrain data.site=NAME`)
-
-The key names the slot (the command-line option); a checkpoint arm's label names what its
-checkpoint records it is (`provenance.py`): "A: pooled VAE encoder (2 epochs, DP-SGD off)" for a
-pooled run passed as `--checkpoint`.
+Its weights come from `--imagenet-weights FILE`, the Hugging Face cache, or (online) the Hub as timm
+fetches them; the model is `evaluation.imagenet_model`. It is named "ImageNet" only when the weights
+are known to be timm's (see `imagenet_arm`); any other file is named by its name and hash, its
+pretraining images unknown.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional
 from urllib.parse import urlparse
 
-import timm
-import torch
-from torch import nn
+from server.evaluation.arms.registry import Arm, ArmContext, ArmInput, ArmUnavailable, EvaluationArm, register_arm
 
-from common.checkpoint import CHECKPOINT_FORMAT, frozen_encoder, load_checkpoint
-from common.data.catalog import DataError
-from common.data.identity import file_sha256
-from server.evaluation.leakage import EXTERNAL, NO_PRETRAINING, PretrainingImages, pretraining_images
-from server.evaluation.provenance import checkpoint_provenance
+if TYPE_CHECKING:  # torch and timm are imported when the arm builds: `dermfed` reads the registry for every command
+    from torch import nn
 
-ARM_LABELS = {
-    "imagenet": "B: ImageNet ConvNeXt-Tiny",
-    "random": "C: random init (control)",
-}
+    from common.config import DermFedConfig
+
+IMAGENET_LABEL = "B: ImageNet ConvNeXt-Tiny"
 # SHA-256 of weights files known to be timm's published ImageNet-1k weights, per timm model name: the one place that
 # lists them. convnext_tiny.fb_in1k's model.safetensors (https://huggingface.co/timm/convnext_tiny.fb_in1k): the hash two
 # independent public projects pin for that URL; it could not be checked against the Hub from where this was written.
@@ -43,55 +30,19 @@ ARM_LABELS = {
 KNOWN_IMAGENET_SHA256: dict[str, frozenset[str]] = {
     "convnext_tiny.fb_in1k": frozenset({"08b9dc9c3a3a29421de7996761e176501896d1ae7fc3085cf56a643772329276"}),
 }
-CHECKPOINT_LETTERS = {"federated": "A", "pooled": "D", "local": "E"}
-EXPECTED_KIND = {"federated": "federated", "pooled": "pooled", "local": "local-only"}
-
-
-class ArmUnavailable(RuntimeError):
-    """This arm cannot run here; the message says how to provide what it needs."""
 
 
 class WeightsFileError(ArmUnavailable):
     """The file given as --imagenet-weights is not ImageNet weights of the arm's architecture; says what it is."""
 
 
-@dataclass
-class Arm:
-    key: str
-    label: str
-    encoder: nn.Module
-    source: str
-    pretraining: PretrainingImages = NO_PRETRAINING  # which images it pretrained on (leak check)
-    provenance: Optional[dict[str, Any]] = None  # checkpoint arms: what the checkpoint records it is
-
-
-def _frozen(model: nn.Module) -> nn.Module:
+def _frozen(model: "nn.Module") -> "nn.Module":
     return model.eval().requires_grad_(False)
-
-
-def checkpoint_arm(key: str, path: str | Path, cache_dir: Optional[str] = None) -> Arm:
-    """A pretraining run's encoder, labelled by its slot's letter and what the checkpoint records it is; its pretraining
-    images checked against its own config's data where that is on this machine (`leakage.pretraining_images`)."""
-    payload = load_checkpoint(path)  # read once: federated checkpoints are large
-    provenance = checkpoint_provenance(payload)
-    if provenance.kind != EXPECTED_KIND[key]:
-        print(f"note: the {key} slot holds a {provenance.kind} checkpoint ({path}); it is labelled as what it is", flush=True)
-    if provenance.claimed:
-        print(f"note: checkpoint {path} calls itself {provenance.claimed!r} but its position {payload['position']} is a "
-              f"{provenance.kind} run's; it is labelled by its position", flush=True)
-    return Arm(key, f"{CHECKPOINT_LETTERS[key]}: {provenance.describe()}", frozen_encoder(payload),
-               f"{payload['encoder_name']} from {Path(path)} ({payload['position']})",
-               pretraining_images(payload, cache_dir, str(path)), provenance.as_dict())
-
-
-def random_arm(encoder_name: str, seed: int) -> Arm:
-    torch.manual_seed(seed)
-    model = timm.create_model(encoder_name, pretrained=False, num_classes=0)
-    return Arm("random", ARM_LABELS["random"], _frozen(model), f"{encoder_name}, random init (seed {seed})")
 
 
 def cached_imagenet_file(model_name: str, cache_dir: Optional[str] = None) -> Optional[Path]:
     """The weights file of `model_name` in the local Hugging Face cache, if any; never touches the network."""
+    import timm
     from huggingface_hub import try_to_load_from_cache
 
     config = timm.models.get_pretrained_cfg(model_name)
@@ -116,9 +67,13 @@ def _cache_entry_matches(path: Path, digest: str) -> bool:
     return path.is_symlink() and path.resolve().name == digest
 
 
-def _load(model_name: str, path: Path) -> nn.Module:
+def _load(model_name: str, path: Path) -> "nn.Module":
     """timm's model with the weights of `path`, as timm loads a pretrained file; a file that is not those weights
     is a one-line error naming it."""
+    import timm
+
+    from common.data.catalog import DataError
+
     try:
         return timm.create_model(model_name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(path)))
     except Exception as exc:  # noqa: BLE001 - torch.load, safetensors and load_state_dict fail in many ways
@@ -128,11 +83,14 @@ def _load(model_name: str, path: Path) -> nn.Module:
                         f"pytorch_model.bin of timm/{model_name}") from None
 
 
-def _labelled(model_name: str, model: nn.Module, path: Path, where: str, verified: bool) -> Arm:
+def _labelled(model_name: str, model: "nn.Module", path: Path, where: str, verified: bool) -> Arm:
     """Arm B named by what is known of its weights: ImageNet only when they are known to be timm's."""
+    from common.data.identity import file_sha256
+    from server.evaluation.leakage import EXTERNAL, PretrainingImages
+
     digest = file_sha256(path)
     if verified or digest in KNOWN_IMAGENET_SHA256.get(model_name, frozenset()):
-        return Arm("imagenet", ARM_LABELS["imagenet"], _frozen(model),
+        return Arm("imagenet", IMAGENET_LABEL, _frozen(model),
                    f"{model_name} ImageNet-1k weights {where} (sha256 {digest})", EXTERNAL)
     label = f"B: {_architecture(model_name)}, unverified weights (sha256 {digest[:12]}..., {path.name})"
     unknown = PretrainingImages(None, None, f"unknown: weights from {path} (sha256 {digest}) that are not known to be "
@@ -150,6 +108,11 @@ def imagenet_arm(model_name: str, weights_file: Optional[str]) -> Arm:
     one-line error. Offline (`HF_HUB_OFFLINE=1`, or no network) and with neither a file nor a
     filled cache, the arm is unavailable with a message that names the fixes; the other arms still run.
     """
+    import timm
+
+    from common.data.identity import file_sha256
+    from server.evaluation.leakage import EXTERNAL
+
     architecture = model_name.split(".")[0]
     if weights_file:
         path = Path(weights_file).expanduser()
@@ -178,7 +141,7 @@ def imagenet_arm(model_name: str, weights_file: Optional[str]) -> Arm:
                              f"{exc}). {fixes}") from None
     downloaded = cached_imagenet_file(model_name)
     digest = f" (sha256 {file_sha256(downloaded)})" if downloaded is not None else ""
-    return Arm("imagenet", ARM_LABELS["imagenet"], _frozen(model),
+    return Arm("imagenet", IMAGENET_LABEL, _frozen(model),
                f"{model_name} ImageNet-1k weights downloaded by timm from the Hugging Face Hub{digest}", EXTERNAL)
 
 
@@ -208,8 +171,13 @@ def weights_file_kind(path: Path) -> str:
         return "neither a safetensors nor a torch file"
 
 
-def load_imagenet_file(path: Path, model_name: str) -> nn.Module:
+def load_imagenet_file(path: Path, model_name: str) -> "nn.Module":
     """`model_name` (timm) with the ImageNet weights in `path`, or a WeightsFileError that says what the file is."""
+    import timm
+    import torch
+
+    from common.checkpoint import CHECKPOINT_FORMAT
+
     wanted = (f"--imagenet-weights takes the model.safetensors or pytorch_model.bin of timm/{model_name} "
               "(Hugging Face Hub)")
     if not path.is_file():
@@ -247,3 +215,19 @@ def _hub_unreachable(timeout: float = 3.0) -> Optional[str]:
 
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+@register_arm
+class ImagenetArm(EvaluationArm):
+    name = "imagenet"
+    letter = "B"
+    description = ("ConvNeXt-Tiny with ImageNet weights, named ImageNet only when the weights are known to be timm's "
+                   "(any other file: by its name and hash, its pretraining images unknown)")
+    input = ArmInput("--imagenet-weights", "file", "FILE", runs_without=True,
+                     help="arm B's ImageNet weights file (default: the Hugging Face cache, offline)")
+
+    def check(self, given: str, config: "DermFedConfig") -> None:
+        load_imagenet_file(Path(given), config.evaluation.imagenet_model)  # a wrong file: refused before any arm runs
+
+    def build(self, given: Optional[str], context: ArmContext) -> Arm:
+        return imagenet_arm(context.config.evaluation.imagenet_model, given)

@@ -1,0 +1,39 @@
+"""The arms of the study: each a frozen encoder feeding an identical head, one module per arm.
+
+A  federated (`federated.py`):  the encoder under study, `--checkpoint` (a `dermfed simulate` run, or any pretraining run)
+B  imagenet  (`imagenet.py`):   ConvNeXt-Tiny with ImageNet weights (timm): --imagenet-weights, the HF cache, or the Hub
+C  random    (`random_init.py`): the same architecture as A, randomly initialised (what pretraining adds at all)
+D  pooled    (`pooled.py`):     a centrally pretrained encoder (`dermfed pretrain`)
+E  local     (`local.py`):      one site's local-only encoder (`dermfed pretrain data.site=NAME`)
+
+Adding an arm is one module: subclass `EvaluationArm`, decorate it with `@register_arm`, and import
+it here (or anywhere before `dermfed` builds its parser); `evaluation.arms` then accepts its name,
+`dermfed evaluate` its option, and the report its letter and words (`registry.py`).
+"""
+
+from server.evaluation.arms.registry import (
+    ARMS,
+    Arm,
+    ArmContext,
+    ArmInput,
+    ArmInputs,
+    ArmUnavailable,
+    EvaluationArm,
+    add_arm_arguments,
+    arm_inputs,
+    build_arms,
+    check_arm_names,
+    register_arm,
+    report_words,
+    study_arm,
+)
+
+# The built-in arms, registered in this order: the order of their options in `dermfed evaluate --help`.
+# isort: off
+from server.evaluation.arms import federated, imagenet, random_init, pooled, local  # noqa: F401
+# isort: on
+from server.evaluation.arms.imagenet import WeightsFileError  # named by the CLI's USER_ERRORS
+
+__all__ = ["ARMS", "Arm", "ArmContext", "ArmInput", "ArmInputs", "ArmUnavailable", "EvaluationArm",
+           "WeightsFileError", "add_arm_arguments", "arm_inputs", "build_arms", "check_arm_names", "register_arm",
+           "report_words", "study_arm"]

@@ -1,0 +1,185 @@
+"""The registry of evaluation arms: what an arm declares, and the one place that reads the declarations.
+
+An arm is a frozen encoder: it declares its name (the key in `evaluation.arms`, metrics.json and
+predictions.npz), its letter and words for the report, the `dermfed evaluate` option that supplies
+its input (a run folder, a weights file, a timm model name, or nothing), and how it builds the
+encoder. It provides features only: every arm feeds the same head, trained with the same
+settings and seeds (`server/evaluation/run.py`); the registry freezes whatever encoder an arm
+builds, so no arm can train or randomise its features.
+
+This module is light (no torch, no timm): `dermfed` builds its parser from the registry for every
+command. Arms import what they need when they build.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Literal, Mapping, Optional
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from common.config import DermFedConfig
+    from server.evaluation.leakage import PretrainingImages
+
+
+class ArmUnavailable(RuntimeError):
+    """This arm cannot run here; the message says how to provide what it needs (the other arms still run)."""
+
+
+def _no_pretraining() -> "PretrainingImages":
+    from server.evaluation.leakage import NO_PRETRAINING
+
+    return NO_PRETRAINING
+
+
+@dataclass
+class Arm:
+    """A built arm: its frozen encoder and how the report names it."""
+
+    key: str  # the registered name
+    label: str  # "C: random init (control)": its letter, then what it is
+    encoder: "nn.Module"
+    source: str  # where its weights came from, in words
+    # which images it pretrained on (the leak check); default: none
+    pretraining: "PretrainingImages" = field(default_factory=_no_pretraining)
+    provenance: Optional[dict[str, Any]] = None  # checkpoint arms: what the checkpoint records it is
+
+
+@dataclass(frozen=True)
+class ArmInput:
+    """What an arm reads and the `dermfed evaluate` option that supplies it."""
+
+    flag: str  # "--pooled"
+    kind: Literal["run", "file", "model"]  # a pretraining run folder or checkpoint.pt (`--out` may not lie in it),
+    # a weights file, or a timm model name
+    metavar: str
+    help: str
+    required: bool = False  # the command needs it whatever `evaluation.arms` says (`--checkpoint`)
+    runs_without: bool = False  # the arm builds without it (arm B: the Hugging Face cache); else it is skipped
+    hint: str = ""  # what to pass, in the skipped arm's note: "CHECKPOINT from `dermfed pretrain`"
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+@dataclass(frozen=True)
+class ArmContext:
+    """What every arm may read when it builds: the resolved config and the study checkpoint's encoder architecture."""
+
+    config: "DermFedConfig"
+    encoder_name: str  # the timm architecture of `--checkpoint` (arm C builds the same, randomly initialised)
+
+
+class EvaluationArm:
+    """Subclass, set the class attributes, implement `build`, decorate with `@register_arm`."""
+
+    name: ClassVar[str]  # key in evaluation.arms, metrics.json, predictions.npz
+    letter: ClassVar[str]  # the report's short name: "C"
+    description: ClassVar[str]  # the report's "how to read" words after the letter (plain text)
+    input: ClassVar[Optional[ArmInput]] = None  # None: the arm reads nothing (arm C)
+    study: ClassVar[bool] = False  # the encoder under study: compared with every other arm (one arm, "federated")
+
+    def check(self, given: str, config: "DermFedConfig") -> None:
+        """Refuse a wrong input now, before any arm runs; raise an error the CLI shows in one line (exit 2)."""
+
+    def build(self, given: Optional[str], context: ArmContext) -> Arm:
+        """The arm with its encoder; `given` is what its option supplied (None when absent and `runs_without`).
+        Raise ArmUnavailable when it cannot run here (the other arms still run)."""
+        raise NotImplementedError
+
+
+ARMS: dict[str, EvaluationArm] = {}  # registration order is the default order of flags in `dermfed evaluate --help`
+
+
+def register_arm(cls: type[EvaluationArm]) -> type[EvaluationArm]:
+    """Class decorator: make an arm known to `evaluation.arms` and its option known to `dermfed evaluate`."""
+    arm = cls()
+    if arm.name in ARMS:
+        raise ValueError(f"evaluation arm {arm.name!r} is registered twice "
+                         f"({type(ARMS[arm.name]).__name__}, {cls.__name__})")
+    if arm.input is not None:
+        taken = {other.input.flag: other.name for other in ARMS.values() if other.input is not None}
+        if arm.input.flag in taken:
+            raise ValueError(f"evaluation arm {arm.name!r}: option {arm.input.flag} is already "
+                             f"arm {taken[arm.input.flag]!r}'s")
+    if arm.study and any(other.study for other in ARMS.values()):
+        raise ValueError(f"evaluation arm {arm.name!r}: only one arm is the encoder under study ({study_arm()!r})")
+    ARMS[arm.name] = arm
+    return cls
+
+
+def study_arm() -> str:
+    """The name of the encoder under study (arm A, `--checkpoint`): the reference of every paired difference."""
+    return next(name for name, arm in ARMS.items() if arm.study)
+
+
+def check_arm_names(names: list[str]) -> None:
+    """`evaluation.arms` against the registry: an unknown name is one line listing the registered ones."""
+    from common.config import ConfigError
+
+    allowed = [repr(name) for name in ARMS]
+    listed = f"{', '.join(allowed[:-1])} or {allowed[-1]}" if len(allowed) > 1 else allowed[0]
+    for index, name in enumerate(names):
+        if name not in ARMS:
+            raise ConfigError(f"invalid configuration: evaluation.arms.{index}: Input should be {listed} (got {name!r})")
+
+
+def add_arm_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per registered arm that reads an input, as the arm declares it."""
+    for arm in ARMS.values():
+        if arm.input is not None:
+            parser.add_argument(arm.input.flag, required=arm.input.required, default=None, metavar=arm.input.metavar,
+                                help=arm.input.help)
+
+
+@dataclass(frozen=True)
+class ArmInputs:
+    """What each arm's option supplied (arm name -> value, None when absent)."""
+
+    given: dict[str, Optional[str]]
+
+    def runs(self) -> dict[str, Optional[str]]:
+        """The run-folder inputs by option ("--pooled": value): `evaluate --out` may lie in none of them."""
+        return {arm.input.flag: self.given.get(name) for name, arm in ARMS.items()
+                if arm.input is not None and arm.input.kind == "run"}
+
+
+def arm_inputs(args: argparse.Namespace, config: "DermFedConfig") -> ArmInputs:
+    """The arms' inputs from the parsed command line, checked now: `evaluation.arms` names registered arms, and a
+    wrong input (a file that is not ImageNet weights) is refused before any arm runs."""
+    check_arm_names(config.evaluation.arms)
+    given = {name: getattr(args, arm.input.dest, None) for name, arm in ARMS.items() if arm.input is not None}
+    for name, value in given.items():
+        if value:
+            ARMS[name].check(value, config)
+    return ArmInputs(given)
+
+
+def build_arms(context: ArmContext, inputs: Mapping[str, Optional[str]], skipped: dict[str, str]) -> Iterator[Arm]:
+    """Build each arm of `evaluation.arms` when its turn comes (one encoder in memory at a time); record the skipped."""
+    check_arm_names(context.config.evaluation.arms)
+    for name in context.config.evaluation.arms:
+        kind = ARMS[name]
+        given = inputs.get(name)
+        if kind.input is not None and not given and not kind.input.runs_without:
+            skipped[name] = f"not requested (pass {kind.input.flag} {kind.input.hint or kind.input.metavar})"
+            continue
+        try:
+            arm = kind.build(given, context)
+        except ArmUnavailable as exc:
+            skipped[name] = str(exc)
+            print(f"arm {name} skipped: {exc}", flush=True)
+            continue
+        if arm.key != name:
+            raise TypeError(f"evaluation arm {name!r} built an arm keyed {arm.key!r}")
+        arm.encoder = arm.encoder.eval().requires_grad_(False)  # features only: frozen, deterministic
+        yield arm
+
+
+def report_words(keys: list[str]) -> list[str]:
+    """The report's "how to read" words for these arms, in order: "C: random weights, ..."; an arm no longer
+    registered (an older metrics.json) is left out."""
+    return [f"{ARMS[key].letter}: {ARMS[key].description}" for key in keys if key in ARMS]
