@@ -67,6 +67,9 @@ def locked_keys(model_config: Any) -> tuple[str, ...]:
 
 
 from common.objectives import masked, vae  # noqa: E402,F401  - the built-in objectives register themselves
+from common.plugins import import_plugins  # noqa: E402
+
+import_plugins()  # objectives of modules named in DERMFED_PLUGINS (the process environment, never the run config)
 
 __all__ = ["ENCODER_PREFIX", "OBJECTIVES", "SHARE_SCOPES", "Objective", "ObjectiveSettings", "available_encoders",
            "build_model", "create_encoder", "get_objective", "locked_keys", "objective_names", "register_objective",

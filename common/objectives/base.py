@@ -17,7 +17,7 @@ import timm
 import torch
 from torch import nn
 
-from common.config import _Section
+from common.config.schema import _Section
 
 ENCODER_PREFIX = "encoder."
 SHARE_SCOPES = ("encoder", "all")  # federation.share: the encoder only, or the whole objective's model

@@ -11,7 +11,8 @@ external test set needs them; evaluation refuses a source without them).
 Adding a format: a module like `isic2020.py` plus its import below. A format registered from
 elsewhere (a test module) works with every command run in the same process (data summary,
 pretrain, evaluate) with no other change; a simulation's sites run in processes of their own,
-which know only the formats imported here.
+which know the formats imported here and those of the modules named in the `DERMFED_PLUGINS`
+environment variable (`common.plugins`).
 """
 
 from __future__ import annotations
@@ -88,3 +89,6 @@ def load_catalog(cfg: DataConfig) -> Catalog:
 
 # The built-in formats register themselves on import (one module each).
 from common.data.formats import ham10000, isic2019, isic_gt, isic2020, folder, synthetic  # noqa: E402,F401,I001
+from common.plugins import import_plugins  # noqa: E402
+
+import_plugins()  # formats of modules named in DERMFED_PLUGINS (the process environment, never the run config)

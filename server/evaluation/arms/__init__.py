@@ -33,6 +33,9 @@ from server.evaluation.arms.registry import (
 from server.evaluation.arms import federated, imagenet, random_init, pooled, local  # noqa: F401
 # isort: on
 from server.evaluation.arms.imagenet import WeightsFileError  # named by the CLI's USER_ERRORS
+from common.plugins import import_plugins  # noqa: E402
+
+import_plugins()  # arms of modules named in DERMFED_PLUGINS (the process environment, never the run config)
 
 __all__ = ["ARMS", "Arm", "ArmContext", "ArmInput", "ArmInputs", "ArmUnavailable", "EvaluationArm",
            "WeightsFileError", "add_arm_arguments", "arm_inputs", "build_arms", "check_arm_names", "register_arm",
