@@ -1,24 +1,18 @@
-"""Aggregation strategies as a registry (common/strategies/): a strategy registered from this test module, with a
-client hook, runs through a real `dermfed simulate` with no change anywhere else; FedProx as published.
+"""Aggregation strategies as a registry (common/strategies/): names and keys checked against it; FedProx as published.
 
 The toy strategy (tests/toy_strategy.py) is registered when its module is imported: by pytest here, and by every
-process of the simulation (the SuperExec's ServerApp, each simulated hospital) through
-`DERMFED_PLUGINS=tests.toy_strategy`.
+process of a simulation through `DERMFED_PLUGINS` (tests/test_extensions.py runs it in a real `dermfed simulate`).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from common.strategies import STRATEGIES
-from tests.toy_strategy import LOG_VAR
+import tests.toy_strategy  # noqa: F401 - registers the toy strategy
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
