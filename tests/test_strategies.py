@@ -14,7 +14,6 @@ import torch
 from common.strategies import STRATEGIES
 import tests.toy_strategy  # noqa: F401 - registers the toy strategy
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_every_strategy_names_existing_config_keys_and_a_flower_strategy():
