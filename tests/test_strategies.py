@@ -6,7 +6,6 @@ process of a simulation through `DERMFED_PLUGINS` (tests/test_extensions.py runs
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
