@@ -26,10 +26,9 @@ CONFIG_RECORD = "config"
 METRICS_RECORD = "metrics"
 REPLY_SIGNATURE_RECORD = "dermfed-reply-signature"  # a real federation: the node key's signature of a reply
 
-# Keys of an instruction's config record: Flower's strategies set them, every round.
+# The key every Flower strategy sets in an instruction's config record; a strategy's own keys (FedProx's
+# `proximal-mu`) are declared by its entry in `common.strategies` (`Strategy.instruction`).
 SERVER_ROUND = "server-round"
-PROXIMAL_MU = "proximal-mu"  # Flower's FedProx
-INSTRUCTION_KEYS = frozenset({SERVER_ROUND, PROXIMAL_MU})
 
 # What a site keeps in its node's Flower context between rounds.
 SITE_SNAPSHOT = "dermfed-site"

@@ -43,9 +43,6 @@ SIGNATURE_KEY = keys.RUN_MANIFEST_SIGNATURE
 CARRIER_KEYS = (MANIFEST_KEY, SIGNATURE_KEY)
 _DOMAIN = b"dermfed-run-manifest-v1\0"  # a signature over a manifest can be nothing else
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
-# What a train or evaluate instruction may carry: Flower's strategies add these. The DermFed config is never in it:
-# a site reads the signed manifest's.
-INSTRUCTION_KEYS = keys.INSTRUCTION_KEYS
 
 
 class UntrustedApp(RuntimeError):
@@ -180,20 +177,26 @@ def check_task(manifest: RunManifest, *, federation: str, bundle: bytes, run_con
 
 def check_instruction(manifest: RunManifest, instruction: Mapping[str, Any]) -> None:
     """A train or evaluate instruction carries nothing the manifest does not cover (no config of its own: the site
-    trains with the signed one), a round of the signed run and, under FedProx, the signed proximal term."""
-    extra = sorted(set(instruction) - INSTRUCTION_KEYS)
+    trains with the signed one), a round of the signed run and only what the signed strategy's Flower class sends,
+    with the signed values (FedProx: the signed proximal term; `common.strategies`, `Strategy.instruction`)."""
+    from common.strategies import UnknownStrategy, strategy_named
+
+    federation = manifest.dermfed_config.get("federation", {})
+    try:
+        expected = strategy_named(str(federation.get("strategy"))).instruction(federation)
+    except (UnknownStrategy, KeyError, TypeError, ValueError) as exc:
+        raise UntrustedApp(f"the signed run's strategy {federation.get('strategy')!r} is not one this hospital's "
+                           f"DermFed knows ({exc})") from None
+    extra = sorted(set(instruction) - {keys.SERVER_ROUND} - set(expected))
     if extra:
         raise UntrustedApp(f"the instruction carries keys the signed run does not cover: {extra}")
-    federation = manifest.dermfed_config.get("federation", {})
     round_number = instruction.get(keys.SERVER_ROUND)
     if not isinstance(round_number, int) or not 1 <= round_number <= int(federation.get("num_rounds", 0)):
         raise UntrustedApp(f"the instruction's server-round {round_number!r} is outside the signed run's rounds "
                            f"(1..{federation.get('num_rounds')})")
-    if keys.PROXIMAL_MU in instruction:
-        mu = float(federation.get("proximal_mu", 0.0)) if federation.get("strategy") == "fedprox" else None
-        if mu is None or float(instruction[keys.PROXIMAL_MU]) != mu:
-            raise UntrustedApp(f"the instruction's {keys.PROXIMAL_MU} {instruction[keys.PROXIMAL_MU]} is not the "
-                               f"signed run's ({mu})")
+    for key, signed in expected.items():
+        if key in instruction and not _same(instruction[key], signed):
+            raise UntrustedApp(f"the instruction's {key} {instruction[key]!r} is not the signed run's ({signed!r})")
 
 
 # -- the hospital's approvals and its record of runs -------------------------------------------

@@ -215,3 +215,32 @@ def test_the_clientapp_is_loaded_only_from_the_approved_bundles_own_folder(tmp_p
                                       ("dermfed/dermfed", "1.0.0", older), ("no-slash", "1.0.0", digest)]:
         with pytest.raises(UntrustedApp, match="not the approved bundle it carries"):
             check_installed_app(installed, fab_id, version, fab_hash, BUNDLE)
+
+
+def test_a_fedprox_task_carries_exactly_the_signed_proximal_term(hospital):
+    """The coordinator may send only the mu it signed: a larger pull toward its global weights is refused."""
+    manifest = _manifest(["federation.strategy=fedprox", "federation.proximal_mu=0.1"])
+    approve_task(*_task(hospital, manifest, instruction={"proximal-mu": 0.1}), BUNDLE, hospital)
+    for asked in (0.5, 0.0, float("nan"), float("inf")):
+        with pytest.raises(UntrustedApp, match=r"proximal-mu .* is not the signed run's \(0.1\)"):
+            approve_task(*_task(hospital, manifest, instruction={"server-round": 2, "proximal-mu": asked}), BUNDLE,
+                         hospital)
+
+
+def test_a_registered_strategys_own_instruction_keys_are_checked_against_the_signed_run(hospital):
+    """A strategy module declares what its Flower class adds to an instruction (`Strategy.instruction`): the hospital
+    accepts those keys with the signed values, and nothing else: no list of keys to edit elsewhere."""
+    from common.strategies import STRATEGIES, Strategy, register
+
+    register(Strategy(name="toy-signed", flower_class="FedAvg", config_keys=("server_lr",),
+                      instruction=lambda federation: {"toy-rate": float(federation["server_lr"])}))
+    try:
+        manifest = _manifest(["federation.strategy=toy-signed", "federation.server_lr=0.5"])
+        approve_task(*_task(hospital, manifest, instruction={"toy-rate": 0.5}), BUNDLE, hospital)
+        with pytest.raises(UntrustedApp, match=r"toy-rate 2.0 is not the signed run's \(0.5\)"):
+            approve_task(*_task(hospital, manifest, instruction={"server-round": 2, "toy-rate": 2.0}), BUNDLE, hospital)
+        with pytest.raises(UntrustedApp, match=r"keys the signed run does not cover: \['proximal-mu'\]"):
+            approve_task(*_task(hospital, manifest, instruction={"server-round": 2, "proximal-mu": 0.5}), BUNDLE,
+                         hospital)
+    finally:
+        STRATEGIES.pop("toy-signed")

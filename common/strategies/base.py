@@ -51,7 +51,10 @@ class Strategy:
 
     `config_keys`: the `federation.*` keys it reads (documentation and a test's check that they exist);
     `flower_class`: a class of `flwr.serverapp.strategy`; `server_kwargs`: its keyword arguments
-    beyond the ones every strategy gets (fractions and minimum node counts).
+    beyond the ones every strategy gets (fractions and minimum node counts); `instruction`: the keys
+    and values its Flower class adds to each train instruction, from the run's signed `federation`
+    section (a plain mapping): a hospital refuses an instruction with any other key or value
+    (`common.run_manifest.check_instruction`).
     """
 
     name: str
@@ -59,6 +62,7 @@ class Strategy:
     config_keys: tuple[str, ...] = ()
     server_kwargs: Callable[["DermFedConfig"], dict[str, Any]] = _no_kwargs
     client_hook: Optional[type[ClientHook]] = None
+    instruction: Callable[[Mapping[str, Any]], dict[str, Any]] = lambda federation: {}
 
 
 STRATEGIES: dict[str, Strategy] = {}

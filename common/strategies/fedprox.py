@@ -10,6 +10,7 @@ bound to the parameters by identity before DP-SGD wraps the model.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import torch
@@ -32,6 +33,8 @@ class ProximalTerm(ClientHook):
     @classmethod
     def from_round(cls, instruction: Mapping[str, Any], config: "DermFedConfig") -> Optional["ProximalTerm"]:
         mu = float(instruction.get(MU_KEY, 0.0))
+        if not math.isfinite(mu) or mu < 0:
+            raise ValueError(f"the instruction's {MU_KEY} {mu!r} is not a finite number >= 0")
         return cls(mu) if mu > 0 else None
 
     def bind(self, model: torch.nn.Module, reference: Mapping[str, torch.Tensor]) -> None:
@@ -54,5 +57,9 @@ def _server_kwargs(config: "DermFedConfig") -> dict[str, Any]:
     return {"proximal_mu": config.federation.proximal_mu}
 
 
+def _instruction(federation: Mapping[str, Any]) -> dict[str, Any]:
+    return {MU_KEY: float(federation["proximal_mu"])}  # Flower's FedProx sends it in every train instruction
+
+
 FEDPROX = register(Strategy(name="fedprox", flower_class="FedProx", config_keys=("proximal_mu",),
-                            server_kwargs=_server_kwargs, client_hook=ProximalTerm))
+                            server_kwargs=_server_kwargs, client_hook=ProximalTerm, instruction=_instruction))
