@@ -33,7 +33,7 @@ def cmd_data_summary(args: argparse.Namespace, config: DermFedConfig) -> int:
     from common.data.catalog import format_summary, summary_table
     from common.data.pipeline import ensure_data, prepare_data
     from common.run_files import atomic_write_text
-    from common.run_folder import DATA_SUMMARY
+    from common.run_folder import DATA_SUMMARY, SUMMARY_NAME
 
     folder = out_folder(config, "data-summary", args.out)
     claim_out(folder, DATA_SUMMARY, args.force)
@@ -46,7 +46,7 @@ def cmd_data_summary(args: argparse.Namespace, config: DermFedConfig) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "summary.csv", summary_table(catalog).to_csv())
     atomic_write_text(folder / "skipped.csv", catalog.skipped.to_csv(index=False))
-    atomic_write_text(folder / "summary.json", json.dumps({
+    atomic_write_text(folder / SUMMARY_NAME, json.dumps({
         "format": config.data.format, "root": str(catalog.root), "usable": len(catalog),
         "skipped": len(catalog.skipped), "sites": {s: int(n) for s, n in catalog.frame["site"].value_counts().sort_index().items()},
         "classes": catalog.classes,

@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 
 from common.data.catalog import DataError  # noqa: E402
 from common.privacy import classical_group_privacy  # noqa: E402
+from common.run_folder import CONFIG_NAME, METRICS_NAME  # noqa: E402
 from server.evaluation.arms import report_words, study_arm  # noqa: E402
 from server.evaluation.metrics import METRICS_FORMAT  # noqa: E402
 
@@ -292,7 +293,7 @@ def _seeds_words(split_seeds: list) -> tuple[str, str]:
     """What the means and intervals average over: head seeds, and the split seeds when there are several."""
     if len(split_seeds) > 1:
         return (f"head seeds and the {len(split_seeds)} split seeds {split_seeds}",
-                f" per split seed, pooled: the interval covers redrawing the split too")
+                " per split seed, pooled: the interval covers redrawing the split too")
     return "head seeds (one split: the interval does not cover redrawing the split)", ""
 
 
@@ -351,7 +352,7 @@ def write_report(run_dir: Path, metrics: Optional[dict[str, Any]] = None) -> Pat
     """Write report.html and its PNGs into `run_dir` (reads metrics.json when not given)."""
     run_dir = Path(run_dir)
     if metrics is None:
-        source = run_dir / "metrics.json"
+        source = run_dir / METRICS_NAME
         if not source.is_file():
             raise FileNotFoundError(f"{source} not found: run `dermfed evaluate` first")
         try:
@@ -443,7 +444,7 @@ Images of classes the heads were not trained on are excluded, not scored: {html.
                         '<h2>Pretraining history</h2><p class="muted">Arm A (<code>--checkpoint</code>) was not evaluated '
                         f"(evaluation.arms={html.escape(str(head.get('arms')))}, or it did not run), so its pretraining "
                         "is not shown.</p>")
-    config_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else json.dumps(head, indent=1)
+    config_text = (run_dir / CONFIG_NAME).read_text() if (run_dir / CONFIG_NAME).is_file() else json.dumps(head, indent=1)
     position = metrics["pretraining"]["position"]
     gap_name = "validation minus training loss" if selected == "loss" else f"training minus validation {METRIC_NAMES[selected]}"
     body = f"""

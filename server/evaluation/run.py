@@ -31,6 +31,7 @@ from common.data.pipeline import PreparedData, ensure_data, prepare_data
 from common.data.splits import assign_lesion_splits, assign_splits, split_indices
 from common.data.synthetic import shortcut_matches_class
 from common.objectives import get_objective
+from common.run_folder import METRICS_NAME
 from server.evaluation.arms import Arm, ArmContext, build_arms, check_arm_names, study_arm
 from server.evaluation.external import ExternalSet, load_external
 from server.evaluation.features import FeatureExtractor
@@ -417,7 +418,7 @@ def run_evaluation(config: DermFedConfig, checkpoint: Path, out: Path,
         "skipped_arms": skipped,
     }
     metrics = _finite_or_none(metrics)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False))
+    (out / METRICS_NAME).write_text(json.dumps(metrics, indent=1, allow_nan=False))
     return metrics
 
 
