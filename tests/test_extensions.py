@@ -20,8 +20,6 @@ from common.checkpoint import load_checkpoint
 from common.config import PROJECT_ROOT
 from server.cli import main
 from server.evaluation.arms import ARMS, Arm, ArmContext, ArmInput, EvaluationArm, register_arm
-from tests.toy_extensions import TOY_FORMAT, TOY_OBJECTIVE, write_clinics
-from tests.toy_strategy import LOG_VAR
 
 FAST_EVALUATION = ["evaluation.epochs=2", "evaluation.seeds=[0]", "evaluation.bootstrap_replicates=100"]
 
@@ -44,17 +42,34 @@ class ProjectionArm(EvaluationArm):
 
 
 @pytest.fixture()
-def toy_arm():
+def toys():
+    """Import the toy modules (they register themselves, as a plugin does) and register the toy arm; afterwards every
+    registry is as it was, so that other tests in this process see the registered names they expect."""
+    from common.data.formats import FORMATS
+    from common.objectives import OBJECTIVES
+    from common.strategies import STRATEGIES
+
+    registries = (OBJECTIVES, FORMATS, STRATEGIES, ARMS)
+    before = [dict(registry) for registry in registries]
+    modules = set(sys.modules)
+    import tests.toy_extensions as toy_extensions
+    import tests.toy_strategy as toy_strategy
+
     register_arm(ProjectionArm)
-    yield ARMS[ProjectionArm.name]
-    ARMS.pop(ProjectionArm.name)
+    yield toy_extensions, toy_strategy
+    for registry, entries in zip(registries, before):
+        registry.clear()
+        registry.update(entries)
+    for name in set(sys.modules) - modules:
+        del sys.modules[name]
 
 
 @pytest.mark.slow
-def test_a_toy_of_every_extension_point_runs_through_pretrain_simulate_and_evaluate(tmp_path, toy_arm, capsys):
-    data = write_clinics(tmp_path / "clinics")
-    common = [f"data.format={TOY_FORMAT}", f"data.root={data}", f"data.cache_dir={tmp_path / 'cache'}",
-              f"model.objective={TOY_OBJECTIVE}", f"model.{TOY_OBJECTIVE}.weight=2", "train.device=cpu"]
+def test_a_toy_of_every_extension_point_runs_through_pretrain_simulate_and_evaluate(tmp_path, toys, capsys):
+    toy, toy_strategy = toys
+    data = toy.write_clinics(tmp_path / "clinics")
+    common = [f"data.format={toy.TOY_FORMAT}", f"data.root={data}", f"data.cache_dir={tmp_path / 'cache'}",
+              f"model.objective={toy.TOY_OBJECTIVE}", f"model.{toy.TOY_OBJECTIVE}.weight=2", "train.device=cpu"]
 
     # pretrain (in this process): the toy objective on the toy format
     assert main(["pretrain", "--config", "smoke", "--out", str(tmp_path / "pooled"), *common,
@@ -66,7 +81,7 @@ def test_a_toy_of_every_extension_point_runs_through_pretrain_simulate_and_evalu
     hooks, run = tmp_path / "hooks.jsonl", tmp_path / "federated"
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "DERMFED_PLUGINS": "tests.toy_extensions",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
-           LOG_VAR: str(hooks)}
+           toy_strategy.LOG_VAR: str(hooks)}
     done = subprocess.run([str(bin_dir / "dermfed"), "simulate", "--config", "smoke", *common,
                            "federation.num_rounds=1", "federation.strategy=toy-counting", "federation.proximal_mu=0.25",
                            "federation.fraction_evaluate=0", "--out", str(run)],
@@ -80,7 +95,7 @@ def test_a_toy_of_every_extension_point_runs_through_pretrain_simulate_and_evalu
     assert len(seen) == 2 and all(hook["mu"] == 0.25 and hook["bound"] == encoder_tensors for hook in seen)
     assert sorted(hook["steps"] for hook in seen) == sorted(int(site["steps"]) for site in round_one["sites"])
     payload = load_checkpoint(run)
-    assert payload["config"]["model"]["objective"] == TOY_OBJECTIVE
+    assert payload["config"]["model"]["objective"] == toy.TOY_OBJECTIVE
     timm.create_model("convnext_atto", num_classes=0).load_state_dict(payload["encoder"], strict=True)
 
     # evaluate (in this process): the federated toy encoder against the toy arm, on the toy format, identical heads

@@ -14,8 +14,6 @@ import json
 import pytest
 import timm
 import torch
-from pydantic import Field
-from torch import nn
 
 from client.site import SiteRunner, simulation_site_data
 from common.checkpoint import load_checkpoint
@@ -24,11 +22,12 @@ from common.data.batches import ImageRows
 from common.data.pipeline import prepare_data
 from common.data.splits import split_indices
 from common.model import build_model, shared_state
-from common.objectives import OBJECTIVES, Objective, ObjectiveSettings, create_encoder, register_objective
+from common.objectives import OBJECTIVES, register_objective
 from common.objectives.vae import vae_loss_per_sample
 from common.training import LocalTrainer, SiteState, seed_everything
 from server.cli import main
 from simulations.runner import resume_config
+from tests.toy_objective import ColourObjective
 
 
 @pytest.fixture(autouse=True)
@@ -106,40 +105,10 @@ def test_vae_federated_round_is_pinned(synthetic_root, tmp_path):
 
 # -- the registry -------------------------------------------------------------------------------------------
 
-class ToySettings(ObjectiveSettings):
-    weight: float = Field(1.0, gt=0.0)
-
-
-class Toy(Objective):
-    """Predict each image's mean colour from the encoder's features: one file's worth of objective."""
-
-    Settings = ToySettings
-    terms = ("colour", "total")
-    locked = ()
-
-    def __init__(self, encoder: str, weight: float):
-        super().__init__()
-        self.encoder = create_encoder(encoder)
-        self._normalisation()
-        self.head = nn.Linear(self.encoder.num_features, 3)
-        self.weight = weight
-
-    @classmethod
-    def from_config(cls, model_config, image_size):
-        return cls(model_config.encoder, model_config.settings("toy").weight)
-
-    def forward(self, images, draws=None):
-        return self.head(self.features(images))
-
-    def loss_terms(self, images, output, schedule):
-        colour = (output - images.mean(dim=(2, 3))).pow(2).sum(dim=1)
-        return {"colour": colour, "total": self.weight * colour}
-
-
 @pytest.fixture()
 def toy():
-    register_objective("toy")(Toy)
-    yield Toy
+    toy = register_objective("toy")(type("Toy", (ColourObjective,), {}))
+    yield toy
     OBJECTIVES.pop("toy")
 
 

@@ -10,48 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-from pydantic import Field
-from torch import nn
 
 import tests.toy_strategy  # noqa: F401 - the toy strategy with its client hook registers itself
 from common.data.catalog import make_catalog
 from common.data.formats import FORMATS, register_format
 from common.data.formats.reading import find_csv, read_csv, require_root
-from common.objectives import OBJECTIVES, Objective, ObjectiveSettings, create_encoder, register_objective
+from common.objectives import OBJECTIVES, register_objective
+from tests.toy_objective import ColourObjective
 
 TOY_OBJECTIVE = "toycolour"
 TOY_FORMAT = "toyclinics"
 TOY_CSV = "toy_clinics.csv"
-
-
-class ColourSettings(ObjectiveSettings):
-    weight: float = Field(1.0, gt=0.0)
-
-
-class ColourObjective(Objective):
-    """Predict each image's mean colour from the encoder's features: a whole objective in one class."""
-
-    Settings = ColourSettings
-    terms = ("colour", "total")
-    locked = ()
-
-    def __init__(self, encoder: str, weight: float):
-        super().__init__()
-        self.encoder = create_encoder(encoder)
-        self._normalisation()
-        self.head = nn.Linear(self.encoder.num_features, 3)
-        self.weight = weight
-
-    @classmethod
-    def from_config(cls, model_config, image_size):
-        return cls(model_config.encoder, model_config.settings(TOY_OBJECTIVE).weight)
-
-    def forward(self, images, draws=None):
-        return self.head(self.features(images))
-
-    def loss_terms(self, images, output, schedule):
-        colour = (output - images.mean(dim=(2, 3))).pow(2).sum(dim=1)  # per sample: DP-SGD clips each
-        return {"colour": colour, "total": self.weight * colour}
 
 
 def load_clinics(cfg):
