@@ -249,7 +249,8 @@ class RunLedger:
 
     Every task starts a new ClientApp process that checks the manifest again: the same identifier with
     the same Flower run id continues that run until `run_deadline`; the same identifier with another run
-    id is a replay and refused. A task is `started` when admitted and `answered` once its reply exists
+    id is a replay and refused, and so is another identifier with a Flower run id already bound (a run
+    keeps the one config it started with, across the processes of its rounds). A task is `started` when admitted and `answered` once its reply exists
     (`answered`); a task already answered is refused, and one that started without an answer (the
     process died) may be tried once more (`retried`), never again.
     """
@@ -281,6 +282,10 @@ class RunLedger:
         with self._locked() as entries:
             known = entries.get(manifest.run)
             if known is None:
+                bound = sorted(run for run, entry in entries.items() if int(entry["flower_run_id"]) == int(flower_run_id))
+                if bound:  # one Flower run, one signed config: a second manifest cannot take over a run mid-way
+                    raise UntrustedApp(f"Flower run {flower_run_id} already runs the signed run {bound[0]} at this "
+                                       f"hospital; a Flower run carries one signed run, and {manifest.run} is another")
                 if now >= manifest.expires:
                     raise UntrustedApp(f"the run manifest expired at {_utc(manifest.expires)} (now {_utc(now)}); the "
                                        "operator signs a new one")

@@ -244,3 +244,14 @@ def test_a_registered_strategys_own_instruction_keys_are_checked_against_the_sig
                          hospital)
     finally:
         STRATEGIES.pop("toy-signed")
+
+
+def test_a_second_signed_run_cannot_take_over_a_flower_run_mid_way(hospital):
+    """Each round is a new ClientApp process, so the config a site keeps for a run lives in its ledger: round 2 of
+    Flower run 7 under another signed manifest (another batch size, split and seed) is refused."""
+    first = _manifest(run="c" * 32)
+    approve_task(*_task(hospital, first, flower_run_id=7), BUNDLE, hospital)
+    other = _manifest(["train.batch_size=4", "data.val_fraction=0.4", "seed=99"], run="d" * 32)
+    with pytest.raises(UntrustedApp, match=r"Flower run 7 already runs the signed run c{32}"):
+        approve_task(*_task_of(hospital, other, round_number=2, flower_run_id=7), BUNDLE, hospital)
+    assert "d" * 32 not in json.loads(hospital.accepted_runs.read_text())
