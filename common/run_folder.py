@@ -19,6 +19,7 @@ where it is used.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import time
@@ -159,7 +160,18 @@ def move_aside(folder: Path) -> Path:
     while target.exists():
         counter += 1
         target = folder.with_name(f"{folder.name}.old-{stamp}-{counter}")
-    folder.rename(target)
+    lock_path = folder / LOCK_NAME
+    if not lock_path.is_file():
+        folder.rename(target)
+        return target
+    with open(lock_path, "r") as lock:  # a live simulation holds it: its processes still write there by path
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = lock_path.read_text().strip() or "?"
+            raise RunFolderError(f"{folder} is in use by a live run (dermfed simulate, pid {holder}); --force moves "
+                                 "only a run that has ended: stop it first (Ctrl-C or kill PID)") from None
+        folder.rename(target)  # under the lock: no run can start there in between
     return target
 
 

@@ -404,3 +404,21 @@ def test_status_of_a_run_is_read_from_one_place(tmp_path):
     status = tmp_path / "half" / "run-status.json"
     status.write_text(json.dumps({"state": "finished"}))  # a status file does not make a run complete: its rounds do
     assert not is_complete(tmp_path / "half")
+
+
+def test_force_never_moves_a_live_run_and_moves_nothing_when_the_command_is_refused(tmp_path, monkeypatch, capsys):
+    """The attack: `--force` renamed a folder a live simulation still writes into (its hospitals' ledgers by path),
+    and did so before the command's own checks refused it."""
+    import fcntl
+
+    launches = Launches(monkeypatch)
+    run = _simulation_run(tmp_path / "run", 1)
+    before = _tree(run)
+    code, _, err = _run(capsys, "simulate", "--out", str(run), "--force", "--stop-after-round", "999")
+    assert code == 2 and "--stop-after-round 999" in err and _tree(run) == before  # refused: nothing moved
+    with open(run / ".run.lock", "a+") as lock:  # a live run holds its folder's lock
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, _, err = _run(capsys, "simulate", "--out", str(run), "--force")
+        assert code == 2 and "in use by a live run" in err
+        assert run.is_dir() and not list(tmp_path.glob("run.old-*"))
+    assert not launches.calls

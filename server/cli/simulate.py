@@ -42,15 +42,15 @@ def cmd_simulate(args: argparse.Namespace, config: DermFedConfig) -> int:
             # the run's own config plus the overrides, validated once, together; checked before anything is written
             config = resume_config(Path(args.resume), args.overrides)
             run_dir = Path(args.resume)
-        else:
+        if args.stop_after_round is not None and not 1 <= args.stop_after_round <= config.federation.num_rounds:
+            raise RunRefused(f"--stop-after-round {args.stop_after_round}: rounds are counted from 1, and this run has "
+                             f"{config.federation.num_rounds} rounds (federation.num_rounds)")
+        if not args.resume:  # last: --force moves the old run only once nothing else can refuse the command
             run_dir = out_folder(config, "federated", args.out)
             try:
                 claim_out(run_dir, SIMULATE, args.force)
             except RunFolderError as exc:
                 raise RunRefused(str(exc)) from None
-        if args.stop_after_round is not None and not 1 <= args.stop_after_round <= config.federation.num_rounds:
-            raise RunRefused(f"--stop-after-round {args.stop_after_round}: rounds are counted from 1, and this run has "
-                             f"{config.federation.num_rounds} rounds (federation.num_rounds)")
         run_simulation(config, run_dir, resume=bool(args.resume), stop_after_round=args.stop_after_round,
                        fault_injection=args.fault_injection, node_configs=node_configs)
     except RunRefused as exc:
