@@ -167,9 +167,10 @@ federation: {share: vae, monitor: reconstruction}
 
 
 def test_a_run_config_written_before_objectives_still_loads_and_resumes_with_its_locks(tmp_path):
-    run = tmp_path / "old-run"
-    run.mkdir()
-    (run / "config.yaml").write_text(OLD_RUN_CONFIG)
+    from tests.test_run_folder import _simulation_run
+
+    run = _simulation_run(tmp_path / "old-run", 1, "federation.num_rounds=3")  # a resumable run: round 1 of 3 done
+    (run / "config.yaml").write_text(OLD_RUN_CONFIG.replace("federation: {", "federation: {num_rounds: 3, "))
     config = load_config(run / "config.yaml")
     assert config.model.objective == "vae" and config.federation.share == "all"
     assert config.model.vae.model_dump() == {"latent_dim": 16, "decoder_width": 8, "beta": 1.0, "kl_warmup_steps": 0}

@@ -46,7 +46,7 @@ def test_an_unknown_strategy_is_refused_naming_the_registered_ones(capsys):
 def _distance_from_global(mu: float, *overrides: str) -> float:
     """After a few local AdamW steps from the global weights, how far the encoder moved from them."""
     from common.config import load_config
-    from common.model import ConvNeXtVAE
+    from common.objectives.vae import ConvNeXtVAE
     from common.strategies.fedprox import ProximalTerm
     from common.training import LocalTrainer, SiteState
     from tests.conftest import random_image_rows
