@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import flower_keys as keys
 from common.config import ConfigPerRun
-from common.data.pipeline import prepare_data
+from common.data.pipeline import ensure_data, prepare_data
 from server.deploy.registry import SiteRegistry
 from server.federation import federated_pretraining_images, plan_run
 from server.monitor import Monitor
@@ -42,16 +42,20 @@ def main(grid: Grid, context: Context) -> None:
     run_config = context.run_config
     config = config_of(context.run_id, run_config)
     run_dir = Path(str(run_config.get(keys.RUN_DIR, "")) or Path(config.output_dir) / f"federated-{context.run_id}")
+    registry_path = str(run_config.get(keys.SITE_REGISTRY, ""))
     try:
         plan = plan_run(config, run_dir, bool(run_config.get(keys.RESUME, False)))
+        registry = SiteRegistry.load(registry_path) if registry_path else None
+        if registry is None:  # a simulation's pooled data: the server holds it (`dermfed simulate` made it already)
+            ensure_data(config)
+            prepared = prepare_data(config)
+        else:
+            prepared = None
     except Exception as exc:
         write_run_status(run_dir, "failed", 0, f"{type(exc).__name__}: {exc}")
         raise
-    registry_path = str(run_config.get(keys.SITE_REGISTRY, ""))
-    registry = SiteRegistry.load(registry_path) if registry_path else None
     stop_after = int(run_config.get(keys.STOP_AFTER_ROUND, 0))  # an interruption on purpose (tests, staged runs)
     rounds = min(plan.remaining, stop_after - plan.round_offset) if stop_after else plan.remaining
-    prepared = None if registry else prepare_data(config)  # a simulation's pooled data: the server holds it
     recorder = RunRecorder(run_dir, config, plan.history, federated_pretraining_images(config, prepared))
     names = [n for n in str(run_config.get(keys.SITE_NAMES, "")).split(",") if n]
     strategy = build_strategy(config)
