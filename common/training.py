@@ -32,6 +32,7 @@ from common.augment import PER_IMAGE_UNIFORMS, build_augmentation
 from common.config import DermFedConfig
 from common.data.batches import BatchLoader, ImageRows, plain_batches_per_epoch, poisson_batches, shuffled_batches
 from common.objectives import Objective
+from common.objectives.base import at_least_float32
 from common.privacy import (
     AccountantError,
     ImageDraws,
@@ -374,7 +375,7 @@ class LocalTrainer:
         inputs = batch.detach().requires_grad_(True) if private is not None else batch
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             out = model(inputs) if draws is None else model(inputs, draws=draws)
-        terms = self.model.loss_terms(_at_least_float32(batch), self.model.as_float(out), schedule)
+        terms = self.model.loss_terms(at_least_float32(batch), self.model.as_float(out), schedule)
         if private is not None:
             private.backward(terms["total"], inputs)  # each sample's gradient clipped; noise added in step()
             optimizer.step()
@@ -391,9 +392,6 @@ class LocalTrainer:
         scaler.update()
         return {k: v.detach() for k, v in terms.items()}, int(scaler.get_scale() < scale)
 
-
-def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor if tensor.dtype == torch.float64 else tensor.float()
 
 
 def _before_update(hooks: Sequence[ClientHook]) -> Callable[..., None]:

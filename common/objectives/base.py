@@ -55,6 +55,11 @@ def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
     return clean
 
 
+def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """Mixed precision yields half-precision outputs; losses are computed in float32 (float64 for a float64 model)."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
 class Objective(nn.Module):
     """Base of every objective. Subclasses set the class attributes and implement `from_config`, `forward`,
     `loss_terms` (and, where they have them, `schedule`, `random_streams`, `preview`)."""

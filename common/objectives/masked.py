@@ -26,7 +26,7 @@ from pydantic import Field
 from torch import nn
 
 from common.objectives import register_objective
-from common.objectives.base import Objective, ObjectiveSettings, create_encoder
+from common.objectives.base import Objective, ObjectiveSettings, at_least_float32, create_encoder
 
 CELL = 32  # ConvNeXt's stride: the decoder predicts every pixel of each 32x32 cell
 EVAL_MASK_SEED = 0  # evaluation masks (no draws, eval mode): the same for every round, so losses compare
@@ -45,10 +45,6 @@ class MaskedSettings(ObjectiveSettings):
 class MaskedOutput:
     prediction: torch.Tensor  # (batch, 3, H, W): the decoder's pixels (normalised per patch with norm_pix_loss)
     mask: torch.Tensor  # (batch, patches): 1 where the patch was masked
-
-
-def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor if tensor.dtype == torch.float64 else tensor.float()
 
 
 @register_objective("masked")
@@ -143,7 +139,7 @@ class MaskedConvNeXt(Objective):
         return {"masked_mse": masked_mse, "total": masked_mse}
 
     def as_float(self, output: MaskedOutput) -> MaskedOutput:
-        return MaskedOutput(_at_least_float32(output.prediction), output.mask)
+        return MaskedOutput(at_least_float32(output.prediction), output.mask)
 
     @torch.no_grad()
     def preview(self, images: torch.Tensor) -> list[torch.Tensor]:

@@ -16,7 +16,7 @@ from pydantic import Field
 from torch import nn
 
 from common.objectives import register_objective
-from common.objectives.base import Objective, ObjectiveSettings, create_encoder
+from common.objectives.base import Objective, ObjectiveSettings, at_least_float32, create_encoder
 
 DECODER_STAGES = 5  # ConvNeXt downsamples by 32; the decoder mirrors it
 
@@ -85,10 +85,6 @@ def vae_loss_per_sample(images: torch.Tensor, out: VAEOutput, beta: float) -> di
     return {"reconstruction": reconstruction, "kl": kl, "total": reconstruction + beta * kl}
 
 
-def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor if tensor.dtype == torch.float64 else tensor.float()
-
-
 @register_objective("vae")
 class ConvNeXtVAE(Objective):
     """Encoder (timm ConvNeXt) -> mean and log-variance of the latent -> decoder."""
@@ -148,8 +144,8 @@ class ConvNeXtVAE(Objective):
         return vae_loss_per_sample(images, output, schedule["beta"])
 
     def as_float(self, output: VAEOutput) -> VAEOutput:
-        return VAEOutput(_at_least_float32(output.reconstruction), _at_least_float32(output.mu),
-                         _at_least_float32(output.logvar))
+        return VAEOutput(at_least_float32(output.reconstruction), at_least_float32(output.mu),
+                         at_least_float32(output.logvar))
 
     def derived_metrics(self, per_image: Mapping[str, float], image_shape: tuple[int, ...]) -> dict[str, float]:
         pixels = 1.0
