@@ -23,9 +23,9 @@ install: $(BIN)/dermfed
 DEMO_RUN ?= runs/demo
 
 demo: $(BIN)/dermfed
+	rm -rf $(DEMO_RUN)/data-summary $(DEMO_RUN)/federated $(DEMO_RUN)/evaluation  # the demo's own runs: made anew
 	$(BIN)/dermfed data synth --config demo --out $(DEMO_DATA)
 	$(BIN)/dermfed data summary --config demo data.root=$(DEMO_DATA) --out $(DEMO_RUN)/data-summary
-	rm -rf $(DEMO_RUN)/federated
 	$(BIN)/dermfed simulate --config demo data.root=$(DEMO_DATA) --out $(DEMO_RUN)/federated
 	$(BIN)/dermfed evaluate --config demo data.root=$(DEMO_DATA) --checkpoint $(DEMO_RUN)/federated --out $(DEMO_RUN)/evaluation
 	@echo "federated checkpoint: $(DEMO_RUN)/federated/checkpoint.pt; history: $(DEMO_RUN)/federated/history.csv"
