@@ -22,6 +22,17 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never download (the ImageNet arm's online path is tested with a stub)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first: longest first is how two workers finish together. A module that runs whole on one worker
+    (`xdist_group`) keeps its own order, as its tests may build on the ones before them."""
+    def rank(item: pytest.Item) -> int:
+        if item.get_closest_marker("xdist_group") is not None:
+            return 0
+        return 1 if item.get_closest_marker("slow") is not None else 2
+
+    items.sort(key=rank)
+
+
 @pytest.fixture(autouse=True)
 def a_fresh_site_process():
     """Each test meets the ClientApp as a freshly started process: no site runner, and no run's config (a process

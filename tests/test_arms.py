@@ -19,6 +19,9 @@ import pytest
 from server.cli import main
 from server.evaluation.arms import ARMS, Arm, ArmContext, ArmInput, EvaluationArm, build_arms, register_arm
 
+# One worker runs this whole module: its module-scoped fixtures are computed once (pyproject: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_arms")
+
 FAST = ["evaluation.epochs=2", "evaluation.seeds=[0,1]", "evaluation.bootstrap_replicates=100"]
 TOY_LABEL = "T: toy encoder (random init, stochastic depth)"
 

@@ -35,7 +35,8 @@ from server.deploy import add_hospital, coordinator_daemons, init_federation, re
 from server.deploy.base import operator_flwr
 from server.deploy.sign import build_manifest, write_manifest
 
-pytestmark = [pytest.mark.slow,
+# One worker runs this whole module: one federation serves every test (pyproject: --dist loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_deployment"),
               pytest.mark.skipif(shutil.which("nginx") is None,
                                  reason="nginx not installed (apt-get install nginx-light; .ci/run does)")]
 BIN = Path(sys.executable).parent

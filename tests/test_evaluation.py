@@ -18,6 +18,9 @@ from server.cli import main
 from server.evaluation.arms import ArmUnavailable
 from server.evaluation.arms.imagenet import cached_imagenet_file, imagenet_arm
 
+# One worker runs this whole module: its module-scoped fixtures are computed once (pyproject: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_evaluation")
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 

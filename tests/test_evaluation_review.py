@@ -26,6 +26,9 @@ from common.checkpoint import load_checkpoint, save_checkpoint
 from common.config import build_config, load_config
 from server.cli import main
 
+# One worker runs this whole module: its module-scoped fixtures are computed once (pyproject: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_evaluation_review")
+
 FAST = ["evaluation.epochs=1", "evaluation.seeds=[0]", "evaluation.bootstrap_replicates=100"]
 
 

@@ -20,6 +20,9 @@ from sklearn.metrics import balanced_accuracy_score
 
 from server.cli import main
 
+# One worker runs this whole module: its module-scoped fixtures are computed once (pyproject: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_external_sets")
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 

@@ -1,13 +1,11 @@
-"""Faults of a running federation, tried for real: signals, a killed CLI, a resume that would corrupt the
-run, faulty hospitals inside a running simulation, torn checkpoints and site states."""
+"""Faults of a running federation, tried for real: a killed CLI, faulty hospitals inside a running simulation,
+too few healthy hospitals, torn checkpoints and site states. (SIGTERM mid-round and the resume that follows it
+are in test_simulation.py, where the resumed run is compared with the uninterrupted one.)"""
 
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,140 +13,23 @@ import torch
 from common.checkpoint import PREVIOUS_NAME, load_checkpoint
 from common.config import load_config
 from simulations.runner import SimulationError, run_simulation
-
-BIN = Path(sys.executable).parent
-
-
-def _descendants(root: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = set(), [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return f"{pid}: " + Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
-    except OSError:
-        return f"{pid}: (gone)"
-
-
-def _start(run: Path, workdir: Path, *overrides: str) -> subprocess.Popen:
-    """A simulation whose hospital 2 hangs in round 2: the signal surely arrives mid-run, all processes up."""
-    command = [str(BIN / "dermfed"), "simulate", "--config", "smoke", "--out", str(run), "--fault-injection", "1:hang:2",
-               f"data.root={workdir / 'data'}", f"data.cache_dir={workdir / 'cache'}", "federation.round_timeout=600",
-               *overrides]
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-
-
-CEILING_S = 900.0  # generous: a condition that has not come true by then never will, even on a loaded machine
-
-
-def _wait_until(condition, process: subprocess.Popen, what: str, timeout: float = CEILING_S) -> None:
-    """Poll `condition` while `process` lives; no fixed sleep decides anything."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert process.poll() is None, f"exited with {process.returncode} before {what}: {process.stderr.read()[-3000:]}"
-        assert time.monotonic() < deadline, f"{what} did not happen within {timeout:.0f} s"
-        time.sleep(0.2)
-
-
-def _rounds_in_history(run: Path) -> list[int]:
-    try:
-        return [entry["round"] for entry in json.loads((run / "history.json").read_text())]
-    except (OSError, ValueError):
-        return []
-
-
-def _wait_for_round(run: Path, process: subprocess.Popen, round_number: int = 1) -> None:
-    _wait_until(lambda: round_number in _rounds_in_history(run), process, f"round {round_number} completed")
-
-
-def _resume(run: Path, *overrides: str) -> subprocess.Popen:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.Popen([str(BIN / "dermfed"), "simulate", "--resume", str(run), *overrides], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def _refused_resume(capsys, run: Path, *overrides: str) -> tuple[int, str]:
-    """A resume that must be refused before it starts anything: run in this process (no start-up cost)."""
-    from server.cli import main
-
-    capsys.readouterr()
-    code = main(["simulate", "--resume", str(run), *overrides])
-    return code, capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_sigterm_stops_every_process_leaves_a_resumable_run_and_resume_cannot_corrupt_it(tmp_path, capsys):
-    run = tmp_path / "run"
-    cli = _start(run, tmp_path, "federation.num_rounds=2")
-    _wait_for_round(run, cli)
-    code, err = _refused_resume(capsys, run)  # while the first lives
-    assert code == 2 and "in use by a live run" in err
-    # round 2 under way: hospital_1 has trained it; the hung hospital_2 holds it open
-    _wait_until(lambda: (run / "sites" / "hospital_1" / "round-0002.pt").is_file(), cli, "round 2 under way")
-    processes = _descendants(cli.pid)
-    assert len(processes) >= 4  # SuperLink, SuperExec, simulation, Ray ...
-    os.kill(cli.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10  # every process of the run gone within 10 s of the signal (README)
-    while time.monotonic() < deadline and any(_alive(pid) for pid in processes):
-        time.sleep(0.2)
-    assert not [_cmdline(pid) for pid in processes if _alive(pid)]
-    assert cli.wait(timeout=CEILING_S) == 130  # the CLI itself then reports and exits (slower on a loaded machine)
-    assert "1 of 2 rounds had completed; continue with: dermfed simulate --resume" in cli.stderr.read()
-    original = (run / "config.yaml").read_bytes()
-    code, err = _refused_resume(capsys, run, "model.encoder=convnext_tiny", "data.image_size=64")
-    assert code == 2
-    assert "model.encoder: 'convnext_atto' -> 'convnext_tiny'" in err and "data.image_size" in err
-    assert (run / "config.yaml").read_bytes() == original and not list(run.glob("config.r*.yaml"))
-    resumed = _resume(run, "train.lr=0.002")
-    # a SIGTERM after the last round: the run is complete, so the message must not suggest --resume
-    _wait_for_round(run, resumed, 2)
-    os.kill(resumed.pid, signal.SIGTERM)
-    assert resumed.wait(timeout=CEILING_S) == 130
-    message = resumed.stderr.read()
-    assert "all 2 rounds had completed" in message and "--resume" not in message, message
-    assert load_checkpoint(run)["position"]["round"] == 2
-    assert (run / "config.yaml").read_bytes() == original  # the original is kept, the change is a revision
-    assert load_config(run / "config.r2.yaml").train.lr == 0.002 and load_config(run / "config.yaml").train.lr == 0.001
-    assert [h["round"] for h in json.loads((run / "history.json").read_text())] == [1, 2]
+from tests.run_processes import alive, cmdline, descendants, start_simulation, wait_until
 
 
 @pytest.mark.slow
 def test_a_killed_cli_leaves_no_process_of_its_run_alive(tmp_path):
     run = tmp_path / "run"
-    cli = _start(run, tmp_path, "federation.num_rounds=3")
-    _wait_until(lambda: any("ClientAppActor" in _cmdline(pid) for pid in _descendants(cli.pid)), cli,
+    cli = start_simulation(run, tmp_path, "federation.num_rounds=3")
+    wait_until(lambda: any("ClientAppActor" in cmdline(pid) for pid in descendants(cli.pid)), cli,
                 "a Ray actor started")  # every kind of process up
-    processes = _descendants(cli.pid)
+    processes = descendants(cli.pid)
     assert len(processes) >= 4
     os.kill(cli.pid, signal.SIGKILL)
     deadline = time.monotonic() + 10  # every process of the run gone within 10 s of the signal
     cli.wait(timeout=10)
-    while time.monotonic() < deadline and any(_alive(pid) for pid in processes):
+    while time.monotonic() < deadline and any(alive(pid) for pid in processes):
         time.sleep(0.2)
-    assert not [_cmdline(pid) for pid in processes if _alive(pid)], "processes of the killed run are still alive"
+    assert not [cmdline(pid) for pid in processes if alive(pid)], "processes of the killed run are still alive"
 
 
 @pytest.mark.slow

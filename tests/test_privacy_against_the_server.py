@@ -403,6 +403,25 @@ def test_the_noise_of_a_real_dp_round_cannot_be_regenerated_from_a_64_bit_seed(s
     assert not _seeded_mt_state(struct.unpack("<624Q", seen["state"].numpy().tobytes()[24:24 + 624 * 8]))
 
 
+def test_the_same_config_twice_through_the_real_clientapp_gives_other_weights_under_dp_and_the_same_without(
+        site_config, tmp_path):
+    """The coordinator knows the whole config, seed included, and can ask a site the same round twice (two runs):
+    under DP the two replies differ (the noise, sampling and augmentation come from the site's secret generators,
+    so no replay reproduces them); without DP they are bit-identical (runs are reproducible)."""
+    def reply_weights(config, run: str) -> dict[str, torch.Tensor]:
+        _RUNNERS.clear()
+        floor = {"dp-enabled": True, "dp-max-epsilon": 50} if config.dp.enabled else {}
+        reply = _ask(config, _context(tmp_path / run, node_id=31, **floor))
+        assert not reply.has_error(), reply.error
+        return reply.content["arrays"].to_torch_state_dict()
+
+    for overrides, differ in ((DP, True), ((), False)):
+        config = site_config(*overrides)
+        first, second = reply_weights(config, f"first{differ}"), reply_weights(config, f"second{differ}")
+        assert first.keys() == second.keys()
+        assert any(not torch.equal(first[k], second[k]) for k in first) == differ, overrides
+
+
 def test_a_dp_run_differs_from_a_rerun_only_through_its_secret_randomness_and_a_plain_run_not_at_all(monkeypatch):
     """Same seed, same images, same initial weights: two DP runs differ; with the OS entropy stubbed alike they are
     identical, so nothing but the secret generators (noise, sampling, augmentation, latent samples) tells them apart.

@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,8 +15,11 @@ import torch
 from common.checkpoint import load_checkpoint
 from common.config import load_config
 from simulations.runner import run_simulation
+from tests.run_processes import (CEILING_S, alive, cmdline, descendants, refused_resume, resume_simulation,
+                                  start_simulation, wait_for_round, wait_until)
 
-pytestmark = pytest.mark.slow
+# One worker runs this whole module: the uninterrupted run is computed once (pyproject: --dist loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_simulation")]
 
 
 @pytest.fixture(scope="module")
@@ -58,15 +63,47 @@ def test_two_rounds_with_three_virtual_hospitals(uninterrupted):
     assert (uninterrupted / "config.yaml").is_file()
 
 
-def test_a_run_stopped_after_round_1_and_resumed_equals_the_uninterrupted_run(sim_config, uninterrupted, workdir):
-    """Also what reproducibility without DP means: two separate executions of one config, the same weights."""
-    interrupted = workdir / "interrupted"
-    run_simulation(sim_config, interrupted, stop_after_round=1)
-    assert load_checkpoint(interrupted)["position"]["round"] == 1
-    run_simulation(sim_config, interrupted, resume=True)
-    resumed, straight = load_checkpoint(interrupted), load_checkpoint(uninterrupted)
+def test_sigterm_mid_round_stops_every_process_and_the_resumed_run_equals_the_uninterrupted_run(
+        uninterrupted, workdir, capsys):
+    """A real `dermfed simulate` gets SIGTERM in round 2 (hospital_2 holds the round open; hospital_1 has already
+    trained it): every process of the run is gone within 10 s, the run is resumable, a resume that would corrupt it
+    is refused without writing anything, and the resumed run ends with exactly the uninterrupted run's weights:
+    reproducibility without DP across separate executions, and proof that the killed round left nothing behind."""
+    run = workdir / "interrupted"
+    cli = start_simulation(run, workdir, "federation.num_rounds=2", "federation.min_clients=3")
+    wait_for_round(run, cli)
+    code, err = refused_resume(capsys, run)  # while the first lives
+    assert code == 2 and "in use by a live run" in err
+    wait_until(lambda: (run / "sites" / "hospital_1" / "round-0002.pt").is_file(), cli, "round 2 under way")
+    processes = descendants(cli.pid)
+    assert len(processes) >= 4  # SuperLink, SuperExec, simulation, Ray ...
+    os.kill(cli.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10  # every process of the run gone within 10 s of the signal (README)
+    while time.monotonic() < deadline and any(alive(pid) for pid in processes):
+        time.sleep(0.2)
+    assert not [cmdline(pid) for pid in processes if alive(pid)]
+    assert cli.wait(timeout=CEILING_S) == 130  # the CLI itself then reports and exits (slower on a loaded machine)
+    assert "1 of 2 rounds had completed; continue with: dermfed simulate --resume" in cli.stderr.read()
+    assert load_checkpoint(run)["position"]["round"] == 1
+    original = (run / "config.yaml").read_bytes()
+    code, err = refused_resume(capsys, run, "model.encoder=convnext_tiny", "data.image_size=64")
+    assert code == 2
+    assert "model.encoder: 'convnext_atto' -> 'convnext_tiny'" in err and "data.image_size" in err
+    assert (run / "config.yaml").read_bytes() == original and not list(run.glob("config.r*.yaml"))
+    resumed = resume_simulation(run, "federation.round_timeout=700")  # an allowed change: recorded as a revision
+    # a SIGTERM after the last round: the run is complete, so the message must not suggest --resume
+    wait_for_round(run, resumed, 2)
+    os.kill(resumed.pid, signal.SIGTERM)
+    assert resumed.wait(timeout=CEILING_S) == 130
+    message = resumed.stderr.read()
+    assert "all 2 rounds had completed" in message and "--resume" not in message, message
+    assert (run / "config.yaml").read_bytes() == original  # the original is kept, the change is a revision
+    assert load_config(run / "config.r2.yaml").federation.round_timeout == 700
+    assert load_config(run / "config.yaml").federation.round_timeout == 600
+    resumed, straight = load_checkpoint(run), load_checkpoint(uninterrupted)
     assert resumed["position"]["round"] == 2
     assert [h["round"] for h in resumed["history"]] == [1, 2]
+    assert [h["round"] for h in json.loads((run / "history.json").read_text())] == [1, 2]
     for key, value in straight["encoder"].items():
         assert torch.equal(value, resumed["encoder"][key]), key
 
@@ -93,14 +130,6 @@ def test_dp_simulation_records_each_sites_epsilon_and_nothing_computed_from_imag
         assert not any(key in entry["train"] for key in ("reconstruction", "kl", "total", "images-seen", "seconds"))
     header = (run / "history.csv").read_text().splitlines()[0]
     assert "epsilon_hospital_1" in header and "reconstruction" not in header and "evaluate_" not in header
-
-
-def test_the_same_dp_config_twice_gives_different_global_encoders(dp_config, workdir):
-    """The noise is drawn from OS entropy: a server that knows the config cannot replay it."""
-    first = load_checkpoint(workdir / "private") if (workdir / "private" / "checkpoint.pt").is_file() \
-        else load_checkpoint(run_simulation(dp_config, workdir / "private"))
-    second = load_checkpoint(run_simulation(dp_config, workdir / "private-again"))
-    assert any(not torch.equal(value, second["encoder"][key]) for key, value in first["encoder"].items())
 
 
 def test_simulated_hospitals_keep_their_own_floors_against_the_coordinators_config(workdir, tmp_path):
