@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from common.config import DermFedConfig, apply_overrides, flatten_config, load_config, write_config
+from common.interrupts import Interrupted
 from common.run_files import atomic_write_text
 from common.run_folder import (CONFIG_NAME, FREE_KEYS, SIMULATE, STUDY, STUDY_NAME, RunFolderError, completed_rounds_or_none,
                                is_complete, move_aside, read_json, refusal, run_kind)
@@ -44,7 +45,7 @@ class Step:
     argv: list[str]  # the command's arguments after `dermfed` (without --config and the overrides)
     overrides: list[str]  # the step's config: the study's config.yaml plus these
     what: str  # in words, for the progress lines
-    status: str = "pending"  # pending, done, failed
+    status: str = "pending"  # pending, done, failed, stopped (interrupted)
     seconds: Optional[float] = None
 
     def in_study(self, study: Path) -> list[str]:
@@ -219,11 +220,12 @@ def run_study(config: DermFedConfig, study: Path, force: bool, run_command: Hand
                   f"from this step")
         try:
             code = run_command(argv, step_config)
-        except BaseException:
-            step.status = "failed"
-            record["status"] = "failed"
+        except BaseException as exc:
+            stopped = isinstance(exc, (Interrupted, KeyboardInterrupt))
+            step.status = record["status"] = "stopped" if stopped else "failed"
             _write_record(study, record, plan)
-            print(f"{failed}; {resume}", file=sys.stderr, flush=True)
+            print(f"{failed.replace('failed', 'was stopped') if stopped else failed}; {resume}", file=sys.stderr,
+                  flush=True)
             raise
         step.seconds = round(time.perf_counter() - started, 1)
         if code != 0:
