@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from server.cli.options import add_common, add_force, out_folder
