@@ -23,13 +23,13 @@ install: $(BIN)/dermfed
 DEMO_RUN ?= runs/demo
 
 demo: $(BIN)/dermfed
-	rm -rf $(DEMO_RUN)/data-summary $(DEMO_RUN)/federated $(DEMO_RUN)/evaluation  # the demo's own runs: made anew
+	rm -rf $(DEMO_RUN)/data-summary $(DEMO_RUN)/study  # the demo's own runs: made anew
 	$(BIN)/dermfed data synth --config demo --out $(DEMO_DATA)
 	$(BIN)/dermfed data summary --config demo data.root=$(DEMO_DATA) --out $(DEMO_RUN)/data-summary
-	$(BIN)/dermfed simulate --config demo data.root=$(DEMO_DATA) --out $(DEMO_RUN)/federated
-	$(BIN)/dermfed evaluate --config demo data.root=$(DEMO_DATA) --checkpoint $(DEMO_RUN)/federated --out $(DEMO_RUN)/evaluation
-	@echo "federated checkpoint: $(DEMO_RUN)/federated/checkpoint.pt; history: $(DEMO_RUN)/federated/history.csv"
-	@echo "report (open in a browser): $(CURDIR)/$(DEMO_RUN)/evaluation/report.html"
+	$(BIN)/dermfed study --config demo data.root=$(DEMO_DATA) --out $(DEMO_RUN)/study
+	@echo "federated checkpoint: $(DEMO_RUN)/study/federated-vae/checkpoint.pt; history: $(DEMO_RUN)/study/federated-vae/history.csv"
+	@echo "study steps and commands: $(DEMO_RUN)/study/study.json"
+	@echo "report (open in a browser): $(CURDIR)/$(DEMO_RUN)/study/evaluation/report.html"
 
 test: $(BIN)/dermfed
 	$(BIN)/python -m pytest

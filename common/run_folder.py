@@ -1,7 +1,7 @@
 """A run folder, owned in one place: its kind, its file names, its completion, its latest good checkpoint, and
 whether (and with what config) it may be resumed.
 
-Every command that writes a run (`pretrain`, `simulate`, `evaluate`, `data summary`) asks `claim_out` before it
+Every command that writes a run (`pretrain`, `simulate`, `evaluate`, `data summary`, `study`) asks `claim_out` before it
 writes anything: a folder holding a run of another kind, or a finished run of the same kind, is refused with one
 line (README "Errors"), or, with `--force`, moved aside first (RUN.old-<time>). `dermfed simulate --resume` and
 `dermfed deploy run` of a `--resume` manifest both ask `resume_config` / `check_resume` before any process starts
@@ -33,7 +33,7 @@ log = logging.getLogger("dermfed.run")
 
 # -- kinds and file names --------------------------------------------------------------------------------------
 
-SIMULATE, PRETRAIN, EVALUATE, DATA_SUMMARY = "simulate", "pretrain", "evaluate", "data summary"
+SIMULATE, PRETRAIN, EVALUATE, DATA_SUMMARY, STUDY = "simulate", "pretrain", "evaluate", "data summary", "study"
 
 CONFIG_NAME = "config.yaml"  # the run's resolved config; a resumed simulation adds config.r2.yaml, ...
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -47,6 +47,7 @@ SITES_NAME = "sites"  # simulated hospitals' state folders
 SIMULATED_NODES_NAME = "simulated-node-configs.json"
 SUMMARY_NAME = "summary.json"  # written last by `pretrain` and by `data summary`
 METRICS_NAME = "metrics.json"  # written last by `evaluate` (before the report)
+STUDY_NAME = "study.json"  # `dermfed study`: its steps and how far it got (its sub-runs are subfolders)
 
 # Files only one command writes (a simulation's before its first checkpoint, too).
 _MARKERS = (
@@ -54,6 +55,7 @@ _MARKERS = (
     (EVALUATE, (METRICS_NAME, "predictions.npz")),
     (DATA_SUMMARY, ("summary.csv", "skipped.csv")),
     (PRETRAIN, ("reconstructions.png",)),
+    (STUDY, (STUDY_NAME,)),
 )
 
 
@@ -126,7 +128,7 @@ def is_complete(folder: Path) -> bool:
 
     A simulation is finished when its latest good checkpoint reached the rounds its own config asked for; a
     pretraining run when it wrote its summary (after its last epoch and its reconstructions); an evaluation when it
-    wrote metrics.json; a data summary when it wrote summary.json."""
+    wrote metrics.json; a data summary when it wrote summary.json; a study when its study.json says it finished."""
     folder = Path(folder)
     found = run_kind(folder)
     if found is None:
@@ -142,6 +144,8 @@ def is_complete(folder: Path) -> bool:
         return (folder / SUMMARY_NAME).is_file()
     if kind == EVALUATE:
         return (folder / METRICS_NAME).is_file()
+    if kind == STUDY:
+        return read_json(folder / STUDY_NAME).get("status") == "finished"
     return (folder / SUMMARY_NAME).is_file()
 
 
@@ -295,9 +299,14 @@ def resume_config(folder: Path, overrides: Iterable[str] = (), option: str = "--
     return config
 
 
-def read_status(folder: Path) -> dict[str, Any]:
-    path = Path(folder) / STATUS_NAME
+def read_json(path: Path) -> dict[str, Any]:
+    """A run's small JSON record, or {} when it is missing or unreadable."""
     try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError:
+        value = json.loads(Path(path).read_text()) if Path(path).is_file() else {}
+    except (ValueError, OSError):
         return {}
+    return value if isinstance(value, dict) else {}
+
+
+def read_status(folder: Path) -> dict[str, Any]:
+    return read_json(Path(folder) / STATUS_NAME)

@@ -63,10 +63,12 @@ def test_an_arm_registered_from_a_test_module_runs_through_dermfed_evaluate(toy_
     assert done.value.code == 0 and "--toy-model TIMM_NAME" in capsys.readouterr().out  # its option, from the registry
     out = folder / "eval"
     assert main(["evaluate", "--config", "smoke", "--checkpoint", str(folder / "pretrain"), "--toy-model", "convnext_atto",
+                 "--checkpoint", str(folder / "pretrain" / "checkpoint.pt"),  # a repeatable option: a second arm A2
                  "--out", str(out), *common, *FAST, "evaluation.arms=[federated,random,toy]"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     arms = {arm["key"]: arm for arm in metrics["arms"]}
-    assert list(arms) == ["federated", "random", "toy"] and not metrics["skipped_arms"]
+    assert list(arms) == ["federated", "federated-2", "random", "toy"] and not metrics["skipped_arms"]
+    assert arms["federated-2"]["label"] == arms["federated"]["label"].replace("A: ", "A2: ", 1)
     toy, random = arms["toy"], arms["random"]
     assert toy["label"] == TOY_LABEL and "convnext_atto" in toy["source"]
     # identical heads, frozen features: the same architecture from the same seed gives arm C's predictions exactly
@@ -77,7 +79,11 @@ def test_an_arm_registered_from_a_test_module_runs_through_dermfed_evaluate(toy_
     assert {m: v["mean"] for m, v in toy["summary"].items()} == {m: v["mean"] for m, v in random["summary"].items()}
     assert toy["curves"] == random["curves"]  # (intervals differ: each arm has its own bootstrap stream)
     assert [s["best_epoch"] for s in toy["seeds"]] == [s["best_epoch"] for s in random["seeds"]]
-    assert {(c["a"], c["b"]) for c in metrics["comparisons"]} == {("federated", "random"), ("federated", "toy")}
+    # every encoder under study against every other arm, each pair once
+    assert [(c["a"], c["b"]) for c in metrics["comparisons"]][::2] == [
+        ("federated", "federated-2"), ("federated", "random"), ("federated", "toy"), ("federated-2", "random"),
+        ("federated-2", "toy")]
+    assert np.array_equal(predictions["split0_federated"], predictions["split0_federated-2"])  # one checkpoint, twice
     report = (out / "report.html").read_text()
     assert report.count(TOY_LABEL) >= 3  # comparisons, test metrics, training table
     assert "T: a toy arm registered from tests/test_arms.py" in report

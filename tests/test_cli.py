@@ -14,7 +14,7 @@ import pytest
 
 from server.cli import build_parser, main
 
-SUBCOMMANDS = ["data", "config", "pretrain", "simulate", "evaluate", "report", "deploy", "node"]
+SUBCOMMANDS = ["data", "config", "pretrain", "simulate", "evaluate", "report", "deploy", "node", "study"]
 GROUPS = (["data"], ["deploy"], ["node"])  # commands whose help lists actions, not options
 
 

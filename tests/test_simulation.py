@@ -112,7 +112,8 @@ def test_sigterm_mid_round_stops_every_process_and_the_resumed_run_equals_the_un
 def dp_config(workdir):
     return load_config("smoke", [f"data.root={workdir / 'data'}", f"data.cache_dir={workdir / 'cache'}",
                                  "federation.num_rounds=2", "dp.enabled=true", "dp.target_epsilon=5.0",
-                                 "federation.strategy=fedprox", "federation.proximal_mu=0.1"])
+                                 "federation.strategy=fedprox", "federation.proximal_mu=0.1",
+                                 "model.objective=masked"])  # the masked objective federated under DP (issue 19)
 
 
 def test_dp_simulation_records_each_sites_epsilon_and_nothing_computed_from_images(dp_config, workdir):
@@ -127,9 +128,10 @@ def test_dp_simulation_records_each_sites_epsilon_and_nothing_computed_from_imag
             assert set(site) == {"site", "node", "num-examples", "epsilon", "delta", "site-index"}, site
             assert site["num-examples"] == 1.0  # equal FedAvg weights: no site's image count leaves it
         assert entry["evaluate"] == {}  # no client evaluation under DP
-        assert not any(key in entry["train"] for key in ("reconstruction", "kl", "total", "images-seen", "seconds"))
+        assert not any(key in entry["train"] for key in ("masked_mse", "total", "images-seen", "seconds"))
     header = (run / "history.csv").read_text().splitlines()[0]
-    assert "epsilon_hospital_1" in header and "reconstruction" not in header and "evaluate_" not in header
+    assert "epsilon_hospital_1" in header and "masked_mse" not in header and "evaluate_" not in header
+    assert load_checkpoint(run)["config"]["model"]["objective"] == "masked"
 
 
 def test_simulated_hospitals_keep_their_own_floors_against_the_coordinators_config(workdir, tmp_path):

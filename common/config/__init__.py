@@ -28,6 +28,7 @@ from common.config.schema import (
     ExternalSetConfig,
     FederationConfig,
     ModelConfig,
+    StudyConfig,
     SynthConfig,
     TrainConfig,
     timm_convnext_names,
@@ -48,7 +49,7 @@ from common.config.transport import (
 __all__ = [
     "ConfigPerRun", "EXTERNAL_NAME", "PRESET_DIR", "PROJECT_ROOT", "Artifact", "AugmentConfig", "ConfigError",
     "DPConfig", "DataConfig", "DataFormat", "DermFedConfig", "EvaluationConfig", "ExternalSetConfig",
-    "FederationConfig", "ModelConfig", "SynthConfig", "TrainConfig", "apply_overrides", "build_config",
+    "FederationConfig", "ModelConfig", "StudyConfig", "SynthConfig", "TrainConfig", "apply_overrides", "build_config",
     "config_from_json", "config_of_run", "config_to_json", "config_to_yaml", "flatten_config", "flower_run_config",
     "load_config", "parse_override", "read_yaml", "resolve_preset_path", "run_config_argument",
     "timm_convnext_names", "toml_string", "toml_value", "write_config",

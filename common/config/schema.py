@@ -161,12 +161,7 @@ class ModelConfig(_Section):
     @field_validator("objective")
     @classmethod
     def _known_objective(cls, name: str) -> str:
-        known = sorted(cls.subsections())
-        if name not in known:
-            close = difflib.get_close_matches(name, known, n=2)
-            hint = f"did you mean {' or '.join(close)}? " if close else ""
-            raise ValueError(f"not a registered objective; {hint}allowed: {', '.join(known)}")
-        return name
+        return registered_objective(name)
 
     @field_validator("encoder")
     @classmethod
@@ -181,6 +176,16 @@ class ModelConfig(_Section):
     def settings(self, name: Optional[str] = None) -> Any:
         """The section `model.<name>` (default: the chosen objective's), validated by that objective's class."""
         return getattr(self, name or self.objective)
+
+
+def registered_objective(name: str) -> str:
+    """A name from the objective registry (`common/objectives/`), or an error listing the registered ones."""
+    known = sorted(ModelConfig.subsections())
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=2)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise ValueError(f"not a registered objective; {hint}allowed: {', '.join(known)}")
+    return name
 
 
 def _migrate_flat_vae_keys(values: dict[str, Any]) -> dict[str, Any]:
@@ -398,6 +403,31 @@ class EvaluationConfig(_Section):
         return self
 
 
+class StudyConfig(_Section):
+    """`dermfed study`: which objectives are pretrained federatedly, and the controls pretrained beside each."""
+
+    objectives: Optional[list[Annotated[str, AfterValidator(registered_objective)]]] = Field(
+        None, min_length=1, description="registered objectives, each pretrained federatedly (and its controls); "
+        "default: [model.objective]")
+    controls: list[Literal["pooled", "local"]] = Field(
+        default_factory=lambda: ["pooled", "local"], description=(
+            "controls pretrained with each objective: pooled (all sites' images, `dermfed pretrain`) and local (one "
+            "site's images, `dermfed pretrain data.site=...`)"))
+    local_site: Optional[str] = Field(None, description="the local-only control's site; default: the site with the "
+                                                        "most pretraining images")
+    control_rounds: Optional[int] = Field(None, ge=1, description=(
+        "the controls' budget in federated rounds' worth of local training (a site's train.epochs, or "
+        "train.max_steps, per round); default: federation.num_rounds, the federated run's own budget"))
+
+    @field_validator("objectives", "controls")
+    @classmethod
+    def _distinct(cls, names: Optional[list[str]]) -> Optional[list[str]]:
+        twice = sorted({name for name in names or [] if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} given twice; list each once")
+        return names
+
+
 class DermFedConfig(_Section):
     """Everything a DermFed run needs; one instance per run, written beside its outputs."""
 
@@ -411,6 +441,7 @@ class DermFedConfig(_Section):
     dp: DPConfig = Field(default_factory=DPConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    study: StudyConfig = Field(default_factory=StudyConfig)
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "DermFedConfig":

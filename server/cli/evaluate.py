@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from server.cli.options import add_common, add_force, claim_out, out_folder
 
@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 
 def cmd_evaluate(args: argparse.Namespace, config: DermFedConfig) -> int:
-    from server.evaluation.arms import arm_inputs
+    from server.evaluation.arms import arm_inputs, given_values
     from server.evaluation.report import write_report
     from server.evaluation.run import run_evaluation
 
@@ -21,23 +21,22 @@ def cmd_evaluate(args: argparse.Namespace, config: DermFedConfig) -> int:
     inputs = arm_inputs(args, config)  # checked now (a wrong weights file), not after the other arms were evaluated
     folder = out_folder(config, "evaluation", args.out)
     refuse_evaluation_out(folder, inputs.runs(), args.force)
-    metrics = run_evaluation(config, Path(args.checkpoint), folder, inputs.given)
+    checkpoints = given_values(args.checkpoint)  # repeatable: the first is arm A, the others A2, A3, ...
+    metrics = run_evaluation(config, Path(checkpoints[0]), folder, inputs.given)
     report = write_report(folder, metrics)
     print(f"metrics: {folder / 'metrics.json'}")
     print(f"report: {report.resolve()}")
     return 0
 
 
-def refuse_evaluation_out(folder: Path, inputs: dict[str, Optional[str]], force: bool = False) -> None:
+def refuse_evaluation_out(folder: Path, inputs: dict[str, list[str]], force: bool = False) -> None:
     """`evaluate --out` never lies in a run it reads (not even with --force: it would move that run away), nor in
     any folder holding a checkpoint.pt (it would overwrite that run's config.yaml and mix its metrics in)."""
     from common.config import ConfigError
     from common.run_folder import CHECKPOINT_NAME, EVALUATE, move_aside
 
     out = folder.resolve()
-    for option, given in inputs.items():
-        if not given:
-            continue
+    for option, given in ((option, one) for option, values in inputs.items() for one in values):
         run = Path(given).resolve()
         inside = out == run or out.is_relative_to(run)  # a run folder, and all below it
         if run.is_file():  # a checkpoint file: only its own folder, whose config.yaml describes it

@@ -19,11 +19,11 @@ import traceback
 from typing import Optional, Sequence
 
 from common.interrupts import Interrupted, stop_signals_raise  # standard library only: installed first
-from server.cli import config, data, deploy, evaluate, node, pretrain, report, simulate
+from server.cli import config, data, deploy, evaluate, node, pretrain, report, simulate, study
 
 log = logging.getLogger("dermfed")
 
-SUBCOMMANDS = (data, pretrain, simulate, deploy, node, config, evaluate, report)  # in `dermfed --help`'s order
+SUBCOMMANDS = (data, pretrain, simulate, deploy, node, config, evaluate, report, study)  # in `dermfed --help`'s order
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,7 +32,7 @@ from common.data.splits import assign_lesion_splits, assign_splits, split_indice
 from common.data.synthetic import shortcut_matches_class
 from common.objectives import get_objective
 from common.run_folder import METRICS_NAME
-from server.evaluation.arms import Arm, ArmContext, build_arms, check_arm_names, study_arm
+from server.evaluation.arms import Arm, ArmContext, build_arms, check_arm_names, is_study_key, study_arm
 from server.evaluation.external import ExternalSet, load_external
 from server.evaluation.features import FeatureExtractor
 from server.evaluation.heads import SELECTION_METRIC, train_head
@@ -247,8 +247,9 @@ def score(test: TestSet, arms: list[dict[str, Any]], probabilities: dict[str, di
           classes: list[str], seed: int, stream: int = 0,
           min_groups: int = 0) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """Every arm's metrics on one test set, with bootstrap intervals over its lesions and head seeds (pooled, per site,
-    per class, shortcut subsets), and the paired differences: the reference arm (A) minus each other arm, on the same
-    images. With fewer than `min_groups` test lesions the differences keep their intervals but carry no verdict."""
+    per class, shortcut subsets), and the paired differences: each encoder under study (A, and A2, ... of a repeated
+    `--checkpoint`) minus each other arm, on the same images (`compared_pairs`). With fewer than `min_groups` test lesions
+    the differences keep their intervals but carry no verdict."""
     scored: dict[str, dict[str, Any]] = {}
     replicates: dict[str, dict[str, ArmReplicates]] = {}
     first = next(iter(test.rows))
@@ -281,25 +282,29 @@ def score(test: TestSet, arms: list[dict[str, Any]], probabilities: dict[str, di
                                      lambda s, agree=agree: test.shortcut[test.rows[s]] == agree)
                 result["shortcut"][name] = interval(subset.point, subset.replicates)
         scored[key] = result
-    keys = [arm["key"] for arm in arms]
-    reference = study_arm() if study_arm() in keys else keys[0]
     comparisons = []
     lesions = test.lesions()
     too_few = (f"too few test lesions to decide: {lesions} (or patients) here, evaluation.min_test_groups={min_groups}"
                if lesions < min_groups else None)
-    for arm in arms:
-        if arm["key"] == reference:
-            continue
+    for reference, arm in compared_pairs([arm["key"] for arm in arms]):
         for metric in COMPARED_METRICS:
-            diff = difference(replicates[reference][metric], replicates[arm["key"]][metric])
+            diff = difference(replicates[reference][metric], replicates[arm][metric])
             withheld = too_few or diff["degenerate"]
             if withheld:
                 diff["excludes_zero"] = None  # no verdict either way
-            caveats = [c for c in (_unknown_overlap(a, test.name) for a in arms if a["key"] in (reference, arm["key"])) if c]
-            comparisons.append({"a": reference, "b": arm["key"], "metric": metric, **diff, "covers": COVERS_BOOTSTRAP,
+            caveats = [c for c in (_unknown_overlap(a, test.name) for a in arms if a["key"] in (reference, arm)) if c]
+            comparisons.append({"a": reference, "b": arm, "metric": metric, **diff, "covers": COVERS_BOOTSTRAP,
                                 "test_groups": lesions, "withheld": withheld, "caveats": caveats,
-                                "words": _words(arms, reference, arm["key"], metric, diff, caveats, withheld)})
+                                "words": _words(arms, reference, arm, metric, diff, caveats, withheld)})
     return scored, comparisons
+
+
+def compared_pairs(keys: list[str]) -> list[tuple[str, str]]:
+    """(reference, other) key pairs, each pair once: every encoder under study (arm A, and A2, A3, ... of a repeated
+    `--checkpoint`) minus every other arm. Without arm A, the first arm is the reference."""
+    references = [key for key in keys if is_study_key(key)] or keys[:1]
+    return [(reference, other) for number, reference in enumerate(references) for other in keys
+            if other != reference and other not in references[:number]]
 
 
 def _unknown_overlap(arm: dict[str, Any], test_name: str) -> Optional[str]:

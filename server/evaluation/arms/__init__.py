@@ -8,7 +8,9 @@ E  local     (`local.py`):      one site's local-only encoder (`dermfed pretrain
 
 Adding an arm is one module: subclass `EvaluationArm`, decorate it with `@register_arm`, and import
 it here (or anywhere before `dermfed` builds its parser); `evaluation.arms` then accepts its name,
-`dermfed evaluate` its option, and the report its letter and words (`registry.py`).
+`dermfed evaluate` its option, and the report its letter and words (`registry.py`). The checkpoint arms' options are
+repeatable (`ArmInput.repeatable`): `--checkpoint RUN_A --checkpoint RUN_B` evaluates two encoders under study, keyed
+`federated` and `federated-2`, lettered A and A2 (what `dermfed study` gives for several objectives).
 """
 
 from server.evaluation.arms.registry import (
@@ -19,10 +21,14 @@ from server.evaluation.arms.registry import (
     ArmInputs,
     ArmUnavailable,
     EvaluationArm,
+    ArmValue,
     add_arm_arguments,
     arm_inputs,
+    arm_name,
     build_arms,
     check_arm_names,
+    given_values,
+    is_study_key,
     register_arm,
     report_words,
     study_arm,
@@ -37,6 +43,6 @@ from common.plugins import import_plugins  # noqa: E402
 
 import_plugins()  # arms of modules named in DERMFED_PLUGINS (the process environment, never the run config)
 
-__all__ = ["ARMS", "Arm", "ArmContext", "ArmInput", "ArmInputs", "ArmUnavailable", "EvaluationArm",
-           "WeightsFileError", "add_arm_arguments", "arm_inputs", "build_arms", "check_arm_names", "register_arm",
-           "report_words", "study_arm"]
+__all__ = ["ARMS", "Arm", "ArmContext", "ArmInput", "ArmInputs", "ArmUnavailable", "ArmValue", "EvaluationArm",
+           "WeightsFileError", "add_arm_arguments", "arm_inputs", "arm_name", "build_arms", "check_arm_names",
+           "given_values", "is_study_key", "register_arm", "report_words", "study_arm"]

@@ -15,7 +15,8 @@ from server.evaluation.arms.registry import Arm
 
 def checkpoint_arm(key: str, letter: str, expected_kind: str, path: str | Path, cache_dir: Optional[str] = None) -> Arm:
     """A pretraining run's encoder, labelled by its slot's letter and what the checkpoint records it is; its pretraining
-    images checked against its own config's data where that is on this machine (`leakage.pretraining_images`)."""
+    images checked against its own config's data where that is on this machine (`leakage.pretraining_images`).
+    `key` and `letter` are the built arm's (`EvaluationArm.key`/`tag`: `federated-2` and `A2` for a second input)."""
     from common.checkpoint import frozen_encoder, load_checkpoint
     from server.evaluation.leakage import pretraining_images
     from server.evaluation.provenance import checkpoint_provenance

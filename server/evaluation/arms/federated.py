@@ -21,7 +21,9 @@ class FederatedArm(EvaluationArm):
                    "pooled or local-only; rounds or epochs; objective; DP-SGD)")
     input = ArmInput("--checkpoint", "run", "RUN_DIR", required=True,
                      help="pretraining run folder or checkpoint.pt (arm A, the encoder under study: a federated run, "
-                          "or any pretraining run, labelled by what its checkpoint records)")
+                          "or any pretraining run, labelled by what its checkpoint records; a second one is arm A2, ...)",
+                     repeatable=True)
 
     def build(self, given: Optional[str], context: ArmContext) -> Arm:
-        return checkpoint_arm(self.name, self.letter, "federated", str(given), context.config.data.cache_dir)
+        return checkpoint_arm(self.key(context.instance), self.tag(context.instance), "federated", str(given),
+                              context.config.data.cache_dir)

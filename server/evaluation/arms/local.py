@@ -14,7 +14,8 @@ class LocalArm(EvaluationArm):
     letter = "E"
     description = "the local-only control (one site's images alone), named by its checkpoint"
     input = ArmInput("--local", "run", "RUN_DIR", help="arm E: a local-only `dermfed pretrain` run",
-                     hint="CHECKPOINT from `dermfed pretrain`")
+                     hint="CHECKPOINT from `dermfed pretrain`", repeatable=True)
 
     def build(self, given: Optional[str], context: ArmContext) -> Arm:
-        return checkpoint_arm(self.name, self.letter, "local-only", str(given), context.config.data.cache_dir)
+        return checkpoint_arm(self.key(context.instance), self.tag(context.instance), "local-only", str(given),
+                              context.config.data.cache_dir)

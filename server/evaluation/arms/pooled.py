@@ -14,7 +14,8 @@ class PooledArm(EvaluationArm):
     letter = "D"
     description = "the pooled control (centrally pretrained), named by its checkpoint"
     input = ArmInput("--pooled", "run", "RUN_DIR", help="arm D: a pooled `dermfed pretrain` run",
-                     hint="CHECKPOINT from `dermfed pretrain`")
+                     hint="CHECKPOINT from `dermfed pretrain`", repeatable=True)
 
     def build(self, given: Optional[str], context: ArmContext) -> Arm:
-        return checkpoint_arm(self.name, self.letter, "pooled", str(given), context.config.data.cache_dir)
+        return checkpoint_arm(self.key(context.instance), self.tag(context.instance), "pooled", str(given),
+                              context.config.data.cache_dir)
