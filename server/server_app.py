@@ -23,6 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from common import flower_keys as keys
+from common.console_logging import one_line_per_event
 from common.config import ConfigPerRun
 from common.data.pipeline import ensure_data, prepare_data
 from common.run_folder import STATUS_NAME
@@ -34,6 +35,7 @@ from server.strategy import build_strategy
 
 log = logging.getLogger("dermfed.server")
 
+one_line_per_event()  # Flower prints its own log lines: no second copy through Opacus's root handler
 app = ServerApp()
 config_of = ConfigPerRun()  # the run's DermFed config, parsed once per run
 
