@@ -43,10 +43,12 @@ from client.policy import PrivacyFloor, min_batch_size, public_count, public_err
 from client.simulated_nodes import node_config_of
 from client.site import PrivacyLedger, SiteRunner, deployment_site_data, deployment_site_name, simulation_site_data
 from common import flower_keys as keys
+from common.console_logging import one_line_per_event
 from common.config import ConfigError, ConfigPerRun, DermFedConfig, apply_overrides
 
 log = logging.getLogger("dermfed.client")
 
+one_line_per_event()  # Flower prints its own log lines: no second copy through Opacus's root handler
 app = ClientApp()
 
 

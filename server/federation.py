@@ -102,3 +102,19 @@ def federated_pretraining_images(config: DermFedConfig, prepared: Optional[Prepa
         return {"unknown": f"warm-started from {config.federation.initial_checkpoint}, which cannot be read now "
                            f"({type(exc).__name__}: {exc})", "warm_start": {"checkpoint": config.federation.initial_checkpoint}}
     return with_warm_start(record, stage)
+
+
+def check_federation_size(config: DermFedConfig, prepared: PreparedData, supernodes: int) -> list[str]:
+    """A simulation runs one SuperNode per hospital of its pooled data: refuse any other number before round 1,
+    with the command that fixes it (a bare `flwr run` gets the SuperNodes of Flower's federation, 2 by default).
+    Returns the hospitals' names, in partition order."""
+    from common.config import ConfigError
+    from common.data.partition import partition_catalog
+
+    parts, names = partition_catalog(prepared.catalog, config.data.partition, config.data.num_partitions,
+                                     config.data.dirichlet_alpha, config.seed)
+    if supernodes != len(parts):
+        raise ConfigError(f"this run's config makes {len(parts)} hospitals ({', '.join(names)}) but Flower's federation "
+                          f"simulates {supernodes} SuperNodes: run `flwr run . --stream --federation-config "
+                          f"\"num-supernodes={len(parts)}\"` (or `dermfed simulate`, which sets it itself)")
+    return names

@@ -183,7 +183,9 @@ class RunRecorder:
         monitor = f"; monitor {record.monitor}" if record.monitor else ""
         losses = (", ".join(f"{key} {train[key]:.2f}" for key in terms if key in train)
                   if "total" in train else "no losses leave DP sites")
-        print(f"[round {record.round}] {len(record.sites)} sites, {losses} ({record.seconds:.1f} s) [{sites}]"
+        images = sum(float(s.get("images-seen", 0.0)) for s in record.sites)  # none under DP: it stays at the site
+        speed = f", {images / record.seconds:.1f} images/s" if images and record.seconds > 0 else ""
+        print(f"[round {record.round}] {len(record.sites)} sites, {losses} ({record.seconds:.1f} s{speed}) [{sites}]"
               f"{left_out}{monitor}", flush=True)
 
 

@@ -23,16 +23,19 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from common import flower_keys as keys
+from common.console_logging import one_line_per_event
 from common.config import ConfigPerRun
 from common.data.pipeline import ensure_data, prepare_data
+from common.run_folder import STATUS_NAME
 from server.deploy.registry import SiteRegistry
-from server.federation import federated_pretraining_images, plan_run
+from server.federation import check_federation_size, federated_pretraining_images, plan_run
 from server.monitor import Monitor
 from server.rounds import RoundFailed, RunRecorder, write_run_status
 from server.strategy import build_strategy
 
 log = logging.getLogger("dermfed.server")
 
+one_line_per_event()  # Flower prints its own log lines: no second copy through Opacus's root handler
 app = ServerApp()
 config_of = ConfigPerRun()  # the run's DermFed config, parsed once per run
 
@@ -49,15 +52,17 @@ def main(grid: Grid, context: Context) -> None:
         if registry is None:  # a simulation's pooled data: the server holds it (`dermfed simulate` made it already)
             ensure_data(config)
             prepared = prepare_data(config)
+            hospitals = check_federation_size(config, prepared, len(list(grid.get_node_ids())))
         else:
-            prepared = None
+            prepared, hospitals = None, []
     except Exception as exc:
         write_run_status(run_dir, "failed", 0, f"{type(exc).__name__}: {exc}")
+        _say_failed(run_dir, 0, exc)
         raise
     stop_after = int(run_config.get(keys.STOP_AFTER_ROUND, 0))  # an interruption on purpose (tests, staged runs)
     rounds = min(plan.remaining, stop_after - plan.round_offset) if stop_after else plan.remaining
     recorder = RunRecorder(run_dir, config, plan.history, federated_pretraining_images(config, prepared))
-    names = [n for n in str(run_config.get(keys.SITE_NAMES, "")).split(",") if n]
+    names = [n for n in str(run_config.get(keys.SITE_NAMES, "")).split(",") if n] or hospitals  # bare `flwr run`
     strategy = build_strategy(config)
     strategy.attach(recorder, plan.expected_shapes, config.federation.min_clients, plan.round_offset,
                     dict(enumerate(names)), registry)
@@ -90,9 +95,16 @@ def main(grid: Grid, context: Context) -> None:
         # could not be written (a full disk: the previous one is intact) once there is room; other failures cannot.
         recorder.write_status("failed", f"{type(exc).__name__}: {exc}",
                               resumable=isinstance(exc, (RoundFailed, OSError)))
+        _say_failed(run_dir, recorder.completed_round(), exc)
         raise
     finished = plan.round_offset + rounds >= config.federation.num_rounds
     recorder.write_status("finished" if finished else "stopped")
     print(f"federated pretraining {'finished' if finished else 'stopped as asked'} after round "
-          f"{plan.round_offset + rounds}: checkpoint {run_dir / 'checkpoint.pt'}, history {run_dir / 'history.json'}",
-          flush=True)
+          f"{plan.round_offset + rounds}: checkpoint {run_dir.resolve() / 'checkpoint.pt'}, history "
+          f"{run_dir.resolve() / 'history.json'}", flush=True)
+
+
+def _say_failed(run_dir: Path, completed: int, exc: Exception) -> None:
+    """One line a person sees in `flwr run --stream`, which exits 0 whatever becomes of the run (flwr 1.42)."""
+    print(f"federated pretraining FAILED after {completed} completed round(s): {type(exc).__name__}: {exc} "
+          f"(recorded in {run_dir.resolve() / STATUS_NAME}; `flwr run` exits 0 all the same)", flush=True)

@@ -60,8 +60,17 @@ def federation_config(num_nodes: int, cpus: int, gpus: float) -> str:
             f"init-args-num-cpus={os.cpu_count() or 1} init-args-num-gpus={torch.cuda.device_count()}")
 
 
-def simulation_environment(flwr_home: Path, ray_tmp: Path) -> dict[str, str]:
+RAY_TIP = "ignore::FutureWarning:ray._private.worker"  # Ray's notice of a future default (GPU visibility), every start
+
+
+def simulation_environment(flwr_home: Path, ray_tmp: Path, verbose: bool = False) -> dict[str, str]:
+    """The environment of a run's processes; `verbose` (`dermfed simulate -v`) keeps Ray's notices and turns on
+    Flower's DEBUG lines."""
     env = os.environ.copy()
+    if verbose:
+        env["FLWR_LOG_LEVEL"] = "DEBUG"
+    else:
+        env["PYTHONWARNINGS"] = ",".join(w for w in (env.get("PYTHONWARNINGS", ""), RAY_TIP) if w)
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     env["FLWR_HOME"] = str(flwr_home)

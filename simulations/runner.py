@@ -30,6 +30,7 @@ import logging
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -46,10 +47,11 @@ from common.processes import RUN_MARKER, stop_marked
 from common.run_folder import (CHECKPOINT_NAME, FLOWER_HOME_NAME, HISTORY_CSV_NAME, HISTORY_NAME, STATUS_NAME,
                                RunFolderError, check_resume, completed_rounds)
 from server.federation import ResumeError, initial_shared_weights
+from simulations.console import RunConsole, show
 from simulations.lifecycle import (RunLock, RunRefused, SimulationInterrupted, after_interrupt, report_end,
                                    resume_config, write_node_configs, write_revision)
-from simulations.processes import (CONNECTION, SimulationError, federation_config, follow, free_port, local_superlink,
-                                   simulation_environment, start_reaper, write_connection)
+from simulations.processes import (CONNECTION, SHUTDOWN_GRACE_S, SimulationError, federation_config, follow, free_port,
+                                   local_superlink, simulation_environment, start_reaper, write_connection)
 
 __all__ = ["RunRefused", "SimulationError", "SimulationInterrupted", "after_interrupt", "resume_config",
            "run_simulation"]
@@ -59,7 +61,7 @@ log = logging.getLogger("dermfed.simulate")
 
 def run_simulation(config: DermFedConfig, run_dir: Path, resume: bool = False,
                    stop_after_round: Optional[int] = None, fault_injection: str = "",
-                   node_configs: Optional[dict[str, dict]] = None) -> Path:
+                   node_configs: Optional[dict[str, dict]] = None, verbose: bool = False) -> Path:
     """Run (or resume) a federated simulation; returns the run folder with its checkpoint.
 
     `stop_after_round` runs only up to that round (the run can be resumed later): what an
@@ -67,13 +69,14 @@ def run_simulation(config: DermFedConfig, run_dir: Path, resume: bool = False,
     makes one virtual hospital fail (`client.faults`). `node_configs` (site name -> node config,
     `simulations.node_configs`) gives simulated hospitals their own settings, e.g. privacy
     floors; a resumed run keeps its own unless new ones are given. With `resume`, `config` must
-    come from `resume_config` (checked against the run's own).
+    come from `resume_config` (checked against the run's own). The console shows Flower's lines once, without
+    those that do not apply, with a progress display (`simulations.console`); `verbose` shows every line.
     """
     run_dir = run_dir.resolve()
     with stop_signals_raise():  # already so under the CLI; also for a caller without it
         lock = RunLock(run_dir)
         try:
-            return _run_locked(config, run_dir, lock, resume, stop_after_round, fault_injection, node_configs)
+            return _run_locked(config, run_dir, lock, resume, stop_after_round, fault_injection, node_configs, verbose)
         except Interrupted as exc:
             raise SimulationInterrupted(f"interrupted by {exc.signal_name}, the run's processes are stopped: "
                                         f"{after_interrupt(run_dir, config.federation.num_rounds)}") from None
@@ -82,7 +85,7 @@ def run_simulation(config: DermFedConfig, run_dir: Path, resume: bool = False,
 
 
 def _run_locked(config: DermFedConfig, run_dir: Path, lock: RunLock, resume: bool, stop_after_round: Optional[int],
-                fault_injection: str, node_configs: Optional[dict[str, dict]] = None) -> Path:
+                fault_injection: str, node_configs: Optional[dict[str, dict]] = None, verbose: bool = False) -> Path:
     if resume:  # the CLI checked before locking; a caller of run_simulation gets the same check here
         try:
             check_resume(run_dir, config)
@@ -114,7 +117,7 @@ def _run_locked(config: DermFedConfig, run_dir: Path, lock: RunLock, resume: boo
     flwr_home = run_dir / FLOWER_HOME_NAME
     ray_tmp = Path(tempfile.mkdtemp(prefix="dermfed-ray-"))
     token = uuid.uuid4().hex
-    env = {**simulation_environment(flwr_home, ray_tmp), RUN_MARKER: token, simulated_nodes.ENV_VAR: str(node_table)}
+    env = {**simulation_environment(flwr_home, ray_tmp, verbose), RUN_MARKER: token, simulated_nodes.ENV_VAR: str(node_table)}
     port = config.federation.superlink_port or free_port()
     write_connection(flwr_home, port)
     command = [shutil.which("flwr", path=env["PATH"]) or "flwr", "run", str(PROJECT_ROOT), CONNECTION, "--stream",
@@ -130,7 +133,14 @@ def _run_locked(config: DermFedConfig, run_dir: Path, lock: RunLock, resume: boo
     try:
         with local_superlink(port, env, flwr_home / "superlink.log"):
             try:
-                returncode = follow(subprocess.Popen(command, env=env, cwd=PROJECT_ROOT), run_dir, token, ours)
+                flwr = subprocess.Popen(command, env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True, errors="replace")
+                first_round = completed_rounds(run_dir) + 1 if resume else 1
+                console = RunConsole(max(target_rounds - first_round + 1, 0), first_round, verbose)
+                reader = threading.Thread(target=show, args=(flwr.stdout, console), daemon=True)
+                reader.start()
+                returncode = follow(flwr, run_dir, token, ours)
+                reader.join(timeout=SHUTDOWN_GRACE_S)  # the rest of the output (the pipe ends with the processes)
             finally:
                 # However the run ends, whatever of it is still alive (SuperExec, simulation, Ray, the SuperLink
                 # itself) is stopped here at once, before the SuperLink's orderly stop, which may take 20 s.

@@ -108,4 +108,8 @@ def test_one_run_config_carries_the_resolved_config_through_flowers_own_parser(t
     assert config_of_run(parsed) == config
     preset_only = parse_config_args([run_config_argument(flower_run_config(preset="smoke", run_dir="/r",
                                                                            overrides=["train.lr=0.1"]))])
-    assert config_of_run(preset_only) == load_config("smoke", ["train.lr=0.1"])  # a bare `flwr run`'s preset
+    bare = config_of_run(preset_only)  # a bare `flwr run`'s preset: its relative paths start in Flower's home
+    from common.config.transport import anchored_at, bare_run_folder
+
+    assert bare == anchored_at(load_config("smoke", ["train.lr=0.1"]), bare_run_folder())
+    assert bare.data.root == str(bare_run_folder() / "data" / "smoke") and bare.train.lr == 0.1

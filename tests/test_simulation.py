@@ -149,6 +149,10 @@ def test_simulated_hospitals_keep_their_own_floors_against_the_coordinators_conf
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
+    console = done.stdout + done.stderr  # a console a person can read (simulations/console.py): each event once
+    assert console.count("[round 1] ") == 1 and console.count("configure_train: Sampled 3 nodes") == 1, console
+    for noise in ("Since flwr 1.32", "Manually terminating ClientAppActor", "FutureWarning", ":DEBUG:", ":INFO:"):
+        assert noise not in console, (noise, console[-3000:])
     entry, = json.loads((run / "history.json").read_text())
     assert sorted(site["site"] for site in entry["sites"]) == ["hospital_1", "hospital_3"]
     refused, = entry["excluded"]  # hospital_2: in round 1 a simulation knows it by its node id only

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 import shlex
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -108,7 +109,33 @@ def config_of_run(run_config: Mapping[str, Any]) -> DermFedConfig:
     carried = str(run_config.get(keys.DERMFED_CONFIG, ""))
     if carried:
         return decode_run_config_value(carried)
-    return load_config(str(run_config[keys.CONFIG_PRESET]), shlex.split(str(run_config.get(keys.CONFIG_OVERRIDES, ""))))
+    bare = load_config(str(run_config[keys.CONFIG_PRESET]), shlex.split(str(run_config.get(keys.CONFIG_OVERRIDES, ""))))
+    return anchored_at(bare, bare_run_folder())
+
+
+def bare_run_folder() -> Path:
+    """Where a bare `flwr run`'s relative paths start: `dermfed/` in Flower's home (FLWR_HOME, else ~/.flwr, as
+    Flower resolves it). The SuperLink, the ServerApp and every simulated ClientApp agree on it, wherever Flower
+    started them and whichever copy of this code they imported (Ray's workers import the SuperLink's working
+    directory's copy, if it has one, rather than the installed bundle)."""
+    return Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr") / "dermfed"
+
+
+def anchored_at(config: DermFedConfig, folder: Path) -> DermFedConfig:
+    """`config` with its relative `data.root`, `data.cache_dir` and `output_dir` made absolute under `folder`.
+
+    A bare `flwr run`'s ServerApp and ClientApps run in whatever working directory Flower gave them (a managed
+    local SuperLink keeps the one of the shell that first started it); anchored at `bare_run_folder()`, the
+    embedded synthetic data is drawn once, by the ServerApp, in one fixed place that every ClientApp reads. A real
+    hospital never reads `data.root` (its node config's `data-root` replaces it: `client.site.deployment_site_data`)."""
+    tree = config.model_dump(mode="json")
+
+    def anchor(path: Optional[str]) -> Optional[str]:
+        return path if path is None or Path(path).is_absolute() else str(folder / path)
+
+    tree["data"].update(root=anchor(tree["data"]["root"]), cache_dir=anchor(tree["data"]["cache_dir"]))
+    tree["output_dir"] = anchor(tree["output_dir"])
+    return build_config(tree)
 
 
 class ConfigPerRun:

@@ -52,7 +52,7 @@ def cmd_simulate(args: argparse.Namespace, config: DermFedConfig) -> int:
             except RunFolderError as exc:
                 raise RunRefused(str(exc)) from None
         run_simulation(config, run_dir, resume=bool(args.resume), stop_after_round=args.stop_after_round,
-                       fault_injection=args.fault_injection, node_configs=node_configs)
+                       fault_injection=args.fault_injection, node_configs=node_configs, verbose=args.verbose)
     except RunRefused as exc:
         print(f"dermfed simulate: refused: {exc}", file=sys.stderr)
         return 2
