@@ -71,7 +71,7 @@ def test_error_feedback_keeps_the_sum_sent_on_the_sum_of_the_true_updates():
     assert (sent_total - true_total).abs().max() < 0.2 * (without_feedback - true_total).abs().max()
 
 
-def test_an_int8_reply_through_the_clientapp_is_a_quarter_of_the_float32_bytes_flower_carries(synthetic_root, tmp_path):
+def test_an_int8_reply_through_the_clientapp_is_about_a_quarter_of_the_float32_bytes_flower_carries(synthetic_root, tmp_path):
     config = _config(synthetic_root, tmp_path, "federation.compression=int8", "train.max_steps=1")
     weights = _global_weights(config)
     context = Context(run_id=7, node_id=3, node_config={"partition-id": 1, "num-partitions": 3,
