@@ -48,13 +48,15 @@ from common.model import build_model, load_partial_state, private_state, shared_
 from common.run_files import atomic_write_bytes
 from common.serialization import read_site_snapshot, site_snapshot
 from common.strategies import client_hooks
-from common.privacy import group_epsilon, with_planned_steps
+from common.compression import compress_update, seeded_generator
+from common.privacy import group_epsilon, secret_generator, with_planned_steps
 from common.training import DPPlan, LocalTrainer, SiteState, seed_everything
 
 log = logging.getLogger("dermfed.client")
 
 SNAPSHOTS_KEPT = 3
 ROUND_LOCK = "round.lock"
+ROUNDING_STREAM = 50_000  # without DP, a compressed update's rounding draws from seed, this, site, round
 
 
 @contextlib.contextmanager
@@ -318,6 +320,7 @@ class SiteRunner:
             lesion = group_epsilon(self.state.accountant, result.privacy.delta, 2)
             log.info("%s: epsilon %.4g per image, %.4g for a lesion of 2 images (delta %g)", self.data.name,
                      result.privacy.epsilon, lesion, result.privacy.delta)
+        sent = self._compressed(round_number, shared) if self.config.federation.compression != "none" else None
         blob = site_snapshot(round_number, self.state, private_state(self.model, self.scope))
         atomic_write_bytes(self.snapshot_path(round_number), blob)
         for old in sorted(self.state_dir.glob("round-*.pt"))[:-SNAPSHOTS_KEPT]:
@@ -333,7 +336,18 @@ class SiteRunner:
         }
         privacy = {"epsilon": result.privacy.epsilon, "delta": result.privacy.delta} if result.privacy else {}
         metrics = reply_metrics(self.config, training, privacy, self.data.index, self.public_weight)
-        return RoundOutput(shared_state(self.model, self.scope), metrics, blob)
+        return RoundOutput(sent if sent is not None else shared_state(self.model, self.scope), metrics, blob)
+
+    def _compressed(self, round_number: int, received: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The round's update (local - received weights, plus the kept residual) as `federation.compression` encodes
+        it; the new residual goes into the site state (saved with the snapshot, never sent). Called after training:
+        under DP on the noised weights (post-processing), rounded with a secret generator nobody can replay."""
+        generator = secret_generator("cpu") if self.config.dp.enabled else \
+            seeded_generator(self.config.seed, ROUNDING_STREAM, self.data.index, round_number)
+        payload, self.state.residual = compress_update(shared_state(self.model, self.scope), received,
+                                                       self.state.residual, self.config.federation.compression,
+                                                       generator)
+        return payload
 
     @torch.no_grad()
     def evaluate(self, shared: Mapping[str, torch.Tensor]) -> dict[str, float]:

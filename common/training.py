@@ -63,6 +63,7 @@ class SiteState:
     accountant: Optional[dict[str, Any]] = None
     noise_multiplier: Optional[float] = None
     scaler: Optional[dict[str, Any]] = None  # float16 GradScaler state (CUDA without bfloat16 only)
+    residual: Optional[dict[str, torch.Tensor]] = None  # compressed updates: what earlier rounds did not send
 
 
 @dataclass

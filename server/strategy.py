@@ -6,7 +6,9 @@ The configured strategy's registry entry (`common/strategies/`) names a class of
 `RobustAggregation` is mixed into it (FedAvg, FedProx, FedAdam, FedMedian, ...): before Flower
 aggregates a round, it drops replies that are errors, missing (timed out), or unsound (NaN/Inf,
 wrong keys or shapes, no positive example count), records who was left out and why, and
-refuses the round when fewer than `federation.min_clients` remain. It also numbers rounds
+refuses the round when fewer than `federation.min_clients` remain. With `federation.compression`,
+each reply's update is decoded onto the global weights sent that round first, so every check and
+Flower's aggregation see float32 weights (`common.compression`). It also numbers rounds
 from the resume point, so a resumed run continues round numbers, schedules and FedAdam's
 bias correction where the interrupted run stopped.
 """
@@ -16,10 +18,11 @@ from __future__ import annotations
 from typing import Any, Iterable, Optional
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flower_strategies
 
+from common.compression import CompressionError, apply_update
 from common.config import DermFedConfig
 from common.strategies import strategy_named
 from common.reply_signature import RECORD_KEY, ForgedReply, reply_digest, verify_reply
@@ -48,6 +51,7 @@ class RobustAggregation:
     round_offset: int
     site_names: dict[int, str]
     registry: Optional[SiteRegistry]
+    compression: str = "none"  # federation.compression: replies carry an encoded update, decoded in `screen`
 
     def attach(self, recorder: RunRecorder, expected: dict[str, tuple[int, ...]], min_clients: int,
                round_offset: int = 0, site_names: Optional[dict[int, str]] = None,
@@ -56,6 +60,7 @@ class RobustAggregation:
         self.round_offset, self.site_names, self.registry = round_offset, dict(site_names or {}), registry
         self._sent: list[int] = []
         self._seen: dict[int, str] = {}  # node id -> the label of its last sound reply
+        self._broadcast: dict[str, np.ndarray] = {}  # this round's global weights, when replies are compressed
 
     def site_label(self, index: Optional[float], node_id: int) -> str:
         if self.registry is not None:
@@ -98,6 +103,7 @@ class RobustAggregation:
         messages = self._to_registered(list(super().configure_train(real_round, arrays, config, grid)),  # type: ignore[misc]
                                        record)
         self._sent = [m.metadata.dst_node_id for m in messages]
+        self._broadcast = {k: v.numpy() for k, v in arrays.items()} if self.compression != "none" else {}
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -116,13 +122,16 @@ class RobustAggregation:
                 record.excluded.append({"site": self.silent_label(node), "node": node,
                                         "reason": f"client error: {message.error.reason}"})
                 continue
-            reason, metrics, index = self._check(message)
+            reason, metrics, index, arrays = self._check(message)
             label = self.site_label(index, node)
             if self.registry is not None:
                 reason = self.sender_problem(message, self.round_offset + server_round) or reason
             if reason:
                 record.excluded.append({"site": label, "node": node, "reason": reason})
                 continue
+            if self.compression != "none":  # from here on (aggregation, monitors) the reply holds float32 weights
+                message.content[next(iter(message.content.array_records))] = ArrayRecord(
+                    {k: Array(v) for k, v in arrays.items()})
             record.sites.append({"site": label, "node": node, **metrics})
             self._seen[node] = label
             good.append((self.site_order(index, node), node, message))
@@ -153,14 +162,20 @@ class RobustAggregation:
             return f"forged or altered reply: {exc}"
         return None
 
-    def _check(self, message: Message) -> tuple[Optional[str], dict[str, Any], Optional[float]]:
+    def _check(self, message: Message) -> tuple[Optional[str], dict[str, Any], Optional[float], dict[str, np.ndarray]]:
+        """Why the reply must be left out (or None), its metrics, its site index, and its (decoded) weights."""
         content = message.content
         if len(content.array_records) != 1 or len(content.metric_records) != 1:
-            return "reply must hold exactly one ArrayRecord and one MetricRecord", {}, None
+            return "reply must hold exactly one ArrayRecord and one MetricRecord", {}, None, {}
         metrics = {k: float(v) for k, v in next(iter(content.metric_records.values())).items()
                    if isinstance(v, (int, float))}
         arrays = {k: v.numpy() for k, v in next(iter(content.array_records.values())).items()}
-        return screen_update(arrays, self.expected, metrics), metrics, metrics.get("site-index")
+        if self.compression != "none":
+            try:
+                arrays = apply_update(self._broadcast, arrays, self.compression)
+            except CompressionError as exc:
+                return f"undecodable {self.compression} update: {exc}", metrics, metrics.get("site-index"), {}
+        return screen_update(arrays, self.expected, metrics), metrics, metrics.get("site-index"), arrays
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
         good = self.screen(server_round, replies)
@@ -210,4 +225,6 @@ def build_strategy(config: DermFedConfig) -> RobustAggregation:
     )
     kwargs.update(entry.server_kwargs(config))
     cls = type(f"Robust{base.__name__}", (RobustAggregation, base), {})
-    return cls(**kwargs)
+    strategy = cls(**kwargs)
+    strategy.compression = fed.compression
+    return strategy

@@ -37,14 +37,18 @@ def test_faulty_hospitals_inside_a_running_federation_are_left_out_of_fedavg_and
     """Four hospitals: the fourth sends NaN weights from round 1; in round 3 the second fails with an error whose
     text names one of its image files and the third never answers. The run finishes; each faulty hospital is
     recorded, by name (learnt from its earlier replies), with its reason; the global weights are FedAvg of the
-    healthy updates only; no file name reaches the server's history."""
+    healthy updates only; no file name reaches the server's history. The hospitals send int8-compressed updates
+    (`federation.compression=int8`): the NaN hospital's scales are NaN, and the server decodes before it checks
+    and averages."""
     from client.site import SiteRunner, simulation_site_data
+    from common.compression import apply_update
     from server.federation import initial_shared_weights
 
     from simulations.runner import resume_config
 
     config = load_config("smoke", [f"data.root={tmp_path / 'data'}", f"data.cache_dir={tmp_path / 'cache'}",
-                                   "synth.num_sites=4", "federation.num_rounds=3", "federation.min_clients=1"])
+                                   "synth.num_sites=4", "federation.num_rounds=3", "federation.min_clients=1",
+                                   "federation.compression=int8"])
     faults = "3:nan:1,1:raise:3,2:hang:3"
     run = run_simulation(config, tmp_path / "run", stop_after_round=1, fault_injection=faults)  # nobody hangs yet
     # The hung hospital is left out when federation.round_timeout expires: derived from round 1 as measured on this
@@ -72,7 +76,10 @@ def test_faulty_hospitals_inside_a_running_federation_are_left_out_of_fedavg_and
     for round_number in (1, 2, 3):
         outputs = [runners[i].train_round(round_number, weights) for i in healthy[round_number]]
         total = sum(o.metrics["num-examples"] for o in outputs)
-        weights = {k: sum(o.shared[k] * (o.metrics["num-examples"] / total) for o in outputs) for k in weights}
+        sent = {k: v.numpy() for k, v in weights.items()}
+        decoded = [apply_update(sent, o.shared, "int8") for o in outputs]
+        weights = {k: sum(torch.from_numpy(d[k]) * (o.metrics["num-examples"] / total) for d, o in zip(decoded, outputs))
+                   for k in weights}
     final = load_checkpoint(run)["extra"]["shared"]
     assert all(torch.allclose(final[k], weights[k].to(final[k].dtype), atol=1e-5) for k in final)
 

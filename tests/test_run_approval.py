@@ -136,6 +136,8 @@ def test_a_signed_run_this_hospital_must_not_run_is_refused(hospital, case, chan
     ("an extra instruction key", {"instruction": {"learning-rate": 1.0}}, "keys the signed run does not cover"),
     ("a round beyond the signed ones", {"instruction": {"server-round": 99}}, "outside the signed run's rounds"),
     ("a proximal term not signed", {"instruction": {"proximal-mu": 0.5}}, "proximal-mu"),
+    ("a compression in the instruction", {"instruction": {"compression": "none"}},  # only the signed config's counts
+     r"keys the signed run does not cover: \['compression'\]"),
 ])
 def test_a_task_that_is_not_the_signed_run_is_refused(hospital, case, task, expected):
     with pytest.raises(UntrustedApp, match=expected):

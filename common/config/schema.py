@@ -301,6 +301,9 @@ class FederationConfig(_Section):
     min_clients: int = Field(2, ge=1, description="fewest valid updates a round may aggregate")
     round_timeout: float = Field(3600.0, gt=0.0, description="seconds to wait for a round's replies")
     initial_checkpoint: Optional[str] = Field(None, description="start from this checkpoint's weights")
+    compression: Literal["none", "fp16", "int8"] = Field("none", description=(
+        "what a site sends: its weights (none), or its update relative to the received global weights, "
+        "quantised per output channel with stochastic rounding and error feedback (fp16, int8: common/compression.py)"))
     monitor: Literal["none", "reconstruction", "linear-probe"] = Field(
         "none", description="per-round server-side check of the global model (reconstruction needs share=all and an "
         "objective that supports it)")
