@@ -217,10 +217,11 @@ def claim_out(folder: Path, kind: str, force: bool = False, option: str = "--out
 
 # What a resumed run may not change: the data, the split, the objective and the model's shapes (the objective
 # names its own: `Objective.locked`), what is shared and how it is aggregated, whether and how privacy is
-# accounted. Everything else (rounds, schedules, timeouts, monitor, ...) may change, and is recorded as a new
+# accounted, and the warm start (its images are in the record evaluation's leak check reads, which a resumed run
+# makes again from its config). Everything else (rounds, schedules, timeouts, monitor, ...) may change, and is recorded as a new
 # revision of the run's config.
 LOCKED_KEYS = ("seed", "data.", "synth.", "model.objective", "model.encoder", "model.drop_path_rate", "federation.share",
-               "federation.strategy", "dp.enabled", "dp.accountant", "dp.delta")
+               "federation.strategy", "federation.initial_checkpoint", "dp.enabled", "dp.accountant", "dp.delta")
 FREE_KEYS = ("data.cache_dir", "data.use_cache", "output_dir", "run_name")
 
 
