@@ -26,7 +26,7 @@ from common import flower_keys as keys
 from common.config import ConfigPerRun
 from common.data.pipeline import ensure_data, prepare_data
 from server.deploy.registry import SiteRegistry
-from server.federation import federated_pretraining_images, plan_run
+from server.federation import ResumeError, federated_pretraining_images, plan_run
 from server.monitor import Monitor
 from server.rounds import RoundFailed, RunRecorder, write_run_status
 from server.strategy import build_strategy
@@ -51,6 +51,8 @@ def main(grid: Grid, context: Context) -> None:
             prepared = prepare_data(config)
         else:
             prepared = None
+    except ResumeError:
+        raise  # the folder was refused as it is: nothing is written into it, not even a status
     except Exception as exc:
         write_run_status(run_dir, "failed", 0, f"{type(exc).__name__}: {exc}")
         raise

@@ -435,3 +435,21 @@ def test_resume_cannot_drop_or_swap_the_warm_start(tmp_path, monkeypatch, capsys
         code, _, err = _run(capsys, "simulate", "--resume", str(run), change)
         assert code == 2 and "cannot change federation.initial_checkpoint" in err, err
     assert not launches.calls
+
+
+@pytest.mark.parametrize("holding", ["a finished simulation", "a simulation with a round done", "a pretrain run"])
+def test_the_server_app_never_starts_a_new_run_over_one_it_would_overwrite(holding, tmp_path):
+    """`flwr run` straight into a run folder (no `dermfed` in front, resume=false): the ServerApp's own plan refuses a
+    folder holding a completed round or another kind's run, before round 1 rotates its checkpoints away and rewrites
+    its history under a config.yaml that no longer describes them."""
+    from server.federation import ResumeError, plan_run
+
+    run = tmp_path / "run"
+    if holding == "a pretrain run":
+        _pretrain_run(run)
+    else:
+        _simulation_run(run, 3 if holding == "a finished simulation" else 1, "federation.num_rounds=3")
+    before = _tree(run)
+    with pytest.raises(ResumeError, match="holds"):
+        plan_run(load_config("smoke", ["data.root=/nonexistent/data", "seed=5"]), run, False)
+    assert _tree(run) == before
