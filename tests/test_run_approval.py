@@ -268,3 +268,14 @@ def test_a_signed_run_identifier_cannot_carry_another_manifest_mid_way(hospital)
     with pytest.raises(UntrustedApp, match=r"another manifest"):
         approve_task(*_task_of(hospital, other, round_number=2, flower_run_id=7), BUNDLE, hospital)
     assert "train-2" not in json.loads(hospital.accepted_runs.read_text())["e" * 32]["tasks"]
+
+
+def test_a_signed_proximal_term_too_large_to_train_with_is_refused_before_any_training(hospital):
+    """mu = 1e39 is a finite float64, so the config took it, but in float32 the proximal gradient is inf * 0 = NaN
+    at the first step: a DP site would reserve a round's budget, diverge and send nothing. Refused at approval."""
+    valid = _manifest(["federation.strategy=fedprox"], run="f" * 32)
+    config = json.loads(json.dumps(valid.dermfed_config))
+    config["federation"]["proximal_mu"] = 1e39
+    manifest = RunManifest(**{**valid.__dict__, "dermfed_config": config})
+    with pytest.raises(UntrustedApp, match="proximal_mu"):
+        approve_task(*_task(hospital, manifest, instruction={"proximal-mu": 1e39}), BUNDLE, hospital)
