@@ -270,6 +270,20 @@ def locked_changes(folder: Path, config: "DermFedConfig") -> dict[str, tuple[Any
             if value != original.get(key) and key.startswith(locked) and not key.startswith(FREE_KEYS)}
 
 
+def locked_fingerprint(config: "DermFedConfig") -> str:
+    """A digest of `config`'s locked settings: a site's saved state (optimizer, private weights) continues only a run
+    with the same ones (`client.site`), whatever run the coordinator says it continues."""
+    import hashlib
+
+    from common.config import flatten_config
+    from common.objectives import locked_keys
+
+    locked = LOCKED_KEYS + locked_keys(config.model)
+    values = {key: value for key, value in flatten_config(config).items()
+              if key.startswith(locked) and not key.startswith(FREE_KEYS)}
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def check_resume(folder: Path, config: "DermFedConfig", option: str = "--resume") -> int:
     """Whether `config` may continue the run in `folder`: a resumable simulation run, rounds left, no locked key
     changed. Returns the completed rounds; raises RunFolderError naming what is wrong. Reads only."""
