@@ -46,6 +46,7 @@ from common.data.partition import partition_catalog
 from common.data.pipeline import PreparedData, ensure_cache, prepare_data
 from common.model import build_model, load_partial_state, private_state, shared_keys, shared_state
 from common.run_files import atomic_write_bytes
+from common.run_folder import locked_fingerprint
 from common.serialization import read_site_snapshot, site_snapshot
 from common.strategies import client_hooks
 from common.compression import compress_update, seeded_generator
@@ -215,6 +216,7 @@ class SiteRunner:
         self.floor = floor.stricter(self.ledger.floor())
         config = self.floor.apply(config)  # refuses a coordinator that asks for less privacy than the site allows
         self.config, self.data, self.state_dir = config, data, Path(state_dir)
+        self.made_with = locked_fingerprint(config)  # a saved state continues only a run with these locked settings
         self.public_weight = float(public_count or 1)
         seed_everything(config.seed, 30_000, data.index)
         self.model = build_model(config.model, config.data.image_size)
@@ -261,11 +263,16 @@ class SiteRunner:
             if blob is None or previous == 0:
                 continue
             try:
-                stored_round, state, private = read_site_snapshot(blob)
+                stored_round, state, private, made_with = read_site_snapshot(blob)
             except Exception as exc:  # noqa: BLE001 - a torn or foreign file: never silently replaced by a fresh state
                 raise SiteStateCorrupt(f"{self.data.name}: the saved state of round {previous} in {where} is unreadable "
                                        f"({type(exc).__name__}); restore it, or move it aside to restart this site "
                                        "from scratch") from None
+            if made_with and made_with != self.made_with:  # another run's, with other locked settings (no DP, ...)
+                log.warning("%s: the saved state of round %d in %s was made with other locked settings (dp.enabled, "
+                            "federation.share, model, data, ...); this run does not continue it", self.data.name,
+                            previous, where)
+                continue
             if stored_round == previous:
                 load_partial_state(self.model, private)
                 self.state, self.round = state, previous
@@ -321,7 +328,7 @@ class SiteRunner:
             log.info("%s: epsilon %.4g per image, %.4g for a lesion of 2 images (delta %g)", self.data.name,
                      result.privacy.epsilon, lesion, result.privacy.delta)
         sent = self._compressed(round_number, shared) if self.config.federation.compression != "none" else None
-        blob = site_snapshot(round_number, self.state, private_state(self.model, self.scope))
+        blob = site_snapshot(round_number, self.state, private_state(self.model, self.scope), self.made_with)
         atomic_write_bytes(self.snapshot_path(round_number), blob)
         for old in sorted(self.state_dir.glob("round-*.pt"))[:-SNAPSHOTS_KEPT]:
             old.unlink(missing_ok=True)

@@ -221,10 +221,11 @@ def claim_out(folder: Path, kind: str, force: bool = False, option: str = "--out
 
 # What a resumed run may not change: the data, the split, the objective and the model's shapes (the objective
 # names its own: `Objective.locked`), what is shared and how it is aggregated, whether and how privacy is
-# accounted. Everything else (rounds, schedules, timeouts, monitor, ...) may change, and is recorded as a new
+# accounted, and the warm start (its images are in the record evaluation's leak check reads, which a resumed run
+# makes again from its config). Everything else (rounds, schedules, timeouts, monitor, ...) may change, and is recorded as a new
 # revision of the run's config.
 LOCKED_KEYS = ("seed", "data.", "synth.", "model.objective", "model.encoder", "model.drop_path_rate", "federation.share",
-               "federation.strategy", "dp.enabled", "dp.accountant", "dp.delta")
+               "federation.strategy", "federation.initial_checkpoint", "dp.enabled", "dp.accountant", "dp.delta")
 FREE_KEYS = ("data.cache_dir", "data.use_cache", "output_dir", "run_name")
 
 
@@ -271,6 +272,20 @@ def locked_changes(folder: Path, config: "DermFedConfig") -> dict[str, tuple[Any
     locked = LOCKED_KEYS + locked_keys(config.model)
     return {key: (original.get(key), value) for key, value in flatten_config(config).items()
             if value != original.get(key) and key.startswith(locked) and not key.startswith(FREE_KEYS)}
+
+
+def locked_fingerprint(config: "DermFedConfig") -> str:
+    """A digest of `config`'s locked settings: a site's saved state (optimizer, private weights) continues only a run
+    with the same ones (`client.site`), whatever run the coordinator says it continues."""
+    import hashlib
+
+    from common.config import flatten_config
+    from common.objectives import locked_keys
+
+    locked = LOCKED_KEYS + locked_keys(config.model)
+    values = {key: value for key, value in flatten_config(config).items()
+              if key.startswith(locked) and not key.startswith(FREE_KEYS)}
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def check_resume(folder: Path, config: "DermFedConfig", option: str = "--resume") -> int:

@@ -249,8 +249,9 @@ class RunLedger:
 
     Every task starts a new ClientApp process that checks the manifest again: the same identifier with
     the same Flower run id continues that run until `run_deadline`; the same identifier with another run
-    id is a replay and refused, and so is another identifier with a Flower run id already bound (a run
-    keeps the one config it started with, across the processes of its rounds). A task is `started` when admitted and `answered` once its reply exists
+    id is a replay and refused, and so is another identifier with a Flower run id already bound, or the same
+    identifier with another manifest (the operator chooses the identifier it signs): a run keeps the one config it
+    started with, across the processes of its rounds. A task is `started` when admitted and `answered` once its reply exists
     (`answered`); a task already answered is refused, and one that started without an answer (the
     process died) may be tried once more (`retried`), never again.
     """
@@ -279,6 +280,7 @@ class RunLedger:
               now: Optional[float] = None) -> None:
         now = time.time() if now is None else now
         task = self.task_name(kind, round_number)
+        digest = hashlib.sha256(manifest.encode()).hexdigest()
         with self._locked() as entries:
             known = entries.get(manifest.run)
             if known is None:
@@ -290,10 +292,14 @@ class RunLedger:
                     raise UntrustedApp(f"the run manifest expired at {_utc(manifest.expires)} (now {_utc(now)}); the "
                                        "operator signs a new one")
                 known = entries[manifest.run] = {"flower_run_id": int(flower_run_id), "accepted": _utc(now),
-                                                 "bundle_sha256": manifest.bundle_sha256}
+                                                 "bundle_sha256": manifest.bundle_sha256, "manifest_sha256": digest}
             elif int(known["flower_run_id"]) != int(flower_run_id):
                 raise UntrustedApp(f"the run identifier {manifest.run} was used before at this hospital (Flower "
                                    f"run {known['flower_run_id']}); a signed run is accepted once")
+            elif known.setdefault("manifest_sha256", digest) != digest:  # the operator chooses the identifier it signs
+                raise UntrustedApp(f"the run identifier {manifest.run} came with another manifest (sha256 "
+                                   f"{known['manifest_sha256']}) when this hospital accepted it; a run keeps the one "
+                                   f"signed config it started with, and this manifest ({digest}) is not it")
             if now >= run_deadline(manifest):
                 raise UntrustedApp(f"the signed run ended at {_utc(run_deadline(manifest))} (its expiry plus "
                                    f"num_rounds x 2 x round_timeout; now {_utc(now)}); the operator signs a new one")

@@ -26,12 +26,14 @@ def from_bytes(blob: bytes) -> Any:
     return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
 
 
-def site_snapshot(round_number: int, state: SiteState, private: Mapping[str, torch.Tensor]) -> bytes:
-    """One round's site state and private weights, as bytes."""
-    return to_bytes({"round": round_number, "state": asdict(state),
+def site_snapshot(round_number: int, state: SiteState, private: Mapping[str, torch.Tensor], made_with: str = "") -> bytes:
+    """One round's site state and private weights, as bytes; `made_with`: what settings made them (a digest)."""
+    return to_bytes({"round": round_number, "state": asdict(state), "made_with": made_with,
                      "private": {k: v.detach().cpu() for k, v in private.items()}})
 
 
-def read_site_snapshot(blob: bytes) -> tuple[int, SiteState, dict[str, torch.Tensor]]:
+def read_site_snapshot(blob: bytes) -> tuple[int, SiteState, dict[str, torch.Tensor], str]:
+    """(round, state, private weights, made_with: "" in snapshots written before it was recorded)."""
     payload = from_bytes(blob)
-    return int(payload["round"]), SiteState(**payload["state"]), dict(payload["private"])
+    return (int(payload["round"]), SiteState(**payload["state"]), dict(payload["private"]),
+            str(payload.get("made_with", "")))

@@ -17,7 +17,7 @@ from common.config import DermFedConfig
 from common.data.pipeline import PreparedData
 from common.model import ENCODER_PREFIX, build_model, shared_state
 from common.pretraining import pretraining_record, warm_start_stage, with_warm_start
-from common.run_folder import RunFolderError, check_resume
+from common.run_folder import SIMULATE, RunFolderError, check_resume, completed_rounds_or_none, refusal, run_kind
 from common.training import seed_everything
 from server.rounds import load_resume_point
 
@@ -67,8 +67,14 @@ def initial_shared_weights(config: DermFedConfig) -> dict[str, torch.Tensor]:
 
 
 def plan_run(config: DermFedConfig, run_dir: Path, resume: bool) -> RunPlan:
+    """Where the run starts. A new run never starts over a folder holding a completed round or another kind's run
+    (a `flwr run` without `dermfed` in front: nothing else checked the folder); a folder `dermfed simulate` prepared
+    for it holds no round yet."""
     total = config.federation.num_rounds
     if not resume:
+        found = run_kind(run_dir)
+        if found is not None and (found[0] != SIMULATE or completed_rounds_or_none(run_dir) != 0):
+            raise ResumeError(refusal(run_dir, SIMULATE, option="run-dir", remedy="give another run-dir"))
         return RunPlan(config, run_dir, 0, total, initial_shared_weights(config))
     try:  # the same check `dermfed simulate --resume` and `dermfed deploy run` made before starting anything
         check_resume(run_dir, config, option="resume")

@@ -28,7 +28,7 @@ from common.config import ConfigPerRun
 from common.data.pipeline import ensure_data, prepare_data
 from common.run_folder import STATUS_NAME
 from server.deploy.registry import SiteRegistry
-from server.federation import check_federation_size, federated_pretraining_images, plan_run
+from server.federation import ResumeError, check_federation_size, federated_pretraining_images, plan_run
 from server.monitor import Monitor
 from server.rounds import RoundFailed, RunRecorder, write_run_status
 from server.strategy import build_strategy
@@ -55,6 +55,10 @@ def main(grid: Grid, context: Context) -> None:
             hospitals = check_federation_size(config, prepared, len(list(grid.get_node_ids())))
         else:
             prepared, hospitals = None, []
+    except ResumeError as exc:  # the folder was refused as it is: nothing is written into it, not even a status
+        print(f"federated pretraining REFUSED: {exc} (nothing was written into {run_dir.resolve()}; `flwr run` "
+              "exits 0 all the same)", flush=True)
+        raise
     except Exception as exc:
         write_run_status(run_dir, "failed", 0, f"{type(exc).__name__}: {exc}")
         _say_failed(run_dir, 0, exc)

@@ -131,3 +131,17 @@ def test_a_wrong_data_format_at_a_hospital_is_a_clear_error(tmp_path):
 
     with pytest.raises(ConfigError, match="folder"):
         deployment_site_data(load_config("smoke"), {"data-root": str(tmp_path), "data-format": "dicom"})
+
+
+def test_another_runs_site_state_is_never_continued_under_other_locked_settings(synthetic_root, tmp_path):
+    """A signed run may start at any of its rounds, and a site restores the state of the round before (its context,
+    which Flower 1.42 keeps per run series, or its state folder). Run A: no DP, the decoder private; run B, signed by
+    the same coordinator: DP, the whole model shared, starting at round 2. B's DP release must not continue A's
+    optimizer (moments of un-noised gradients) or step: the site starts B afresh. A real resume (same locked
+    settings) still continues (test_a_restarted_site_continues_exactly_from_its_snapshot)."""
+    plain = _config(synthetic_root, tmp_path, "train.max_steps=1")
+    SiteRunner(plain, simulation_site_data(plain, 0, 3), tmp_path / "state").train_round(1, _global_weights(plain))
+    private = _config(synthetic_root, tmp_path, "federation.share=all", "dp.enabled=true", "dp.noise_multiplier=1.0")
+    runner = SiteRunner(private, simulation_site_data(private, 0, 3), tmp_path / "state")
+    result = runner.train_round(2, _global_weights(private))
+    assert runner.state.step == int(result.metrics.get("steps", runner.trainer.steps_per_call())), runner.state.step

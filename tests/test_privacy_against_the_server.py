@@ -613,3 +613,20 @@ def test_fedprox_pulls_every_shared_parameter_under_dp():
     assert len(reference) > 100
     pulled = [name for name, anchor in reference.items() if float((params[name] - anchor).abs().max()) < 1.0]
     assert len(pulled) == len(reference), f"{len(reference) - len(pulled)} tensors were not pulled toward the global model"
+
+
+def test_a_run_config_the_site_could_not_read_stays_refused_for_the_run():
+    """README: a config the site refused stays refused for the whole run. One that did not even parse too: the
+    coordinator may not try config after config within one run until one passes (a new run may bring a new one)."""
+    import base64
+
+    from common.config import ConfigPerRun, load_config
+    from tests.flower_helpers import run_config_of
+
+    per_run = ConfigPerRun()
+    unreadable = {"dermfed-config": base64.urlsafe_b64encode(b'{"dp": {"enabled": "maybe"}}').decode()}
+    good = run_config_of(load_config("smoke"))
+    for run_config in (unreadable, good):
+        with pytest.raises(ConfigError, match="dp.enabled"):
+            per_run(5, run_config)
+    assert per_run(6, good).dp.enabled is False

@@ -257,3 +257,27 @@ def test_a_second_signed_run_cannot_take_over_a_flower_run_mid_way(hospital):
     with pytest.raises(UntrustedApp, match=r"Flower run 7 already runs the signed run c{32}"):
         approve_task(*_task_of(hospital, other, round_number=2, flower_run_id=7), BUNDLE, hospital)
     assert "d" * 32 not in json.loads(hospital.accepted_runs.read_text())
+
+
+def test_a_signed_run_identifier_cannot_carry_another_manifest_mid_way(hospital):
+    """The operator chooses the run identifier it signs: round 2 of Flower run 7 under a second manifest that reuses
+    round 1's identifier, with another config (batch size, split, seed, more rounds), is refused: a run identifier
+    stands for the one manifest the hospital first accepted under it."""
+    first = _manifest(run="e" * 32)
+    approve_task(*_task(hospital, first, flower_run_id=7), BUNDLE, hospital)
+    other = _manifest(["train.batch_size=4", "data.val_fraction=0.4", "seed=99", "federation.num_rounds=50"],
+                      run="e" * 32)
+    with pytest.raises(UntrustedApp, match=r"another manifest"):
+        approve_task(*_task_of(hospital, other, round_number=2, flower_run_id=7), BUNDLE, hospital)
+    assert "train-2" not in json.loads(hospital.accepted_runs.read_text())["e" * 32]["tasks"]
+
+
+def test_a_signed_proximal_term_too_large_to_train_with_is_refused_before_any_training(hospital):
+    """mu = 1e39 is a finite float64, so the config took it, but in float32 the proximal gradient is inf * 0 = NaN
+    at the first step: a DP site would reserve a round's budget, diverge and send nothing. Refused at approval."""
+    valid = _manifest(["federation.strategy=fedprox"], run="f" * 32)
+    config = json.loads(json.dumps(valid.dermfed_config))
+    config["federation"]["proximal_mu"] = 1e39
+    manifest = RunManifest(**{**valid.__dict__, "dermfed_config": config})
+    with pytest.raises(UntrustedApp, match="proximal_mu"):
+        approve_task(*_task(hospital, manifest, instruction={"proximal-mu": 1e39}), BUNDLE, hospital)

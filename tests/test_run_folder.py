@@ -422,3 +422,34 @@ def test_force_never_moves_a_live_run_and_moves_nothing_when_the_command_is_refu
         assert code == 2 and "in use by a live run" in err
         assert run.is_dir() and not list(tmp_path.glob("run.old-*"))
     assert not launches.calls
+
+
+def test_resume_cannot_drop_or_swap_the_warm_start(tmp_path, monkeypatch, capsys):
+    """A warm-started run records the warm start's images for evaluation's leak check; that record is made again from
+    the resumed config, so a resume that drops `federation.initial_checkpoint` (or names another) would leave a
+    checkpoint that hides what its encoder saw. Refused, as a locked key, before anything starts."""
+    launches = Launches(monkeypatch)
+    warm = _pretrain_run(tmp_path / "warm") / CHECKPOINT_NAME
+    run = _simulation_run(tmp_path / "run", 1, f"federation.initial_checkpoint={warm}")
+    for change in ("federation.initial_checkpoint=null", f"federation.initial_checkpoint={tmp_path / 'other.pt'}"):
+        code, _, err = _run(capsys, "simulate", "--resume", str(run), change)
+        assert code == 2 and "cannot change federation.initial_checkpoint" in err, err
+    assert not launches.calls
+
+
+@pytest.mark.parametrize("holding", ["a finished simulation", "a simulation with a round done", "a pretrain run"])
+def test_the_server_app_never_starts_a_new_run_over_one_it_would_overwrite(holding, tmp_path):
+    """`flwr run` straight into a run folder (no `dermfed` in front, resume=false): the ServerApp's own plan refuses a
+    folder holding a completed round or another kind's run, before round 1 rotates its checkpoints away and rewrites
+    its history under a config.yaml that no longer describes them."""
+    from server.federation import ResumeError, plan_run
+
+    run = tmp_path / "run"
+    if holding == "a pretrain run":
+        _pretrain_run(run)
+    else:
+        _simulation_run(run, 3 if holding == "a finished simulation" else 1, "federation.num_rounds=3")
+    before = _tree(run)
+    with pytest.raises(ResumeError, match="holds"):
+        plan_run(load_config("smoke", ["data.root=/nonexistent/data", "seed=5"]), run, False)
+    assert _tree(run) == before

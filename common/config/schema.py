@@ -288,7 +288,9 @@ class FederationConfig(_Section):
 
     num_rounds: int = Field(3, ge=1)
     strategy: str = Field("fedavg", description="a registered aggregation strategy (common/strategies/)")
-    proximal_mu: float = Field(0.01, ge=0.0, description="fedprox: weight of (mu/2)||w - w_global||^2")
+    proximal_mu: float = Field(0.01, ge=0.0, le=1e4, description=(
+        "fedprox: weight of (mu/2)||w - w_global||^2; at most 1e4, which already pins the weights to the global ones "
+        "(a mu past float32's range makes the first step NaN at every site)"))
     server_lr: float = Field(0.01, gt=0.0, description="fedadam: server learning rate (eta)")
     server_beta_1: float = Field(0.9, ge=0.0, lt=1.0)
     server_beta_2: float = Field(0.99, ge=0.0, lt=1.0)

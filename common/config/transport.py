@@ -141,15 +141,22 @@ def anchored_at(config: DermFedConfig, folder: Path) -> DermFedConfig:
 class ConfigPerRun:
     """A process's configs by Flower run id: each run's is parsed once, from the first run config this process
     sees for it, and is the run's for as long as the process lives, whatever a later message or run config of the
-    same run says (the coordinator may not change a run's config once a site has it)."""
+    same run says (the coordinator may not change a run's config once a site has it). A first run config that cannot
+    be read stays the run's too: its ConfigError is raised again, whatever a later run config of the run says."""
 
     def __init__(self) -> None:
-        self._by_run: dict[int, DermFedConfig] = {}
+        self._by_run: dict[int, DermFedConfig | ConfigError] = {}
 
     def __call__(self, run_id: int, run_config: Mapping[str, Any]) -> DermFedConfig:
         if run_id not in self._by_run:
-            self._by_run[run_id] = config_of_run(run_config)
-        return self._by_run[run_id]
+            try:
+                self._by_run[run_id] = config_of_run(run_config)
+            except ConfigError as exc:
+                self._by_run[run_id] = exc
+        kept = self._by_run[run_id]
+        if isinstance(kept, ConfigError):
+            raise ConfigError(str(kept))
+        return kept
 
     def clear(self) -> None:
         self._by_run.clear()
