@@ -17,7 +17,7 @@ from common.config import load_config
 from common.model import build_model, shared_state
 from server.rounds import RunRecorder
 from server.strategy import build_strategy
-from tests.flower_helpers import reply, run_config_of, train_message
+from tests.flower_helpers import reply, run_config_of, set_identity, train_message
 
 
 def _config(root, tmp_path, *overrides):
@@ -99,6 +99,7 @@ class _Grid:
 
 
 def test_the_server_decodes_every_reply_before_the_checks_and_fedavg(tmp_path):
+    set_identity()  # the server's own messages carry its run and node (in a ServerApp process Flower sets them)
     config = load_config("smoke", ["federation.compression=int8", "federation.min_clients=2"])
     expected = {"encoder.w": (4, 6), "encoder.b": (6,)}
     global_weights = {"encoder.w": torch.randn(4, 6), "encoder.b": torch.randn(6)}
