@@ -22,6 +22,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional
@@ -41,7 +42,7 @@ PREVIOUS_NAME = "checkpoint.prev.pt"  # the round (epoch) before: a torn latest 
 HISTORY_NAME = "history.json"
 HISTORY_CSV_NAME = "history.csv"
 STATUS_NAME = "run-status.json"  # a federated run's state (running, finished, stopped, failed), for the CLI
-LOCK_NAME = ".run.lock"  # held while a simulation uses the folder
+LOCK_NAME = ".run.lock"  # held while a run uses the folder (`RunFolderLock`)
 FLOWER_HOME_NAME = ".flower"  # a simulation's private SuperLink home
 SITES_NAME = "sites"  # simulated hospitals' state folders
 SIMULATED_NODES_NAME = "simulated-node-configs.json"
@@ -149,6 +150,53 @@ def is_complete(folder: Path) -> bool:
     return (folder / SUMMARY_NAME).is_file()
 
 
+# -- the lock of a live run ----------------------------------------------------------------------------------------
+
+
+class RunFolderLock:
+    """An exclusive lock on a run folder for as long as a run uses it (flock on `.run.lock`, released by the kernel
+    when its holder dies). `dermfed simulate` holds it for a simulation (its guard process inherits it); the
+    ServerApp of a real federation holds it for a deployed run. While it is held, no other run starts or resumes
+    there, `--force` does not move the folder aside, and `deploy run` submits nothing for it."""
+
+    def __init__(self, folder: Path, holder: str):
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / LOCK_NAME
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise RunFolderError(f"{folder} is in use by a live run ({_holder(self.path)}); wait for it to end or stop "
+                                 "it (Ctrl-C or kill PID) before starting or resuming a run there") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{holder}, pid {os.getpid()}".encode())
+
+    def release(self) -> None:
+        os.close(self.fd)
+
+
+def _holder(lock_path: Path) -> str:
+    try:
+        return lock_path.read_text().strip() or "pid ?"
+    except OSError:
+        return "pid ?"
+
+
+def live_run(folder: Path) -> Optional[str]:
+    """Who holds `folder`'s run lock (e.g. "dermfed simulate, pid 123"), or None when no live run uses it."""
+    lock_path = Path(folder) / LOCK_NAME
+    if not lock_path.is_file():
+        return None
+    with open(lock_path, "r") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder(lock_path)
+    return None
+
+
 # -- claiming a folder for a new run -------------------------------------------------------------------------------
 
 
@@ -168,13 +216,12 @@ def move_aside(folder: Path) -> Path:
     if not lock_path.is_file():
         folder.rename(target)
         return target
-    with open(lock_path, "r") as lock:  # a live simulation holds it: its processes still write there by path
+    with open(lock_path, "r") as lock:  # a live run holds it: its processes still write there by path
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = lock_path.read_text().strip() or "?"
-            raise RunFolderError(f"{folder} is in use by a live run (dermfed simulate, pid {holder}); --force moves "
-                                 "only a run that has ended: stop it first (Ctrl-C or kill PID)") from None
+            raise RunFolderError(f"{folder} is in use by a live run ({_holder(lock_path)}); --force moves only a run "
+                                 "that has ended: stop it first (Ctrl-C or kill PID)") from None
         folder.rename(target)  # under the lock: no run can start there in between
     return target
 

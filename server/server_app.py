@@ -24,13 +24,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import flower_keys as keys
 from common.console_logging import one_line_per_event
-from common.config import ConfigPerRun
+from common.config import ConfigPerRun, DermFedConfig
 from common.data.pipeline import ensure_data, prepare_data
-from common.run_folder import STATUS_NAME
+from common.run_folder import STATUS_NAME, RunFolderError, RunFolderLock
 from server.deploy.registry import SiteRegistry
 from server.federation import ResumeError, check_federation_size, federated_pretraining_images, plan_run
 from server.monitor import Monitor
-from server.rounds import RoundFailed, RunRecorder, write_run_status
+from server.rounds import RoundFailed, RunRecorder, owner_only_folder, write_run_status
 from server.strategy import build_strategy
 
 log = logging.getLogger("dermfed.server")
@@ -46,6 +46,23 @@ def main(grid: Grid, context: Context) -> None:
     config = config_of(context.run_id, run_config)
     run_dir = Path(str(run_config.get(keys.RUN_DIR, "")) or Path(config.output_dir) / f"federated-{context.run_id}")
     registry_path = str(run_config.get(keys.SITE_REGISTRY, ""))
+    if not registry_path:  # a simulation: `dermfed simulate` holds the folder's lock for the whole run
+        _federate(grid, context, config, run_dir, registry_path)
+        return
+    try:  # a real federation: this process is the run, and holds its folder until it ends
+        lock = RunFolderLock(owner_only_folder(run_dir), "a deployed run's ServerApp")
+    except RunFolderError as exc:
+        print(f"federated pretraining REFUSED: {exc} (nothing was written there; `flwr run` exits 0 all the same)",
+              flush=True)
+        raise
+    try:
+        _federate(grid, context, config, run_dir, registry_path)
+    finally:
+        lock.release()
+
+
+def _federate(grid: Grid, context: Context, config: DermFedConfig, run_dir: Path, registry_path: str) -> None:
+    run_config = context.run_config
     try:
         plan = plan_run(config, run_dir, bool(run_config.get(keys.RESUME, False)))
         registry = SiteRegistry.load(registry_path) if registry_path else None
@@ -56,8 +73,8 @@ def main(grid: Grid, context: Context) -> None:
         else:
             prepared, hospitals = None, []
     except ResumeError as exc:  # the folder was refused as it is: nothing is written into it, not even a status
-        print(f"federated pretraining REFUSED: {exc} (nothing was written into {run_dir.resolve()}; `flwr run` "
-              "exits 0 all the same)", flush=True)
+        print(f"federated pretraining REFUSED: {exc} (the run's files in {run_dir.resolve()} are untouched; `flwr "
+              "run` exits 0 all the same)", flush=True)
         raise
     except Exception as exc:
         write_run_status(run_dir, "failed", 0, f"{type(exc).__name__}: {exc}")

@@ -4,15 +4,13 @@ names and the resume check)."""
 
 from __future__ import annotations
 
-import fcntl
-import os
 from pathlib import Path
 from typing import Optional
 
 from client import simulated_nodes
 from common.config import ConfigError, DermFedConfig, flatten_config, load_config, write_config
-from common.run_folder import (CHECKPOINT_NAME, CONFIG_NAME, LOCK_NAME, SITES_NAME, RunFolderError, completed_rounds,
-                               config_revisions, read_status)
+from common.run_folder import (CHECKPOINT_NAME, CONFIG_NAME, SITES_NAME, RunFolderError, RunFolderLock,
+                               completed_rounds, config_revisions, read_status)
 from common.run_folder import resume_config as _checked_resume_config
 from simulations.processes import SimulationError
 
@@ -41,25 +39,15 @@ def after_interrupt(run_dir: Path, num_rounds: int) -> str:
     return f"{done} of {num_rounds} rounds had completed; continue with: dermfed simulate --resume {run_dir}"
 
 
-class RunLock:
-    """An exclusive lock on a run folder for as long as a run (or its guard) lives."""
+class RunLock(RunFolderLock):
+    """The run folder's lock (`common.run_folder.RunFolderLock`), held by `dermfed simulate` for as long as the run
+    or its guard lives; a folder in use is refused as RunRefused."""
 
     def __init__(self, run_dir: Path):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = run_dir / LOCK_NAME
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = self.path.read_text().strip() or "?"
-            os.close(self.fd)
-            raise RunRefused(f"{run_dir} is in use by a live run (dermfed simulate, pid {holder}); wait for it "
-                                  "to end or stop it (Ctrl-C or kill PID) before starting or resuming a run there") from None
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, str(os.getpid()).encode())
-
-    def release(self) -> None:
-        os.close(self.fd)
+            super().__init__(run_dir, "dermfed simulate")
+        except RunFolderError as exc:
+            raise RunRefused(str(exc)) from None
 
 
 def resume_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> DermFedConfig:

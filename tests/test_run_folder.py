@@ -453,3 +453,42 @@ def test_the_server_app_never_starts_a_new_run_over_one_it_would_overwrite(holdi
     with pytest.raises(ResumeError, match="holds"):
         plan_run(load_config("smoke", ["data.root=/nonexistent/data", "seed=5"]), run, False)
     assert _tree(run) == before
+
+
+def test_a_live_deployed_run_holds_its_folder_against_force_another_serverapp_and_deploy_run(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """The attack: only `dermfed simulate` locked its folder, so `--force` moved a live deployed run aside, and a
+    second ServerApp (or `deploy run` of a --resume manifest) wrote into the folder the live one still writes. The
+    ServerApp of a real federation (a site registry in its run config) now holds the folder's lock while it runs."""
+    import server.server_app as server_app
+    from flwr.app import Context, RecordDict
+
+    from common.flower_keys import RUN_DIR, SITE_REGISTRY
+    from common.run_folder import live_run
+    from server.deploy.control import DeployError, check_run_folder
+
+    run = _simulation_run(tmp_path / "run", 1, "federation.num_rounds=3")
+    config = load_config(run / "config.yaml")
+    context = Context(run_id=7, node_id=0, node_config={}, state=RecordDict(),
+                      run_config={RUN_DIR: str(run), SITE_REGISTRY: str(tmp_path / "registry.json")})
+    monkeypatch.setattr(server_app, "config_of", lambda run_id, run_config: config)
+    seen = {}
+
+    def a_live_run(grid, context, config, run_dir, registry_path):  # the deployed run, while it runs
+        seen["holder"] = live_run(run_dir)
+        before = _tree(run)
+        code, _, err = _run(capsys, "pretrain", "--config", "smoke", "--out", str(run), "--force")
+        seen["force"] = (code, err, _tree(run) == before, list(tmp_path.glob("run.old-*")))
+        with pytest.raises(DeployError, match="in use by a live run") as refused:
+            check_run_folder({"run-dir": str(run), "resume": True}, config.model_dump(mode="json"))
+        seen["deploy"] = str(refused.value)
+        with pytest.raises(Exception, match="in use by a live run"):  # a second ServerApp of the same folder
+            server_app.main(None, context)
+
+    monkeypatch.setattr(server_app, "_federate", a_live_run)
+    server_app.main(None, context)
+    assert seen["holder"].startswith("a deployed run's ServerApp, pid ")
+    code, err, untouched, moved = seen["force"]
+    assert code == 2 and "in use by a live run (a deployed run's ServerApp" in err and untouched and not moved, err
+    assert "a deployed run's ServerApp" in seen["deploy"]
+    assert live_run(run) is None  # released when the run ends

@@ -146,11 +146,14 @@ def check_run_folder(run_config: dict[str, Any], dermfed_config: dict[str, Any])
     own (`common.run_folder`): a `--resume` continues a resumable run without changing a locked key (encoder, data,
     privacy accounting, ...); a new run never writes into a folder holding another run."""
     from common.config import ConfigError, build_config
-    from common.run_folder import SIMULATE, RunFolderError, check_resume, refusal
+    from common.run_folder import SIMULATE, RunFolderError, check_resume, live_run, refusal
 
     run_dir = Path(str(run_config.get("run-dir", "")))
     if not str(run_config.get("run-dir", "")):
         return  # the ServerApp picks output_dir/federated-<run id>: a new folder
+    if holder := live_run(run_dir):
+        raise DeployError(f"{run_dir} is in use by a live run ({holder}): wait for it to end, or stop it, before "
+                          "submitting another run there")
     try:
         if run_config.get("resume"):
             check_resume(run_dir, build_config(dermfed_config), option="the manifest's --resume of")
