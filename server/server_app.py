@@ -69,7 +69,10 @@ def _federate(grid: Grid, context: Context, config: DermFedConfig, run_dir: Path
         if registry is None:  # a simulation's pooled data: the server holds it (`dermfed simulate` made it already)
             ensure_data(config)
             prepared = prepare_data(config)
-            hospitals = check_federation_size(config, prepared, len(list(grid.get_node_ids())))
+            # a simulation's virtual hospitals are as many as Flower's federation config says: checked before round 1
+            # (a signed run without a registry goes to real hospitals, which refuse it themselves)
+            hospitals = [] if run_config.get(keys.RUN_MANIFEST) else \
+                check_federation_size(config, prepared, len(list(grid.get_node_ids())))
         else:
             prepared, hospitals = None, []
     except ResumeError as exc:  # the folder was refused as it is: nothing is written into it, not even a status
