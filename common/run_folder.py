@@ -335,10 +335,30 @@ def locked_fingerprint(config: "DermFedConfig") -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def check_resume(folder: Path, config: "DermFedConfig", option: str = "--resume") -> int:
-    """Whether `config` may continue the run in `folder`: a resumable simulation run, rounds left, no locked key
-    changed. Returns the completed rounds; raises RunFolderError naming what is wrong. Reads only."""
+SIMULATION, DEPLOYMENT = "simulation", "deployment"  # who runs a federated run's hospitals
+
+
+def simulated(folder: Path) -> bool:
+    """Whether a federated run's hospitals were simulated: their states are in the run folder (`sites/`, with the
+    node configs `dermfed simulate` gave them); a real federation's hospitals keep theirs at home."""
+    return (Path(folder) / SITES_NAME).is_dir() or (Path(folder) / SIMULATED_NODES_NAME).is_file()
+
+
+def check_resume(folder: Path, config: "DermFedConfig", option: str = "--resume", by: Optional[str] = None) -> int:
+    """Whether `config` may continue the run in `folder`: a resumable federated run, rounds left, no locked key
+    changed, and, when `by` says who would continue it (SIMULATION or DEPLOYMENT), hospitals of the same kind as
+    the run's (a simulation would continue a real federation's run on other images, and real hospitals hold none
+    of a simulation's site states). Returns the completed rounds; raises RunFolderError naming what is wrong.
+    Reads only."""
     done = resumable_rounds(folder, option)
+    if by == SIMULATION and not simulated(folder):
+        raise RunFolderError(f"{option} {folder} holds a real federation's run (its hospitals keep their own states "
+                             "and privacy ledgers): a simulation would continue it on other images. Continue it at "
+                             "the hospitals (`dermfed deploy sign --resume`, then `dermfed deploy run`)")
+    if by == DEPLOYMENT and simulated(folder):
+        raise RunFolderError(f"{option} {folder} holds a simulation's run (its virtual hospitals' states are in "
+                             f"{SITES_NAME}/): real hospitals cannot continue it. Continue it with `dermfed simulate "
+                             "--resume`, or sign a new run")
     if changed := locked_changes(folder, config):
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
         raise RunFolderError(f"{option} {folder} cannot change {listed}: the run's checkpoints, site states and "
@@ -350,14 +370,15 @@ def check_resume(folder: Path, config: "DermFedConfig", option: str = "--resume"
     return done
 
 
-def resume_config(folder: Path, overrides: Iterable[str] = (), option: str = "--resume") -> "DermFedConfig":
+def resume_config(folder: Path, overrides: Iterable[str] = (), option: str = "--resume",
+                  by: Optional[str] = SIMULATION) -> "DermFedConfig":
     """The config a resumed simulation continues with: its latest revision plus `overrides`, parsed and validated
     once, together, then checked (`check_resume`). Writes nothing."""
     from common.config import load_config
 
     resumable_rounds(folder, option)  # before its config is read: a folder of another kind has none to read
     config = load_config(latest_config_file(folder), list(overrides))
-    check_resume(folder, config, option)
+    check_resume(folder, config, option, by)
     return config
 
 

@@ -44,8 +44,8 @@ from common.data.partition import check_partitions, partition_catalog
 from common.data.pipeline import ensure_data, prepare_data
 from common.interrupts import Interrupted, stop_signals_raise
 from common.processes import RUN_MARKER, stop_marked
-from common.run_folder import (CHECKPOINT_NAME, FLOWER_HOME_NAME, HISTORY_CSV_NAME, HISTORY_NAME, STATUS_NAME,
-                               RunFolderError, check_resume, completed_rounds)
+from common.run_folder import (CHECKPOINT_NAME, FLOWER_HOME_NAME, HISTORY_CSV_NAME, HISTORY_NAME, SIMULATION,
+                               STATUS_NAME, RunFolderError, check_resume, completed_rounds)
 from server.federation import ResumeError, initial_shared_weights
 from simulations.console import RunConsole, show
 from simulations.lifecycle import (RunLock, RunRefused, SimulationInterrupted, after_interrupt, report_end,
@@ -88,7 +88,7 @@ def _run_locked(config: DermFedConfig, run_dir: Path, lock: RunLock, resume: boo
                 fault_injection: str, node_configs: Optional[dict[str, dict]] = None, verbose: bool = False) -> Path:
     if resume:  # the CLI checked before locking; a caller of run_simulation gets the same check here
         try:
-            check_resume(run_dir, config)
+            check_resume(run_dir, config, by=SIMULATION)
         except RunFolderError as exc:
             raise RunRefused(str(exc)) from None
     ensure_data(config)  # generate and cache once, before N processes read it

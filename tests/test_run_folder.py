@@ -28,11 +28,13 @@ def _tree(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
 
 
-def _simulation_run(folder: Path, rounds_done: int, *overrides: str) -> Path:
-    """What `dermfed simulate` leaves after `rounds_done` rounds (no training): config.yaml, sites/, checkpoints."""
+def _simulation_run(folder: Path, rounds_done: int, *overrides: str, simulated: bool = True) -> Path:
+    """What `dermfed simulate` leaves after `rounds_done` rounds (no training): config.yaml, sites/, checkpoints.
+    With simulated=False what a real federation's ServerApp leaves: the same without sites/ (hospitals keep theirs)."""
     config = load_config("smoke", ["data.root=/nonexistent/data", *overrides])
     write_config(config, folder)
-    (folder / "sites").mkdir()
+    if simulated:
+        (folder / "sites").mkdir()
     for round_number in range(1, rounds_done + 1):
         save_checkpoint(folder / CHECKPOINT_NAME, config=config, encoder_state={"w": torch.full((2,), 1.0 * round_number)},
                         position={"round": round_number}, history=[{"round": r} for r in range(1, round_number + 1)],
@@ -135,7 +137,7 @@ def _sign(capsys, federation: Path, run: Path, manifest: Path, *extra: str) -> N
 def test_deploy_run_of_a_resume_manifest_refuses_a_locked_change_before_submitting(federation, tmp_path, monkeypatch,
                                                                                   capsys, change):
     submitted = _submitted(monkeypatch)
-    run = _simulation_run(tmp_path / "run", 1)
+    run = _simulation_run(tmp_path / "run", 1, simulated=False)
     before = _tree(run)
     _sign(capsys, federation, run, tmp_path / "m.json", "--resume", change)
     code, _, err = _run(capsys, "deploy", "run", "--dir", str(federation), "--manifest", str(tmp_path / "m.json"))
@@ -147,11 +149,29 @@ def test_deploy_run_of_a_resume_manifest_refuses_a_locked_change_before_submitti
 
 def test_deploy_run_of_a_resume_manifest_submits_an_allowed_change(federation, tmp_path, monkeypatch, capsys):
     submitted = _submitted(monkeypatch)
-    run = _simulation_run(tmp_path / "run", 1)
+    run = _simulation_run(tmp_path / "run", 1, simulated=False)
     _sign(capsys, federation, run, tmp_path / "m.json", "--resume", "federation.num_rounds=3")
     code, _, err = _run(capsys, "deploy", "run", "--dir", str(federation), "--manifest", str(tmp_path / "m.json"))
     assert code == 0, err
     assert len(submitted) == 1
+
+
+def test_a_run_is_continued_only_by_hospitals_of_its_own_kind(federation, tmp_path, monkeypatch, capsys):
+    """Wave-2 finding 8: `simulate --resume` of a real federation's run folder continued it on the pooled images
+    (and rewrote its record of pretraining images, "unknown" at real hospitals); `deploy run` of a --resume manifest
+    for a simulation's folder would hand real hospitals a run whose site states they do not hold."""
+    submitted = _submitted(monkeypatch)
+    launches = Launches(monkeypatch)
+    deployed = _simulation_run(tmp_path / "deployed", 1, "federation.num_rounds=3", simulated=False)
+    before = _tree(deployed)
+    code, _, err = _run(capsys, "simulate", "--resume", str(deployed))
+    assert code == 2 and "holds a real federation's run" in err and "deploy run" in err, err
+    assert _tree(deployed) == before and not launches.calls
+    simulation = _simulation_run(tmp_path / "simulation", 1, "federation.num_rounds=3")
+    _sign(capsys, federation, simulation, tmp_path / "m.json", "--resume")
+    code, _, err = _run(capsys, "deploy", "run", "--dir", str(federation), "--manifest", str(tmp_path / "m.json"))
+    assert code == 2 and "holds a simulation's run" in err and "dermfed simulate --resume" in err, err
+    assert not submitted
 
 
 @pytest.mark.parametrize("folder", ["no run", "no round", "a pretrain run"])
@@ -269,6 +289,7 @@ def _recorder_with_round_1(run_dir: Path):
     from server.rounds import RunRecorder
 
     recorder = RunRecorder(run_dir, load_config("smoke", ["data.root=/nonexistent/data"]))
+    (run_dir / "sites").mkdir()  # a simulation's: its virtual hospitals' states are in the run folder
     recorder.record(1)
     recorder.finish(1, {"encoder.w": torch.ones(1000)}, {})
     return recorder

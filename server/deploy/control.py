@@ -146,7 +146,7 @@ def check_run_folder(run_config: dict[str, Any], dermfed_config: dict[str, Any])
     own (`common.run_folder`): a `--resume` continues a resumable run without changing a locked key (encoder, data,
     privacy accounting, ...); a new run never writes into a folder holding another run."""
     from common.config import ConfigError, build_config
-    from common.run_folder import SIMULATE, RunFolderError, check_resume, live_run, refusal
+    from common.run_folder import DEPLOYMENT, SIMULATE, RunFolderError, check_resume, live_run, refusal
 
     run_dir = Path(str(run_config.get("run-dir", "")))
     if not str(run_config.get("run-dir", "")):
@@ -156,7 +156,7 @@ def check_run_folder(run_config: dict[str, Any], dermfed_config: dict[str, Any])
                           "submitting another run there")
     try:
         if run_config.get("resume"):
-            check_resume(run_dir, build_config(dermfed_config), option="the manifest's --resume of")
+            check_resume(run_dir, build_config(dermfed_config), option="the manifest's --resume of", by=DEPLOYMENT)
         elif why := refusal(run_dir, SIMULATE, option="the manifest's --run-dir",
                             remedy="sign a manifest with another --run-dir (or with --resume)"):
             raise RunFolderError(why)
