@@ -11,22 +11,28 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 
 
-def descendants(root: int) -> set[int]:
+def process_tree(roots) -> set[int]:
+    """The processes `roots` and every process below them, read from /proc (the parent of each live process)."""
     children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             try:
-                ppid = int(Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                parent = int(Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[1])
             except (OSError, IndexError, ValueError):
                 continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = set(), [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
+            children.setdefault(parent, []).append(int(entry.name))
+    found, stack = set(), list(roots)
+    while stack:
+        pid = stack.pop()
+        if pid not in found:
+            found.add(pid)
+            stack += children.get(pid, [])
     return found
+
+
+def descendants(root: int) -> set[int]:
+    """Every process below `root` (not `root` itself)."""
+    return process_tree([root]) - {root}
 
 
 def alive(pid: int) -> bool:

@@ -34,6 +34,7 @@ from common.processes import Daemon, stop_all
 from server.deploy import add_hospital, coordinator_daemons, init_federation, register_hospitals, submit_run
 from server.deploy.base import operator_flwr
 from server.deploy.sign import build_manifest, write_manifest
+from tests.run_processes import process_tree
 
 # One worker runs this whole module: one federation serves every test (pyproject: --dist loadgroup).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_deployment"),
@@ -279,24 +280,6 @@ def test_runs_the_hospitals_did_not_approve_are_refused_before_any_code_loads(fe
         assert "this line ran at the hospital" not in log
 
 
-def _process_tree(pids) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                parent = int(Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry.name))
-    found, stack = set(), list(pids)
-    while stack:
-        pid = stack.pop()
-        if pid not in found:
-            found.add(pid)
-            stack += children.get(pid, [])
-    return found
-
-
 def _listening_ports(pids) -> set[int]:
     """TCP ports in LISTEN state in this (the host's) network namespace whose sockets these processes hold."""
     inodes = set()
@@ -362,7 +345,7 @@ def test_another_account_on_the_coordinators_machine_cannot_command_the_federati
             ".venv", ".git", "runs", "data", ".cache", "__pycache__", ".pytest_cache"))
         for path in [home, *home.rglob("*")]:
             os.lchown(path, account.pw_uid, account.pw_gid)
-        ours = _process_tree([d.process.pid for d in federation["started"] if d.process is not None])
+        ours = process_tree([d.process.pid for d in federation["started"] if d.process is not None])
         ports = _listening_ports(ours)
         assert ports == {federation["public_port"]}  # the edge; no port of the SuperLink or of a SuperNode
         hospitals = federation["hospitals"]
