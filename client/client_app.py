@@ -34,7 +34,7 @@ import logging
 import shlex
 from typing import Callable
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
@@ -66,7 +66,6 @@ class _SiteProcess(dict[tuple[int, int], SiteRunner]):
 
 
 _RUNNERS: _SiteProcess = _SiteProcess()
-SNAPSHOT_KEY = keys.SITE_SNAPSHOT
 SITE_ERROR_CODE = ErrorCode.CLIENT_APP_RAISED_EXCEPTION  # the reason string carries DermFed's error class
 
 
@@ -140,14 +139,11 @@ def train(message: Message, context: Context) -> Message:
     runner = runner_for(context)
     instruction = message.content[keys.CONFIG_RECORD]
     round_number = int(instruction[keys.SERVER_ROUND])
-    stored = context.state.get(SNAPSHOT_KEY)
-    snapshot = stored["snapshot"] if isinstance(stored, ConfigRecord) else None
     fault = FaultSwitch.of_simulated_site(context.node_config, context.run_config)
     if fault is not None:
         fault.before_training(round_number, runner.first_image_path())
-    output = runner.train_round(round_number, message.content[keys.ARRAYS_RECORD].to_torch_state_dict(), snapshot,
+    output = runner.train_round(round_number, message.content[keys.ARRAYS_RECORD].to_torch_state_dict(),
                                 instruction=dict(instruction))
-    context.state[SNAPSHOT_KEY] = ConfigRecord({"snapshot": output.snapshot})
     shared = fault.corrupt(round_number, output.shared) if fault is not None else output.shared
     reply = RecordDict({keys.ARRAYS_RECORD: ArrayRecord(shared), keys.METRICS_RECORD: MetricRecord(output.metrics)})
     return Message(content=reply, reply_to=message)

@@ -6,8 +6,9 @@ its VAE locally, optionally with DP-SGD, and returns the shared weights and scal
 images, file names, per-sample values or private weights.
 
 What a site keeps between rounds (optimizer, step, private decoder) is a snapshot per round,
-held in the node's Flower context and written to the site's state folder, so a restarted
-daemon or a resumed run continues from the last completed round. The DP accountant is kept
+written to the site's state folder (and nowhere else: not into Flower's context, which the
+simulation engine would copy to and from its worker at every message), so a restarted daemon
+or a resumed run continues from the last completed round. The DP accountant is kept
 in an append-only privacy ledger beside it and never rewound: an update that left the site
 was a release, even if the server later crashed and the round is repeated. Before a DP call's
 first noisy step the ledger already counts all of the call's steps (a reservation, synced to
@@ -47,7 +48,7 @@ from common.data.pipeline import PreparedData, ensure_cache, prepare_data
 from common.model import build_model, load_partial_state, private_state, shared_keys, shared_state
 from common.run_files import atomic_write_bytes
 from common.run_folder import locked_fingerprint
-from common.serialization import read_site_snapshot, site_snapshot
+from common.serialization import read_site_snapshot, write_site_snapshot
 from common.strategies import client_hooks
 from common.compression import compress_update, seeded_generator
 from common.privacy import group_epsilon, secret_generator, with_planned_steps
@@ -196,11 +197,21 @@ class PrivacyLedger:
         self.save(record.get("accountant"), kept_noise, floor, mechanism)
 
 
+def _on_cpu(tree: Any) -> Any:
+    """`tree` (an optimizer state dict, a residual) with every tensor in host memory."""
+    if isinstance(tree, torch.Tensor):
+        return tree.cpu()
+    if isinstance(tree, dict):
+        return {key: _on_cpu(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_on_cpu(value) for value in tree)
+    return tree
+
+
 @dataclass
 class RoundOutput:
     shared: dict[str, torch.Tensor]
     metrics: dict[str, float]
-    snapshot: bytes
 
 
 class SiteRunner:
@@ -232,6 +243,7 @@ class SiteRunner:
         self.trainer.planned_steps = config.dp.planned_steps or self.trainer.steps_per_call() * config.federation.num_rounds
         self.state = SiteState()
         self.round = 0
+        self._release_device()  # the GPU is taken when this site trains, not while it waits for its first round
 
     def _require_at_least(self, rows: int, verb: str, split: str) -> None:
         """Refuse to compute anything from fewer images than the hospital's min-batch-size. Without DP this limit
@@ -252,28 +264,24 @@ class SiteRunner:
     def snapshot_path(self, round_number: int) -> Path:
         return self.state_dir / f"round-{round_number:04d}.pt"
 
-    def _restore(self, round_number: int, snapshot: Optional[bytes]) -> None:
-        """Bring the site to the end of round `round_number - 1` (from memory, its context, or its disk)."""
+    def _restore(self, round_number: int) -> None:
+        """Bring the site to the end of round `round_number - 1` (from memory, or its snapshot on disk)."""
         previous = round_number - 1
         if self.round == previous:
             return  # already there: the normal case within one run (and round 1 of a fresh site)
         on_disk = self.snapshot_path(previous)
-        candidates = [(snapshot, "the node's context"), (on_disk.read_bytes() if on_disk.is_file() else None, str(on_disk))]
-        for blob, where in candidates:
-            if blob is None or previous == 0:
-                continue
+        if previous > 0 and on_disk.is_file():
             try:
-                stored_round, state, private, made_with = read_site_snapshot(blob)
+                stored_round, state, private, made_with = read_site_snapshot(on_disk)
             except Exception as exc:  # noqa: BLE001 - a torn or foreign file: never silently replaced by a fresh state
-                raise SiteStateCorrupt(f"{self.data.name}: the saved state of round {previous} in {where} is unreadable "
-                                       f"({type(exc).__name__}); restore it, or move it aside to restart this site "
-                                       "from scratch") from None
+                raise SiteStateCorrupt(f"{self.data.name}: the saved state of round {previous} in {on_disk} is "
+                                       f"unreadable ({type(exc).__name__}); restore it, or move it aside to restart "
+                                       "this site from scratch") from None
             if made_with and made_with != self.made_with:  # another run's, with other locked settings (no DP, ...)
                 log.warning("%s: the saved state of round %d in %s was made with other locked settings (dp.enabled, "
                             "federation.share, model, data, ...); this run does not continue it", self.data.name,
-                            previous, where)
-                continue
-            if stored_round == previous:
+                            previous, on_disk)
+            elif stored_round == previous:
                 load_partial_state(self.model, private)
                 self.state, self.round = state, previous
                 log.info("%s: restored site state of round %d", self.data.name, previous)
@@ -306,13 +314,14 @@ class SiteRunner:
             raise KeyError(f"{self.data.name}: received weights do not match federation.share={self.scope}")
 
     @_holding_the_site_lock
-    def train_round(self, round_number: int, shared: Mapping[str, torch.Tensor], snapshot: Optional[bytes] = None,
+    def train_round(self, round_number: int, shared: Mapping[str, torch.Tensor],
                     instruction: Optional[Mapping[str, Any]] = None) -> RoundOutput:
         """One round's local training from the received `shared` weights; `instruction`: the round's train
         instruction (what the strategy's client hook is made from, e.g. FedProx's `proximal-mu`)."""
         self._check_shared(shared)
-        self._restore(round_number, snapshot)
+        self._restore(round_number)
         self._apply_ledger()
+        self.model.to(self.trainer.device)
         load_partial_state(self.model, shared)
         if self.config.dp.enabled:  # a noise the coordinator chose that cannot meet the ceiling: refused, naming both
             plan = self.trainer.dp_plan(self.state)
@@ -328,8 +337,8 @@ class SiteRunner:
             log.info("%s: epsilon %.4g per image, %.4g for a lesion of 2 images (delta %g)", self.data.name,
                      result.privacy.epsilon, lesion, result.privacy.delta)
         sent = self._compressed(round_number, shared) if self.config.federation.compression != "none" else None
-        blob = site_snapshot(round_number, self.state, private_state(self.model, self.scope), self.made_with)
-        atomic_write_bytes(self.snapshot_path(round_number), blob)
+        write_site_snapshot(self.snapshot_path(round_number), round_number, self.state,
+                            private_state(self.model, self.scope), self.made_with)
         for old in sorted(self.state_dir.glob("round-*.pt"))[:-SNAPSHOTS_KEPT]:
             old.unlink(missing_ok=True)
         images = max(1, result.images)
@@ -343,7 +352,20 @@ class SiteRunner:
         }
         privacy = {"epsilon": result.privacy.epsilon, "delta": result.privacy.delta} if result.privacy else {}
         metrics = reply_metrics(self.config, training, privacy, self.data.index, self.public_weight)
-        return RoundOutput(sent if sent is not None else shared_state(self.model, self.scope), metrics, blob)
+        output = RoundOutput(sent if sent is not None else shared_state(self.model, self.scope), metrics)
+        self._release_device()
+        return output
+
+    def _release_device(self) -> None:
+        """Between rounds, a site on a GPU keeps its model and optimizer state in host memory and gives the cached
+        blocks back: one Ray worker may hold several virtual hospitals (`federation.client_gpu_fraction`), and the GPU
+        should hold only the one training now. Moving back is exact (copies), and costs one transfer per round."""
+        if self.trainer.device.type != "cuda":
+            return
+        self.model.to("cpu")
+        self.state.optimizer = _on_cpu(self.state.optimizer)
+        self.state.residual = _on_cpu(self.state.residual)
+        torch.cuda.empty_cache()
 
     def _compressed(self, round_number: int, received: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The round's update (local - received weights, plus the kept residual) as `federation.compression` encodes
@@ -370,10 +392,17 @@ class SiteRunner:
             raise ClientEvaluationRefused(f"{self.data.name}: no validation images (data.val_fraction=0?)")
         self._require_at_least(len(self.data.val_rows), "evaluate on", "validation")
         self._check_shared(shared)
+        self.model.to(self.trainer.device)
+        try:
+            return self._validation_losses(shared)
+        finally:
+            self._release_device()
+
+    def _validation_losses(self, shared: Mapping[str, torch.Tensor]) -> dict[str, float]:
         load_partial_state(self.model, shared)
         rows = self.data.val_rows
         self.model.eval()
-        device = next(self.model.parameters()).device
+        device = self.trainer.device
         keys, schedule = self.model.terms, self.model.schedule(None)
         totals = torch.zeros(len(keys), dtype=torch.float64, device=device)
         for positions in ordered_batches(len(rows), 64):

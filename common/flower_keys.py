@@ -29,6 +29,3 @@ REPLY_SIGNATURE_RECORD = "dermfed-reply-signature"  # a real federation: the nod
 # The key every Flower strategy sets in an instruction's config record; a strategy's own keys (FedProx's
 # `proximal-mu`) are declared by its entry in `common.strategies` (`Strategy.instruction`).
 SERVER_ROUND = "server-round"
-
-# What a site keeps in its node's Flower context between rounds.
-SITE_SNAPSHOT = "dermfed-site"

@@ -40,20 +40,24 @@ import math
 import os
 import struct
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import numpy as np
 import torch
-from opacus.accountants import create_accountant
-from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleModuleFastGradientClipping
-from opacus.optimizers import DPOptimizerFastGradientClipping
 from torch import nn
 from torch.optim import Optimizer
 
-from common import dp_layers
 from common.config import DPConfig
+
+if TYPE_CHECKING:
+    from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+
+    from common import dp_layers
+
+# Opacus is imported where it is used, not here: importing any of it loads all of it (its package imports its
+# privacy engine, which imports torch.distributed.tensor), 40% of a site process's start-up, and a run without DP
+# (the default) never needs it.
 
 log = logging.getLogger("dermfed.privacy")
 
@@ -113,6 +117,8 @@ def resolve_noise_multiplier(cfg: DPConfig, sample_rate: float, planned_steps: i
     if cfg.noise_multiplier is not None:
         return cfg.noise_multiplier
     assert cfg.target_epsilon is not None
+    from opacus.accountants.utils import get_noise_multiplier
+
     try:
         return float(get_noise_multiplier(target_epsilon=cfg.target_epsilon, target_delta=cfg.delta,
                                           sample_rate=sample_rate, steps=planned_steps, accountant=cfg.accountant))
@@ -122,6 +128,8 @@ def resolve_noise_multiplier(cfg: DPConfig, sample_rate: float, planned_steps: i
 
 
 def restored_accountant(kind: str, state: Optional[dict[str, Any]]):
+    from opacus.accountants import create_accountant
+
     accountant = create_accountant(mechanism=kind)
     if state:
         accountant.load_state_dict(state)
@@ -190,6 +198,8 @@ def group_epsilon(state: Optional[dict[str, Any]], delta: float, group_size: int
         return math.inf
     mixture = epsilon_of("rdp", {"history": [(sigma / k, 1.0 - (1.0 - q) ** k, steps) for sigma, q, steps in entries],
                                  "mechanism": "rdp"}, delta)
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
     doublings = math.ceil(math.log2(k))
     orders = [2.0 + x / 4.0 for x in range(41)] + [float(x) for x in range(13, 64)]
     rdp = np.zeros(len(orders))
@@ -366,9 +376,12 @@ def make_private(cfg: DPConfig, model: nn.Module, optimizer: Optimizer, dataset_
     Poisson sampling and noise draw from secret generators (see the module docstring). The
     optimizer must be built on `model` before this call (it keeps the standard parameter order).
     """
-    accountant = create_accountant(mechanism=cfg.accountant)
-    if accountant_state:
-        accountant.load_state_dict(accountant_state)
+    from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+
+    from common import dp_layers
+
+    accountant = restored_accountant(cfg.accountant, accountant_state)
     sample_rate = poisson_rate(sample_rate_of(dataset_size, batch_size))
     layout = dp_layers.Relayout(model)
     module = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean",

@@ -18,7 +18,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, BinaryIO, Callable, Iterator, Optional
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -56,13 +56,19 @@ def atomic_write_bytes(path: str | Path, data: bytes, previous: Optional[str | P
 
     With `previous`, the old file (if any) is kept under that name once the new one is safely on disk.
     """
+    return atomic_write_with(path, lambda stream: stream.write(data), previous)
+
+
+def atomic_write_with(path: str | Path, write: Callable[[BinaryIO], Any], previous: Optional[str | Path] = None) -> Path:
+    """As `atomic_write_bytes`, with `write(stream)` filling the temporary file: a large payload (a site's
+    snapshot, hundreds of MB) streams to the disk without a second copy of it in memory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         try:
             with os.fdopen(handle, "wb") as stream:
-                stream.write(data)
+                write(stream)
                 stream.flush()
                 os.fsync(stream.fileno())
         except OSError as exc:

@@ -2,8 +2,10 @@
 
 The duplicated lines are fixed where they came from (`common.console_logging`) and Ray's FutureWarning is
 silenced where it is raised (`simulations.processes.simulation_environment`). What is left here are lines Flower
-prints whatever the run, which say nothing true of a `dermfed simulate` run (`NOT_THIS_RUN`, each with why), and
-the progress display: on a terminal a tqdm bar over the rounds (sites done, images/s, loss) below the lines;
+prints whatever the run, which say nothing true of a `dermfed simulate` run (`NOT_THIS_RUN`, each with why),
+Flower's end-of-run "Final results" dump (every round's example-weighted means again, `site-index` and
+`epsilon` included; DermFed's round lines and history say them per site), a "Global evaluation" header with no
+result (no monitor ran), and the progress display: on a terminal a tqdm bar over the rounds (sites done, images/s, loss) below the lines;
 elsewhere (a CI log) the plain lines alone, ANSI colours removed, the ServerApp's `[round N]` line being the
 round's progress line. `verbose` (`dermfed simulate -v`) passes every line through unchanged.
 """
@@ -23,6 +25,9 @@ NOT_THIS_RUN: tuple[tuple[str, str], ...] = (
     ("flwr federation simulation-config", "the command that goes with the line above"),
     ("Manually terminating ClientAppActor", "Flower stopping its own actors at the normal end of every simulation"),
 )
+FINAL_RESULTS = "Final results:"  # Flower's end-of-run dump: every round's example-weighted means again, one per line
+FLOWER_BLOCK_LINE = re.compile(r"^(INFO|DEBUG)\s*:\s*(\t.*)?$")  # a line of that dump (tab-indented) or a blank one
+NOTHING_EVALUATED = ("Global evaluation", "MetricRecord: None")  # a header and its empty result: no monitor ran
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 SAMPLED = re.compile(r"configure_train: Sampled (\d+) nodes")
 RECEIVED = re.compile(r"aggregate_train: Received (\d+) results and (\d+) failures")
@@ -76,6 +81,8 @@ class RunConsole:
                  bar_stream: IO[str] = sys.stderr):
         self.verbose, self.out = verbose, out
         self.progress = RoundProgress(rounds, first_round)
+        self.in_final_results = False  # inside Flower's end-of-run dump (DermFed's history and last line say it)
+        self.held: Optional[str] = None  # a "Global evaluation" header, shown only if a result follows it
         self.plain = not _is_terminal(out)
         self.bar = None
         if not verbose and _is_terminal(bar_stream):
@@ -90,13 +97,28 @@ class RunConsole:
             self._write(text)
             return
         plain = ANSI.sub("", text)
-        if not_this_run(plain):
+        if not_this_run(plain) or self._in_final_results(plain):
+            return
+        if self.held is not None:
+            held, self.held = self.held, None
+            if NOTHING_EVALUATED[1] in plain:
+                return
+            self._write(held)
+        if plain.rstrip().endswith(NOTHING_EVALUATED[0]):
+            self.held = plain if self.plain else text
             return
         self._write(plain if self.plain else text)
         if self.progress.read(plain) and self.bar is not None:
             self.bar.n = min(self.progress.completed, self.bar.total)
         if self.bar is not None:
             self.bar.set_postfix_str(self.progress.postfix(), refresh=True)
+
+    def _in_final_results(self, plain: str) -> bool:
+        if FINAL_RESULTS in plain:
+            self.in_final_results = True
+        elif self.in_final_results and not FLOWER_BLOCK_LINE.match(plain):
+            self.in_final_results = False
+        return self.in_final_results
 
     def _write(self, text: str) -> None:
         if self.bar is not None:
@@ -105,6 +127,9 @@ class RunConsole:
             print(text, file=self.out, flush=True)
 
     def close(self) -> None:
+        if self.held is not None:
+            self._write(self.held)
+            self.held = None
         if self.bar is not None:
             self.bar.close()
 

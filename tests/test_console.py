@@ -58,3 +58,41 @@ def test_flower_lines_are_printed_once_in_a_process_that_loaded_the_apps():
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-2000:]
     assert output.count("one event") == 1 and "a debug event" not in output, output[-2000:]
+
+
+FLOWER_FINAL = [
+    "INFO :      Global evaluation\n",
+    "INFO :      \t└──> MetricRecord: None\n",
+    "INFO :      Global evaluation\n",
+    "INFO :      \t└──> MetricRecord: {'probe-balanced-accuracy': 0.61}\n",
+    "INFO :      \n",
+    "INFO :      Strategy execution finished in 234.15s\n",
+    "INFO :      \n",
+    "INFO :      Final results:\n",
+    "INFO :      \n",
+    "INFO :      \tGlobal Arrays:\n",
+    "INFO :      \t\tArrayRecord (106.147 MB)\n",
+    "INFO :      \tAggregated ClientApp-side Train Metrics:\n",
+    "INFO :      \t{ 1: { 'epsilon': 'inf',\n",
+    "INFO :      \t       'site-index': '1.3068e+00'}}\n",
+    "INFO :      \n",
+    "federated pretraining finished after round 3: checkpoint /x/checkpoint.pt, history /x/history.json\n",
+    "INFO :      Global evaluation\n",
+]
+
+
+def test_flowers_end_of_run_dump_and_empty_evaluations_are_not_shown_but_real_results_are():
+    out = io.StringIO()
+    console = RunConsole(rounds=3, out=out, bar_stream=io.StringIO())
+    for line in FLOWER_FINAL:
+        console.line(line)
+    console.close()
+    assert out.getvalue().splitlines() == [
+        "INFO :      Global evaluation",
+        "INFO :      \t└──> MetricRecord: {'probe-balanced-accuracy': 0.61}",
+        "INFO :      ",
+        "INFO :      Strategy execution finished in 234.15s",
+        "INFO :      ",
+        "federated pretraining finished after round 3: checkpoint /x/checkpoint.pt, history /x/history.json",
+        "INFO :      Global evaluation",  # a header the stream ended after is still shown
+    ]

@@ -87,3 +87,23 @@ def test_a_three_round_federated_smoke_run_on_the_gpu_lowers_the_loss(tmp_path):
     losses = [entry["train"]["reconstruction"] for entry in history]
     assert losses[-1] < losses[0], losses
     assert all(site.get("skipped-steps", 0) == 0 for entry in history for site in entry["sites"])
+
+
+def test_virtual_hospitals_sharing_a_gpu_hold_it_only_while_they_train(synthetic_root, tmp_path):
+    """Several virtual hospitals in one worker process (one Ray actor) share the GPU: between rounds each keeps its
+    model and optimizer state in host memory, and its next round continues exactly as if it had stayed there."""
+    from client.site import SiteRunner, simulation_site_data
+    from server.federation import initial_shared_weights
+
+    config = load_config("smoke", [f"data.root={synthetic_root}", f"data.cache_dir={tmp_path / 'cache'}",
+                                   "train.device=cuda", "train.max_steps=2"])
+    weights = initial_shared_weights(config)
+    idle = torch.cuda.memory_allocated()
+    sites = [SiteRunner(config, simulation_site_data(config, i, 3), tmp_path / f"site{i}") for i in range(3)]
+    assert torch.cuda.memory_allocated() - idle < 2**20
+    for round_number in (1, 2):
+        for site in sites:
+            site.train_round(round_number, weights)
+            assert torch.cuda.memory_allocated() - idle < 2**20, "a site that is not training still holds the GPU"
+            assert not next(site.model.parameters()).is_cuda
+    assert all(site.state.step == 4 for site in sites)  # round 2 continued round 1's optimizer state
