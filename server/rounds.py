@@ -61,6 +61,8 @@ def screen_update(arrays: Mapping[str, np.ndarray], expected: Mapping[str, tuple
     for key, value in arrays.items():
         if tuple(value.shape) != tuple(expected[key]):
             return f"wrong shape for {key}: {tuple(value.shape)} instead of {tuple(expected[key])}"
+        if not np.issubdtype(value.dtype, np.floating):  # text or integers: np.isfinite would raise, failing the round
+            return f"{key} holds {value.dtype} values, not floating point weights"
         if not np.isfinite(value).all():
             return f"non-finite values (NaN/Inf) in {key}"
     weight = metrics.get("num-examples")
