@@ -37,6 +37,8 @@ class RunPlan:
     initial_shared: dict[str, torch.Tensor]
     history: list[dict[str, Any]] = field(default_factory=list)
     strategy_state: dict[str, Any] = field(default_factory=dict)
+    resumed_images: Optional[dict[str, Any]] = None  # a resumed run: its checkpoint's record of pretraining images
+    resumed: bool = False
 
     @property
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -83,7 +85,8 @@ def plan_run(config: DermFedConfig, run_dir: Path, resume: bool) -> RunPlan:
     point = load_resume_point(run_dir)
     done = point["round"]
     log.info("resuming %s after round %d of %d", run_dir, done, total)
-    return RunPlan(config, run_dir, done, total - done, dict(point["shared"]), point["history"], point["strategy"])
+    return RunPlan(config, run_dir, done, total - done, dict(point["shared"]), point["history"], point["strategy"],
+                   point["pretraining_images"], resumed=True)
 
 
 def federated_pretraining_images(config: DermFedConfig, prepared: Optional[PreparedData]) -> dict[str, Any]:

@@ -193,9 +193,10 @@ class RunRecorder:
 
 def load_resume_point(run_dir: Path) -> dict[str, Any]:
     """The last completed round of a run folder (its latest good checkpoint): round, shared arrays, history,
-    strategy state."""
+    strategy state, its record of pretraining images."""
     payload = latest_good_checkpoint(run_dir)
     strategy = {name: {k: v.numpy() for k, v in moments.items()}
                 for name, moments in payload["extra"].get("strategy", {}).items()}
     return {"round": int(payload["position"]["round"]), "shared": payload["extra"]["shared"],
-            "history": payload["history"], "strategy": strategy, "config": payload["config"]}
+            "history": payload["history"], "strategy": strategy, "config": payload["config"],
+            "pretraining_images": (payload.get("extra") or {}).get("pretraining_images")}

@@ -26,6 +26,7 @@ from common import flower_keys as keys
 from common.console_logging import one_line_per_event
 from common.config import ConfigPerRun, DermFedConfig
 from common.data.pipeline import ensure_data, prepare_data
+from common.pretraining import continued_record
 from common.run_folder import STATUS_NAME, RunFolderError, RunFolderLock
 from server.deploy.registry import SiteRegistry
 from server.federation import ResumeError, check_federation_size, federated_pretraining_images, plan_run
@@ -85,7 +86,10 @@ def _federate(grid: Grid, context: Context, config: DermFedConfig, run_dir: Path
         raise
     stop_after = int(run_config.get(keys.STOP_AFTER_ROUND, 0))  # an interruption on purpose (tests, staged runs)
     rounds = min(plan.remaining, stop_after - plan.round_offset) if stop_after else plan.remaining
-    recorder = RunRecorder(run_dir, config, plan.history, federated_pretraining_images(config, prepared))
+    images = federated_pretraining_images(config, prepared)
+    if plan.resumed:  # what the earlier rounds saw stays recorded, whoever continues the run (never unknown -> a list)
+        images = continued_record(plan.resumed_images, images)
+    recorder = RunRecorder(run_dir, config, plan.history, images)
     names = [n for n in str(run_config.get(keys.SITE_NAMES, "")).split(",") if n] or hospitals  # bare `flwr run`
     strategy = build_strategy(config)
     strategy.attach(recorder, plan.expected_shapes, config.federation.min_clients, plan.round_offset,

@@ -513,3 +513,61 @@ def test_a_live_deployed_run_holds_its_folder_against_force_another_serverapp_an
     assert code == 2 and "in use by a live run (a deployed run's ServerApp" in err and untouched and not moved, err
     assert "a deployed run's ServerApp" in seen["deploy"]
     assert live_run(run) is None  # released when the run ends
+
+
+class _OneRound:
+    """A stand-in for DermFed's strategy in the ServerApp: completes one round with the weights it was given."""
+
+    def attach(self, *args, **kwargs):
+        pass
+
+    def import_state(self, state):
+        pass
+
+    def export_state(self):
+        return {}
+
+    def start(self, grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn):
+        evaluate_fn(0, initial_arrays)
+        evaluate_fn(1, initial_arrays)
+
+
+def test_a_bare_flwr_run_resuming_a_real_federations_folder_keeps_its_pretraining_images_unknown(
+        synthetic_root, tmp_path, monkeypatch):
+    """Attack (wave 3): `dermfed simulate --resume` refuses a real federation's folder (wave-2 finding 8), but a bare
+    `flwr run . --run-config 'resume=true run-dir=...'` (no site registry: the ServerApp runs a simulation) resumed it
+    and rewrote the checkpoint's record of pretraining images from "unknown" (the hospitals' images) to the pooled
+    images alone: evaluation's leak guard then checked a test set against the wrong list. A resumed run's record is
+    now the union of the run's earlier record and its own (unknown when either is)."""
+    import server.server_app as server_app
+    from flwr.app import Context, RecordDict
+
+    from common.data.partition import partition_catalog
+    from common.data.pipeline import prepare_data
+    from common.flower_keys import RESUME, RUN_DIR
+    from common.model import build_model, shared_state
+
+    overrides = [f"data.root={synthetic_root}", f"data.cache_dir={tmp_path / 'cache'}", "federation.num_rounds=3"]
+    config = load_config("smoke", overrides)
+    run = tmp_path / "real-federation"
+    write_config(config, run)  # what a real federation's ServerApp leaves: no sites/, its record "unknown"
+    shared = shared_state(build_model(config.model, config.data.image_size), config.federation.share)
+    real = {"unknown": "a real federation: the hospitals' images are not known to the coordinator"}
+    save_checkpoint(run / CHECKPOINT_NAME, config=config, encoder_state={"w": torch.zeros(2)}, position={"round": 1},
+                    history=[{"round": 1, "seconds": 1.0, "sites": [], "excluded": [], "train": {}, "evaluate": {}, "monitor": {}}],
+                    extra={"shared": shared, "pretraining_images": real},
+                    previous=run / PREVIOUS_NAME)
+    hospitals = len(partition_catalog(prepare_data(config).catalog, config.data.partition, config.data.num_partitions,
+                                      config.data.dirichlet_alpha, config.seed)[0])
+
+    class Grid:
+        def get_node_ids(self):
+            return list(range(hospitals))
+
+    monkeypatch.setattr(server_app, "config_of", lambda run_id, run_config: config)
+    monkeypatch.setattr(server_app, "build_strategy", lambda config: _OneRound())
+    context = Context(run_id=9, node_id=0, node_config={}, state=RecordDict(), run_config={RUN_DIR: str(run), RESUME: True})
+    server_app.main(Grid(), context)
+    payload = latest_good_checkpoint(run)
+    assert payload["position"]["round"] == 2  # the bare `flwr run` did continue the run
+    assert "unknown" in payload["extra"]["pretraining_images"], payload["extra"]["pretraining_images"].keys()
