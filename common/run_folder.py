@@ -177,6 +177,33 @@ class RunFolderLock:
         os.close(self.fd)
 
 
+def _ancestors() -> set[int]:
+    """This process's parent, its parent's parent, ... (Linux /proc); empty where /proc cannot be read."""
+    found, pid = set(), os.getppid()
+    while pid > 1 and pid not in found:
+        found.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as stream:
+                pid = int(stream.read().rsplit(")", 1)[1].split()[1])  # field 4, after the command name
+        except (OSError, ValueError, IndexError):
+            break
+    return found
+
+
+def lock_unless_an_ancestor_holds(folder: Path, holder: str) -> Optional[RunFolderLock]:
+    """The folder's lock for this process, or None where an ancestor of it holds it (the `dermfed simulate` that
+    started this run's SuperLink, whose ServerApp this is). Any other live holder: RunFolderError, as `RunFolderLock`.
+    What a process without a lock of its own may use: a folder is never written by two live runs."""
+    try:
+        return RunFolderLock(folder, holder)
+    except RunFolderError:
+        text = _holder(Path(folder) / LOCK_NAME)
+        pid = text.rsplit("pid ", 1)[-1].strip()
+        if pid.isdigit() and int(pid) in _ancestors():
+            return None
+        raise
+
+
 def _holder(lock_path: Path) -> str:
     try:
         return lock_path.read_text().strip() or "pid ?"

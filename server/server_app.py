@@ -27,7 +27,7 @@ from common.console_logging import one_line_per_event
 from common.config import ConfigPerRun, DermFedConfig
 from common.data.pipeline import ensure_data, prepare_data
 from common.pretraining import continued_record
-from common.run_folder import STATUS_NAME, RunFolderError, RunFolderLock
+from common.run_folder import STATUS_NAME, RunFolderError, lock_unless_an_ancestor_holds
 from server.deploy.registry import SiteRegistry
 from server.federation import ResumeError, check_federation_size, federated_pretraining_images, plan_run
 from server.monitor import Monitor
@@ -47,11 +47,10 @@ def main(grid: Grid, context: Context) -> None:
     config = config_of(context.run_id, run_config)
     run_dir = Path(str(run_config.get(keys.RUN_DIR, "")) or Path(config.output_dir) / f"federated-{context.run_id}")
     registry_path = str(run_config.get(keys.SITE_REGISTRY, ""))
-    if not registry_path:  # a simulation: `dermfed simulate` holds the folder's lock for the whole run
-        _federate(grid, context, config, run_dir, registry_path)
-        return
-    try:  # a real federation: this process is the run, and holds its folder until it ends
-        lock = RunFolderLock(owner_only_folder(run_dir), "a deployed run's ServerApp")
+    try:  # a real federation: this process is the run, and holds its folder until it ends; a simulation: the
+        # `dermfed simulate` that started it (an ancestor) holds it, else (a bare `flwr run`) this process does
+        lock = lock_unless_an_ancestor_holds(owner_only_folder(run_dir), "a deployed run's ServerApp" if registry_path
+                                             else "a `flwr run` ServerApp")
     except RunFolderError as exc:
         print(f"federated pretraining REFUSED: {exc} (nothing was written there; `flwr run` exits 0 all the same)",
               flush=True)
@@ -59,7 +58,8 @@ def main(grid: Grid, context: Context) -> None:
     try:
         _federate(grid, context, config, run_dir, registry_path)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def _federate(grid: Grid, context: Context, config: DermFedConfig, run_dir: Path, registry_path: str) -> None:

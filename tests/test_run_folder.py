@@ -571,3 +571,50 @@ def test_a_bare_flwr_run_resuming_a_real_federations_folder_keeps_its_pretrainin
     payload = latest_good_checkpoint(run)
     assert payload["position"]["round"] == 2  # the bare `flwr run` did continue the run
     assert "unknown" in payload["extra"]["pretraining_images"], payload["extra"]["pretraining_images"].keys()
+
+
+def test_a_serverapp_without_a_site_registry_never_writes_into_a_folder_another_live_run_holds(
+        synthetic_root, tmp_path, monkeypatch):
+    """Attack (wave 3): the ServerApp took the folder's lock only when its run config named a site registry (a real
+    federation), trusting that `dermfed simulate` holds it otherwise. A bare `flwr run . --run-config 'resume=true
+    run-dir=LIVE'` (no registry) therefore resumed, and checkpointed into, the folder a live deployed run's
+    ServerApp (another process) was writing. Now a ServerApp without a registry runs only in a folder it can lock,
+    or one whose lock `dermfed simulate` holds as its own ancestor process."""
+    import subprocess
+    import sys
+
+    import server.server_app as server_app
+    from flwr.app import Context, RecordDict
+
+    from common.flower_keys import RESUME, RUN_DIR
+    from common.model import build_model, shared_state
+    from common.run_folder import RunFolderError, live_run
+
+    config = load_config("smoke", [f"data.root={synthetic_root}", f"data.cache_dir={tmp_path / 'cache'}",
+                                   "federation.num_rounds=3"])
+    run = tmp_path / "live"
+    write_config(config, run)
+    shared = shared_state(build_model(config.model, config.data.image_size), config.federation.share)
+    save_checkpoint(run / CHECKPOINT_NAME, config=config, encoder_state={"w": torch.zeros(2)}, position={"round": 1},
+                    history=[{"round": 1, "seconds": 1.0, "sites": [], "excluded": [], "train": {}, "evaluate": {},
+                              "monitor": {}}], extra={"shared": shared}, previous=run / PREVIOUS_NAME)
+    holder = subprocess.Popen(  # the live deployed run's ServerApp: another process holds the folder
+        [sys.executable, "-c", "import sys, time; from common.run_folder import RunFolderLock; "
+         f"RunFolderLock({str(run)!r}, \"a deployed run's ServerApp\"); print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert live_run(run).startswith("a deployed run's ServerApp")
+        before = _tree(run)
+        monkeypatch.setattr(server_app, "config_of", lambda run_id, run_config: config)
+        monkeypatch.setattr(server_app, "build_strategy", lambda config: _OneRound())
+        monkeypatch.setattr(server_app, "check_federation_size", lambda config, prepared, supernodes: [])
+        context = Context(run_id=11, node_id=0, node_config={}, state=RecordDict(),
+                          run_config={RUN_DIR: str(run), RESUME: True})
+        grid = type("Grid", (), {"get_node_ids": lambda self: [1, 2]})()
+        with pytest.raises(RunFolderError, match="in use by a live run"):
+            server_app.main(grid, context)
+        assert _tree(run) == before
+    finally:
+        holder.kill()
+        holder.wait()
