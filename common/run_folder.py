@@ -157,13 +157,17 @@ class RunFolderLock:
     """An exclusive lock on a run folder for as long as a run uses it (flock on `.run.lock`, released by the kernel
     when its holder dies). `dermfed simulate` holds it for a simulation (its guard process inherits it); the
     ServerApp of a real federation holds it for a deployed run. While it is held, no other run starts or resumes
-    there, `--force` does not move the folder aside, and `deploy run` submits nothing for it."""
+    there, `--force` does not move the folder aside, and `deploy run` submits nothing for it. The folder is made
+    owner-only (0700) and the lock file 0600 before it is locked: an account that could open the lock file could
+    hold it, and so the folder, after the run ends."""
 
     def __init__(self, folder: Path, holder: str):
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / LOCK_NAME
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)  # before the lock file exists: no other account may open it (a flock needs no write
+        self.path = folder / LOCK_NAME  # permission) and hold the folder after this run ends
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.fchmod(self.fd, 0o600)  # a lock file an older version created 0644
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -9,6 +9,7 @@ what reaches them, and that nothing does when the folder is refused.
 import errno
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -618,3 +619,34 @@ def test_a_serverapp_without_a_site_registry_never_writes_into_a_folder_another_
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_another_account_cannot_open_a_live_runs_lock_to_hold_the_folder_after_it_ends(tmp_path):
+    """Attack (wave 3), as another local account on the coordinator's machine (uid 65534, a real second process):
+    `dermfed simulate` created its folder and `.run.lock` with the umask's modes (0755, 0644), so the other account
+    opened the lock file while the run started, and flocked it the moment the run ended: every later `--resume`,
+    `--force` or run there was refused as "in use by a live run (dermfed simulate, pid N)", for as long as the other
+    account liked. The lock now makes the folder owner-only before it creates the lock file, 0600."""
+    import subprocess
+    import tempfile
+
+    from simulations.lifecycle import RunLock
+
+    if os.geteuid() != 0 or not os.access("/usr/bin/python3", os.X_OK):
+        pytest.skip("a second Unix account needs root (CI runs as root) and a system python3")
+    previous = os.umask(0o022)  # the usual umask
+    base = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        base.chmod(0o755)  # a researcher's world-readable folder of runs
+        run = base / "runs" / "sim"
+        lock = RunLock(run)  # what `dermfed simulate` takes before it starts anything
+        code = ("import fcntl, os, sys\ntry:\n    fd = os.open(sys.argv[1], os.O_RDONLY)\n    print('opened')\n"
+                "except OSError as exc:\n    print(type(exc).__name__)")
+        attempt = subprocess.run(["/usr/bin/python3", "-c", code, str(run / ".run.lock")], user=65534, group=65534,
+                                 capture_output=True, text=True, timeout=60)
+        lock.release()
+        assert attempt.stdout.strip() == "PermissionError", attempt.stdout + attempt.stderr
+        assert (run.stat().st_mode & 0o077) == 0 and ((run / ".run.lock").stat().st_mode & 0o077) == 0
+    finally:
+        os.umask(previous)
+        shutil.rmtree(base, ignore_errors=True)
