@@ -27,7 +27,7 @@ from common.console_logging import one_line_per_event
 from common.config import ConfigPerRun, DermFedConfig
 from common.data.pipeline import ensure_data, prepare_data
 from common.pretraining import continued_record
-from common.run_folder import STATUS_NAME, RunFolderError, lock_unless_an_ancestor_holds
+from common.run_folder import DEPLOYMENT, STATUS_NAME, RunFolderError, lock_unless_an_ancestor_holds
 from server.deploy.registry import SiteRegistry
 from server.federation import ResumeError, check_federation_size, federated_pretraining_images, plan_run
 from server.monitor import Monitor
@@ -65,7 +65,7 @@ def main(grid: Grid, context: Context) -> None:
 def _federate(grid: Grid, context: Context, config: DermFedConfig, run_dir: Path, registry_path: str) -> None:
     run_config = context.run_config
     try:
-        plan = plan_run(config, run_dir, bool(run_config.get(keys.RESUME, False)))
+        plan = plan_run(config, run_dir, bool(run_config.get(keys.RESUME, False)), DEPLOYMENT if registry_path else None)
         registry = SiteRegistry.load(registry_path) if registry_path else None
         if registry is None:  # a simulation's pooled data: the server holds it (`dermfed simulate` made it already)
             ensure_data(config)

@@ -650,3 +650,25 @@ def test_another_account_cannot_open_a_live_runs_lock_to_hold_the_folder_after_i
     finally:
         os.umask(previous)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_real_federations_serverapp_never_continues_a_simulations_run_however_it_was_submitted(tmp_path,
+                                                                                               monkeypatch):
+    """Attack (wave 3): `deploy run` refuses a --resume manifest for a simulation's folder (wave-2 finding 8), but the
+    ServerApp's own check did not ask who continues the run: the operator's plain `flwr run` of that signed manifest
+    continued a simulation's run with real hospitals. A ServerApp with a site registry now refuses it itself."""
+    import server.server_app as server_app
+    from flwr.app import Context, RecordDict
+
+    from common.flower_keys import RESUME, RUN_DIR, SITE_REGISTRY
+    from server.federation import ResumeError
+
+    run = _simulation_run(tmp_path / "run", 1, "federation.num_rounds=3")
+    config = load_config(run / "config.yaml")
+    monkeypatch.setattr(server_app, "config_of", lambda run_id, run_config: config)
+    context = Context(run_id=12, node_id=0, node_config={}, state=RecordDict(),
+                      run_config={RUN_DIR: str(run), RESUME: True, SITE_REGISTRY: str(tmp_path / "registry.json")})
+    before = {k: v for k, v in _tree(run).items() if k != ".run.lock"}
+    with pytest.raises(ResumeError, match="simulation's run"):
+        server_app.main(None, context)
+    assert {k: v for k, v in _tree(run).items() if k != ".run.lock"} == before
