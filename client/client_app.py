@@ -39,7 +39,8 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from client.faults import FaultSwitch
-from client.policy import PrivacyFloor, min_batch_size, public_count, public_error, site_state_dir
+from client.policy import (PrivacyFloor, check_simulated_overrides, min_batch_size, public_count, public_error,
+                           site_state_dir)
 from client.simulated_nodes import node_config_of
 from client.site import PrivacyLedger, SiteRunner, deployment_site_data, deployment_site_name, simulation_site_data
 from common import flower_keys as keys
@@ -110,6 +111,7 @@ def runner_for(context: Context) -> SiteRunner:
         config = _site_config(context, node_config)
         floor.apply(config)  # a request for less privacy is refused before any image is read (SiteRunner re-checks)
         if "partition-id" in node_config:
+            check_simulated_overrides(node_config)  # its images must be the ones the run records
             data = simulation_site_data(config, int(node_config["partition-id"]), int(node_config["num-partitions"]))
         else:
             data = deployment_site_data(config, node_config)

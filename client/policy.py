@@ -56,6 +56,25 @@ def check_node_config_keys(node_config: Mapping[str, Any], also: tuple[str, ...]
             raise ConfigError(f"unknown node config key {key!r}; {hint}known: {', '.join(sorted(NODE_CONFIG_KEYS))}")
 
 
+# What a simulated hospital's `dermfed-overrides` may not change: its data are the pooled data set's partition, which
+# the server records (for evaluation's leak guard) from the run's config; the cache's location changes no image.
+SIMULATED_DATA_KEYS = ("seed", "data.", "synth.")
+SIMULATED_FREE_KEYS = ("data.cache_dir", "data.use_cache")
+
+
+def check_simulated_overrides(node_config: Mapping[str, Any]) -> None:
+    """Refuse a simulated hospital's `dermfed-overrides` that would change which images it pretrains on (its split,
+    splits, seed, data): the run's record of pretraining images, which the leak guard trusts, would not hold them."""
+    import shlex
+
+    keys = [item.split("=", 1)[0].strip() for item in shlex.split(str(node_config.get("dermfed-overrides", "")))]
+    changed = [key for key in keys if key.startswith(SIMULATED_DATA_KEYS) and not key.startswith(SIMULATED_FREE_KEYS)]
+    if changed:
+        raise ConfigError(f"dermfed-overrides of a simulated hospital may not set {changed}: its images are the pooled "
+                          "data's partition, which the run records from its own config for the leak guard; change "
+                          "the run's config instead")
+
+
 DEFAULT_DELTA = 1e-5  # a hospital that requires DP and sets no dp-delta allows at most this delta
 
 

@@ -24,6 +24,7 @@ import functools
 import json
 import logging
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
@@ -39,6 +40,7 @@ from client.policy import (
     SiteStateCorrupt,
     TooFewImages,
     reply_metrics,
+    site_state_dir,
 )
 from common.config import DermFedConfig, build_config
 from common.data.batches import ImageRows, ordered_batches, read_batch, to_device_float
@@ -119,13 +121,27 @@ def deployment_site_data(config: DermFedConfig, node_config: Mapping[str, Any]) 
     if "data-root" not in node_config:
         raise DataError('this SuperNode has no data: start it with --node-config "data-root=/path/to/images"')
     tree = config.model_dump(mode="json")
-    tree["data"].update(root=str(node_config["data-root"]), format=str(node_config.get("data-format", "folder")))
+    tree["data"].update(root=str(node_config["data-root"]), format=str(node_config.get("data-format", "folder")),
+                        **hospital_data_paths(node_config))
     config = build_config(tree)  # validated: a wrong data-format is an error that lists the formats
     ensure_cache(config.data)  # the site's cache, built before it reads (reading never writes)
     prepared = prepare_data(config)
     rows = np.arange(len(prepared.catalog))
     train, val = _site_rows(config, prepared, rows)
     return SiteData(deployment_site_name(node_config), int(node_config.get("site-index", 0)), prepared, train, val)
+
+
+HOSPITAL_PATH_KEYS = ("cache_dir", "metadata_csv", "ham_metadata_csv")  # data.* paths a real hospital names itself
+
+
+def hospital_data_paths(node_config: Mapping[str, Any]) -> dict[str, Optional[str]]:
+    """The `data.*` paths of a real hospital, never the coordinator's: its preprocessing cache (a decoded copy of
+    all its images) in its state folder (`<state-dir>/<site>/cache`), its metadata CSVs found in its data-root;
+    a path its own `dermfed-overrides` sets stays (the config already holds it, so it is left out here)."""
+    own = {item.split("=", 1)[0].strip() for item in shlex.split(str(node_config.get("dermfed-overrides", "")))}
+    defaults = {"cache_dir": str(site_state_dir(node_config, deployment_site_name(node_config)) / "cache"),
+                "metadata_csv": None, "ham_metadata_csv": None}
+    return {key: value for key, value in defaults.items() if f"data.{key}" not in own}
 
 
 def deployment_site_name(node_config: Mapping[str, Any]) -> str:

@@ -84,8 +84,15 @@ def encode(update: Tensors, codec: str, generator: torch.Generator) -> dict[str,
     return payload
 
 
-def _tensor(value: torch.Tensor | np.ndarray) -> torch.Tensor:
-    return value if isinstance(value, torch.Tensor) else torch.from_numpy(np.array(value, copy=True))  # Flower's: read-only
+def _tensor(key: str, value: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A payload array as a tensor; one that is not numeric (Flower carries any NumPy dtype, text included) is a
+    CompressionError naming it, so the server leaves that reply out instead of failing the round."""
+    if isinstance(value, torch.Tensor):
+        return value
+    array = np.array(value, copy=True)  # Flower's arrays are read-only
+    if array.dtype.kind not in "biufc":
+        raise CompressionError(f"{key}: {array.dtype} values, not numbers")
+    return torch.from_numpy(array)
 
 
 def decode(payload: Mapping[str, torch.Tensor | np.ndarray], codec: str,
@@ -100,7 +107,7 @@ def decode(payload: Mapping[str, torch.Tensor | np.ndarray], codec: str,
         raise CompressionError(f"compressed update has the wrong keys (missing {missing[:3]}, unexpected {extra[:3]})")
     update: dict[str, torch.Tensor] = {}
     for key, shape in shapes.items():
-        values, scale = _tensor(payload[key]), _tensor(payload[key + SCALE_SUFFIX])
+        values, scale = _tensor(key, payload[key]), _tensor(key + SCALE_SUFFIX, payload[key + SCALE_SUFFIX])
         channels = shape[0] if len(shape) >= 2 else 1
         if values.dtype != dtype or tuple(values.shape) != tuple(shape):
             raise CompressionError(f"{key}: {values.dtype} {tuple(values.shape)} instead of {dtype} {tuple(shape)}")

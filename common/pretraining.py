@@ -90,6 +90,18 @@ def with_warm_start(record: dict[str, Any], stage: dict[str, Any]) -> dict[str, 
             "warm_start": stage}
 
 
+def continued_record(earlier: Optional[dict[str, Any]], record: dict[str, Any]) -> dict[str, Any]:
+    """The record of a resumed run: it has seen what its earlier rounds saw and what it sees now, so the union of the
+    two (unknown when either is, or when the earlier checkpoint recorded nothing). A run continued by other hospitals
+    (a bare `flwr run` simulation resuming a real federation's folder) never trades "unknown" for a list."""
+    for part, why in ((earlier, "its earlier rounds"), (record, "the resumed rounds")):
+        if not isinstance(part, dict) or "image_ids" not in part:
+            reason = part.get("unknown") if isinstance(part, dict) and "unknown" in part else "not recorded"
+            return {"unknown": f"a resumed run whose {why} saw images not known here ({reason})",
+                    **({"warm_start": record["warm_start"]} if "warm_start" in record else {})}
+    return {**record, **{key: _union(earlier.get(key), record.get(key)) for key in ("image_ids", "groups", "sha256", "phash")}}
+
+
 @torch.no_grad()
 def save_reconstruction_grid(model: Objective, images: torch.Tensor, path: Path) -> Path:
     """One row per image row of the objective's preview (top row: the inputs)."""

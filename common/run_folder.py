@@ -157,13 +157,17 @@ class RunFolderLock:
     """An exclusive lock on a run folder for as long as a run uses it (flock on `.run.lock`, released by the kernel
     when its holder dies). `dermfed simulate` holds it for a simulation (its guard process inherits it); the
     ServerApp of a real federation holds it for a deployed run. While it is held, no other run starts or resumes
-    there, `--force` does not move the folder aside, and `deploy run` submits nothing for it."""
+    there, `--force` does not move the folder aside, and `deploy run` submits nothing for it. The folder is made
+    owner-only (0700) and the lock file 0600 before it is locked: an account that could open the lock file could
+    hold it, and so the folder, after the run ends."""
 
     def __init__(self, folder: Path, holder: str):
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / LOCK_NAME
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)  # before the lock file exists: no other account may open it (a flock needs no write
+        self.path = folder / LOCK_NAME  # permission) and hold the folder after this run ends
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.fchmod(self.fd, 0o600)  # a lock file an older version created 0644
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -175,6 +179,33 @@ class RunFolderLock:
 
     def release(self) -> None:
         os.close(self.fd)
+
+
+def _ancestors() -> set[int]:
+    """This process's parent, its parent's parent, ... (Linux /proc); empty where /proc cannot be read."""
+    found, pid = set(), os.getppid()
+    while pid > 1 and pid not in found:
+        found.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as stream:
+                pid = int(stream.read().rsplit(")", 1)[1].split()[1])  # field 4, after the command name
+        except (OSError, ValueError, IndexError):
+            break
+    return found
+
+
+def lock_unless_an_ancestor_holds(folder: Path, holder: str) -> Optional[RunFolderLock]:
+    """The folder's lock for this process, or None where an ancestor of it holds it (the `dermfed simulate` that
+    started this run's SuperLink, whose ServerApp this is). Any other live holder: RunFolderError, as `RunFolderLock`.
+    What a process without a lock of its own may use: a folder is never written by two live runs."""
+    try:
+        return RunFolderLock(folder, holder)
+    except RunFolderError:
+        text = _holder(Path(folder) / LOCK_NAME)
+        pid = text.rsplit("pid ", 1)[-1].strip()
+        if pid.isdigit() and int(pid) in _ancestors():
+            return None
+        raise
 
 
 def _holder(lock_path: Path) -> str:

@@ -37,6 +37,8 @@ class RunPlan:
     initial_shared: dict[str, torch.Tensor]
     history: list[dict[str, Any]] = field(default_factory=list)
     strategy_state: dict[str, Any] = field(default_factory=dict)
+    resumed_images: Optional[dict[str, Any]] = None  # a resumed run: its checkpoint's record of pretraining images
+    resumed: bool = False
 
     @property
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -66,10 +68,11 @@ def initial_shared_weights(config: DermFedConfig) -> dict[str, torch.Tensor]:
     return shared
 
 
-def plan_run(config: DermFedConfig, run_dir: Path, resume: bool) -> RunPlan:
+def plan_run(config: DermFedConfig, run_dir: Path, resume: bool, by: Optional[str] = None) -> RunPlan:
     """Where the run starts. A new run never starts over a folder holding a completed round or another kind's run
     (a `flwr run` without `dermfed` in front: nothing else checked the folder); a folder `dermfed simulate` prepared
-    for it holds no round yet."""
+    for it holds no round yet. `by`: DEPLOYMENT for a real federation's ServerApp, which never continues a simulation's
+    run (`check_resume`), however it was submitted."""
     total = config.federation.num_rounds
     if not resume:
         found = run_kind(run_dir)
@@ -77,13 +80,14 @@ def plan_run(config: DermFedConfig, run_dir: Path, resume: bool) -> RunPlan:
             raise ResumeError(refusal(run_dir, SIMULATE, option="run-dir", remedy="give another run-dir"))
         return RunPlan(config, run_dir, 0, total, initial_shared_weights(config))
     try:  # the same check `dermfed simulate --resume` and `dermfed deploy run` made before starting anything
-        check_resume(run_dir, config, option="resume")
+        check_resume(run_dir, config, option="resume", by=by)
     except RunFolderError as exc:
         raise ResumeError(str(exc)) from None
     point = load_resume_point(run_dir)
     done = point["round"]
     log.info("resuming %s after round %d of %d", run_dir, done, total)
-    return RunPlan(config, run_dir, done, total - done, dict(point["shared"]), point["history"], point["strategy"])
+    return RunPlan(config, run_dir, done, total - done, dict(point["shared"]), point["history"], point["strategy"],
+                   point["pretraining_images"], resumed=True)
 
 
 def federated_pretraining_images(config: DermFedConfig, prepared: Optional[PreparedData]) -> dict[str, Any]:

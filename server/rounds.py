@@ -61,6 +61,8 @@ def screen_update(arrays: Mapping[str, np.ndarray], expected: Mapping[str, tuple
     for key, value in arrays.items():
         if tuple(value.shape) != tuple(expected[key]):
             return f"wrong shape for {key}: {tuple(value.shape)} instead of {tuple(expected[key])}"
+        if not np.issubdtype(value.dtype, np.floating):  # text or integers: np.isfinite would raise, failing the round
+            return f"{key} holds {value.dtype} values, not floating point weights"
         if not np.isfinite(value).all():
             return f"non-finite values (NaN/Inf) in {key}"
     weight = metrics.get("num-examples")
@@ -191,9 +193,10 @@ class RunRecorder:
 
 def load_resume_point(run_dir: Path) -> dict[str, Any]:
     """The last completed round of a run folder (its latest good checkpoint): round, shared arrays, history,
-    strategy state."""
+    strategy state, its record of pretraining images."""
     payload = latest_good_checkpoint(run_dir)
     strategy = {name: {k: v.numpy() for k, v in moments.items()}
                 for name, moments in payload["extra"].get("strategy", {}).items()}
     return {"round": int(payload["position"]["round"]), "shared": payload["extra"]["shared"],
-            "history": payload["history"], "strategy": strategy, "config": payload["config"]}
+            "history": payload["history"], "strategy": strategy, "config": payload["config"],
+            "pretraining_images": (payload.get("extra") or {}).get("pretraining_images")}

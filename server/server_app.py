@@ -26,7 +26,8 @@ from common import flower_keys as keys
 from common.console_logging import one_line_per_event
 from common.config import ConfigPerRun, DermFedConfig
 from common.data.pipeline import ensure_data, prepare_data
-from common.run_folder import STATUS_NAME, RunFolderError, RunFolderLock
+from common.pretraining import continued_record
+from common.run_folder import DEPLOYMENT, STATUS_NAME, RunFolderError, lock_unless_an_ancestor_holds
 from server.deploy.registry import SiteRegistry
 from server.federation import ResumeError, check_federation_size, federated_pretraining_images, plan_run
 from server.monitor import Monitor
@@ -46,11 +47,10 @@ def main(grid: Grid, context: Context) -> None:
     config = config_of(context.run_id, run_config)
     run_dir = Path(str(run_config.get(keys.RUN_DIR, "")) or Path(config.output_dir) / f"federated-{context.run_id}")
     registry_path = str(run_config.get(keys.SITE_REGISTRY, ""))
-    if not registry_path:  # a simulation: `dermfed simulate` holds the folder's lock for the whole run
-        _federate(grid, context, config, run_dir, registry_path)
-        return
-    try:  # a real federation: this process is the run, and holds its folder until it ends
-        lock = RunFolderLock(owner_only_folder(run_dir), "a deployed run's ServerApp")
+    try:  # a real federation: this process is the run, and holds its folder until it ends; a simulation: the
+        # `dermfed simulate` that started it (an ancestor) holds it, else (a bare `flwr run`) this process does
+        lock = lock_unless_an_ancestor_holds(owner_only_folder(run_dir), "a deployed run's ServerApp" if registry_path
+                                             else "a `flwr run` ServerApp")
     except RunFolderError as exc:
         print(f"federated pretraining REFUSED: {exc} (nothing was written there; `flwr run` exits 0 all the same)",
               flush=True)
@@ -58,13 +58,14 @@ def main(grid: Grid, context: Context) -> None:
     try:
         _federate(grid, context, config, run_dir, registry_path)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def _federate(grid: Grid, context: Context, config: DermFedConfig, run_dir: Path, registry_path: str) -> None:
     run_config = context.run_config
     try:
-        plan = plan_run(config, run_dir, bool(run_config.get(keys.RESUME, False)))
+        plan = plan_run(config, run_dir, bool(run_config.get(keys.RESUME, False)), DEPLOYMENT if registry_path else None)
         registry = SiteRegistry.load(registry_path) if registry_path else None
         if registry is None:  # a simulation's pooled data: the server holds it (`dermfed simulate` made it already)
             ensure_data(config)
@@ -85,7 +86,10 @@ def _federate(grid: Grid, context: Context, config: DermFedConfig, run_dir: Path
         raise
     stop_after = int(run_config.get(keys.STOP_AFTER_ROUND, 0))  # an interruption on purpose (tests, staged runs)
     rounds = min(plan.remaining, stop_after - plan.round_offset) if stop_after else plan.remaining
-    recorder = RunRecorder(run_dir, config, plan.history, federated_pretraining_images(config, prepared))
+    images = federated_pretraining_images(config, prepared)
+    if plan.resumed:  # what the earlier rounds saw stays recorded, whoever continues the run (never unknown -> a list)
+        images = continued_record(plan.resumed_images, images)
+    recorder = RunRecorder(run_dir, config, plan.history, images)
     names = [n for n in str(run_config.get(keys.SITE_NAMES, "")).split(",") if n] or hospitals  # bare `flwr run`
     strategy = build_strategy(config)
     strategy.attach(recorder, plan.expected_shapes, config.federation.min_clients, plan.round_offset,

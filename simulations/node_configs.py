@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 import yaml
 
-from client.policy import PrivacyFloor, check_node_config_keys, public_count
+from client.policy import PrivacyFloor, check_node_config_keys, check_simulated_overrides, public_count
 from common.config import ConfigError
 
 RESERVED = ("partition-id", "num-partitions")
@@ -76,6 +76,7 @@ def check_node_configs(configs: Mapping[str, Mapping[str, Any]], sites: list[str
             raise ConfigError(f"--node-config {site}: {reserved} are set by the simulation itself")
         try:
             check_node_config_keys(node_config)
+            check_simulated_overrides(node_config)
             PrivacyFloor.from_node_config(node_config)  # exactly the checks a hospital's ClientApp makes
             public_count(node_config)
         except ConfigError as exc:

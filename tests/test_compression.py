@@ -162,3 +162,29 @@ def test_without_dp_the_rounding_is_seeded_and_a_restarted_site_continues_with_i
     assert all(torch.equal(second[k], again[k]) for k in second)
     assert steady.state.residual is not None
     assert all(torch.equal(steady.state.residual[k], fresh.state.residual[k]) for k in weights)
+
+
+@pytest.mark.parametrize("codec", ["none", "int8", "fp16"])
+def test_a_reply_whose_arrays_are_text_is_left_out_and_the_round_goes_on(tmp_path, codec):
+    """Attack (wave 3): one hospital answers with arrays of the right keys and shapes but a text dtype (Flower carries
+    any NumPy dtype). The server must leave that reply out, as any undecodable update, not crash the whole run."""
+    set_identity()
+    config = load_config("smoke", [f"federation.compression={codec}", "federation.min_clients=1"])
+    expected = {"encoder.w": (4, 6), "encoder.b": (6,)}
+    global_weights = {"encoder.w": torch.randn(4, 6), "encoder.b": torch.randn(6)}
+    strategy = build_strategy(config)
+    strategy.attach(RunRecorder(tmp_path, config), expected, 1, site_names={0: "a", 1: "b"})
+    list(strategy.configure_train(1, ArrayRecord(global_weights), config=ConfigRecord(), grid=_Grid([10, 11])))
+    local = {k: v + 0.01 for k, v in global_weights.items()}
+    if codec == "none":
+        good = {k: v.numpy() for k, v in local.items()}
+        text = {k: np.full(shape, "x") for k, shape in expected.items()}
+    else:
+        good = {k: v.numpy() for k, v in compress_update(local, global_weights, None, codec, seeded_generator(0))[0].items()}
+        text = {k: np.full(v.shape, "x") for k, v in good.items()}
+    replies = [reply(10, good, {"num-examples": 1.0, "site-index": 0.0}),
+               reply(11, text, {"num-examples": 1.0, "site-index": 1.0})]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    reasons = {e["site"]: e["reason"] for e in strategy.recorder.record(1).excluded}
+    assert set(reasons) == {"b"}
+    assert np.allclose(arrays["encoder.b"].numpy(), local["encoder.b"].numpy(), atol=1e-3)

@@ -86,3 +86,44 @@ def test_an_older_record_of_raw_names_is_read_as_identities(synthetic_root, tmp_
     payload["extra"]["pretraining_images"] = {"image_ids": [f"images/{i.upper()}.jpg" for i in recorded["image_ids"]]}
     older = pretraining_images(payload)
     assert older.image_ids == frozenset(recorded["image_ids"]) and older.groups is None and "older record" in older.source
+
+
+@pytest.mark.parametrize("override", ["data.test_fraction=0 data.val_fraction=0", "data.pretrain_splits=[train,val,test]",
+                                      "seed=99"])
+def test_a_simulated_hospital_cannot_pretrain_on_images_the_runs_record_leaves_out(synthetic_root, tmp_path,
+                                                                                   override):
+    """Attack (wave 3), as a reviewer: `dermfed simulate --node-config SITE:'dermfed-overrides=...'` gave one simulated
+    hospital its own data split (or seed), so it pretrained on images that the run's config (which the server records
+    for the leak guard, and the guard verifies against) puts in the test split: the guard then certified an arm that
+    had seen test images. A simulated hospital's data are the pooled data's partition: its node config may not change
+    `data.*` or `seed` (the cache's location aside); the ClientApp refuses it, as `dermfed simulate` does up front."""
+    from flwr.app import Context, RecordDict
+
+    from client.client_app import _RUNNERS, train
+    from common.config import ConfigError, load_config
+    from server.federation import federated_pretraining_images
+    from common.data.pipeline import prepare_data
+    from common.model import build_model, shared_state
+    from simulations.node_configs import check_node_configs
+    from tests.flower_helpers import run_config_of, train_message
+
+    config = load_config("smoke", [f"data.root={synthetic_root}", f"data.cache_dir={tmp_path / 'cache'}",
+                                   "train.max_steps=1"])
+    recorded = set(federated_pretraining_images(config, prepare_data(config))["image_ids"])
+    node = {"partition-id": 0, "num-partitions": 3, "state-dir": str(tmp_path / "state"), "dermfed-overrides": override}
+    context = Context(run_id=8, node_id=4, node_config=node, state=RecordDict(), run_config=run_config_of(config))
+    shared = shared_state(build_model(config.model, config.data.image_size), config.federation.share)
+    _RUNNERS.clear()
+    try:
+        reply = train(train_message(4, shared, {"server-round": 1}), context)
+        runner = _RUNNERS.get((8, 4))
+        if runner is not None:  # it trained: on exactly what the record says, or the guard is blind
+            frame = runner.data.prepared.catalog.frame
+            trained = {image_identity(i) for i in frame["image_id"].iloc[runner.data.train_rows]}
+            assert trained <= recorded, f"{len(trained - recorded)} images trained on but not recorded"
+        assert reply.has_error(), "the simulated hospital trained with its own data settings"
+        assert reply.error.reason.startswith("config-error"), reply.error.reason
+    finally:
+        _RUNNERS.clear()
+    with pytest.raises(ConfigError, match="dermfed-overrides"):
+        check_node_configs({"hospital_1": {"dermfed-overrides": override}}, ["hospital_1", "hospital_2", "hospital_3"])

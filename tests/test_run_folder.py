@@ -9,6 +9,7 @@ what reaches them, and that nothing does when the folder is refused.
 import errno
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -513,3 +514,161 @@ def test_a_live_deployed_run_holds_its_folder_against_force_another_serverapp_an
     assert code == 2 and "in use by a live run (a deployed run's ServerApp" in err and untouched and not moved, err
     assert "a deployed run's ServerApp" in seen["deploy"]
     assert live_run(run) is None  # released when the run ends
+
+
+class _OneRound:
+    """A stand-in for DermFed's strategy in the ServerApp: completes one round with the weights it was given."""
+
+    def attach(self, *args, **kwargs):
+        pass
+
+    def import_state(self, state):
+        pass
+
+    def export_state(self):
+        return {}
+
+    def start(self, grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn):
+        evaluate_fn(0, initial_arrays)
+        evaluate_fn(1, initial_arrays)
+
+
+def test_a_bare_flwr_run_resuming_a_real_federations_folder_keeps_its_pretraining_images_unknown(
+        synthetic_root, tmp_path, monkeypatch):
+    """Attack (wave 3): `dermfed simulate --resume` refuses a real federation's folder (wave-2 finding 8), but a bare
+    `flwr run . --run-config 'resume=true run-dir=...'` (no site registry: the ServerApp runs a simulation) resumed it
+    and rewrote the checkpoint's record of pretraining images from "unknown" (the hospitals' images) to the pooled
+    images alone: evaluation's leak guard then checked a test set against the wrong list. A resumed run's record is
+    now the union of the run's earlier record and its own (unknown when either is)."""
+    import server.server_app as server_app
+    from flwr.app import Context, RecordDict
+
+    from common.data.partition import partition_catalog
+    from common.data.pipeline import prepare_data
+    from common.flower_keys import RESUME, RUN_DIR
+    from common.model import build_model, shared_state
+
+    overrides = [f"data.root={synthetic_root}", f"data.cache_dir={tmp_path / 'cache'}", "federation.num_rounds=3"]
+    config = load_config("smoke", overrides)
+    run = tmp_path / "real-federation"
+    write_config(config, run)  # what a real federation's ServerApp leaves: no sites/, its record "unknown"
+    shared = shared_state(build_model(config.model, config.data.image_size), config.federation.share)
+    real = {"unknown": "a real federation: the hospitals' images are not known to the coordinator"}
+    save_checkpoint(run / CHECKPOINT_NAME, config=config, encoder_state={"w": torch.zeros(2)}, position={"round": 1},
+                    history=[{"round": 1, "seconds": 1.0, "sites": [], "excluded": [], "train": {}, "evaluate": {}, "monitor": {}}],
+                    extra={"shared": shared, "pretraining_images": real},
+                    previous=run / PREVIOUS_NAME)
+    hospitals = len(partition_catalog(prepare_data(config).catalog, config.data.partition, config.data.num_partitions,
+                                      config.data.dirichlet_alpha, config.seed)[0])
+
+    class Grid:
+        def get_node_ids(self):
+            return list(range(hospitals))
+
+    monkeypatch.setattr(server_app, "config_of", lambda run_id, run_config: config)
+    monkeypatch.setattr(server_app, "build_strategy", lambda config: _OneRound())
+    context = Context(run_id=9, node_id=0, node_config={}, state=RecordDict(), run_config={RUN_DIR: str(run), RESUME: True})
+    server_app.main(Grid(), context)
+    payload = latest_good_checkpoint(run)
+    assert payload["position"]["round"] == 2  # the bare `flwr run` did continue the run
+    assert "unknown" in payload["extra"]["pretraining_images"], payload["extra"]["pretraining_images"].keys()
+
+
+def test_a_serverapp_without_a_site_registry_never_writes_into_a_folder_another_live_run_holds(
+        synthetic_root, tmp_path, monkeypatch):
+    """Attack (wave 3): the ServerApp took the folder's lock only when its run config named a site registry (a real
+    federation), trusting that `dermfed simulate` holds it otherwise. A bare `flwr run . --run-config 'resume=true
+    run-dir=LIVE'` (no registry) therefore resumed, and checkpointed into, the folder a live deployed run's
+    ServerApp (another process) was writing. Now a ServerApp without a registry runs only in a folder it can lock,
+    or one whose lock `dermfed simulate` holds as its own ancestor process."""
+    import subprocess
+    import sys
+
+    import server.server_app as server_app
+    from flwr.app import Context, RecordDict
+
+    from common.flower_keys import RESUME, RUN_DIR
+    from common.model import build_model, shared_state
+    from common.run_folder import RunFolderError, live_run
+
+    config = load_config("smoke", [f"data.root={synthetic_root}", f"data.cache_dir={tmp_path / 'cache'}",
+                                   "federation.num_rounds=3"])
+    run = tmp_path / "live"
+    write_config(config, run)
+    shared = shared_state(build_model(config.model, config.data.image_size), config.federation.share)
+    save_checkpoint(run / CHECKPOINT_NAME, config=config, encoder_state={"w": torch.zeros(2)}, position={"round": 1},
+                    history=[{"round": 1, "seconds": 1.0, "sites": [], "excluded": [], "train": {}, "evaluate": {},
+                              "monitor": {}}], extra={"shared": shared}, previous=run / PREVIOUS_NAME)
+    holder = subprocess.Popen(  # the live deployed run's ServerApp: another process holds the folder
+        [sys.executable, "-c", "import sys, time; from common.run_folder import RunFolderLock; "
+         f"RunFolderLock({str(run)!r}, \"a deployed run's ServerApp\"); print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert live_run(run).startswith("a deployed run's ServerApp")
+        before = _tree(run)
+        monkeypatch.setattr(server_app, "config_of", lambda run_id, run_config: config)
+        monkeypatch.setattr(server_app, "build_strategy", lambda config: _OneRound())
+        monkeypatch.setattr(server_app, "check_federation_size", lambda config, prepared, supernodes: [])
+        context = Context(run_id=11, node_id=0, node_config={}, state=RecordDict(),
+                          run_config={RUN_DIR: str(run), RESUME: True})
+        grid = type("Grid", (), {"get_node_ids": lambda self: [1, 2]})()
+        with pytest.raises(RunFolderError, match="in use by a live run"):
+            server_app.main(grid, context)
+        assert _tree(run) == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_another_account_cannot_open_a_live_runs_lock_to_hold_the_folder_after_it_ends(tmp_path):
+    """Attack (wave 3), as another local account on the coordinator's machine (uid 65534, a real second process):
+    `dermfed simulate` created its folder and `.run.lock` with the umask's modes (0755, 0644), so the other account
+    opened the lock file while the run started, and flocked it the moment the run ended: every later `--resume`,
+    `--force` or run there was refused as "in use by a live run (dermfed simulate, pid N)", for as long as the other
+    account liked. The lock now makes the folder owner-only before it creates the lock file, 0600."""
+    import subprocess
+    import tempfile
+
+    from simulations.lifecycle import RunLock
+
+    if os.geteuid() != 0 or not os.access("/usr/bin/python3", os.X_OK):
+        pytest.skip("a second Unix account needs root (CI runs as root) and a system python3")
+    previous = os.umask(0o022)  # the usual umask
+    base = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        base.chmod(0o755)  # a researcher's world-readable folder of runs
+        run = base / "runs" / "sim"
+        lock = RunLock(run)  # what `dermfed simulate` takes before it starts anything
+        code = ("import fcntl, os, sys\ntry:\n    fd = os.open(sys.argv[1], os.O_RDONLY)\n    print('opened')\n"
+                "except OSError as exc:\n    print(type(exc).__name__)")
+        attempt = subprocess.run(["/usr/bin/python3", "-c", code, str(run / ".run.lock")], user=65534, group=65534,
+                                 capture_output=True, text=True, timeout=60)
+        lock.release()
+        assert attempt.stdout.strip() == "PermissionError", attempt.stdout + attempt.stderr
+        assert (run.stat().st_mode & 0o077) == 0 and ((run / ".run.lock").stat().st_mode & 0o077) == 0
+    finally:
+        os.umask(previous)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_real_federations_serverapp_never_continues_a_simulations_run_however_it_was_submitted(tmp_path,
+                                                                                               monkeypatch):
+    """Attack (wave 3): `deploy run` refuses a --resume manifest for a simulation's folder (wave-2 finding 8), but the
+    ServerApp's own check did not ask who continues the run: the operator's plain `flwr run` of that signed manifest
+    continued a simulation's run with real hospitals. A ServerApp with a site registry now refuses it itself."""
+    import server.server_app as server_app
+    from flwr.app import Context, RecordDict
+
+    from common.flower_keys import RESUME, RUN_DIR, SITE_REGISTRY
+    from server.federation import ResumeError
+
+    run = _simulation_run(tmp_path / "run", 1, "federation.num_rounds=3")
+    config = load_config(run / "config.yaml")
+    monkeypatch.setattr(server_app, "config_of", lambda run_id, run_config: config)
+    context = Context(run_id=12, node_id=0, node_config={}, state=RecordDict(),
+                      run_config={RUN_DIR: str(run), RESUME: True, SITE_REGISTRY: str(tmp_path / "registry.json")})
+    before = {k: v for k, v in _tree(run).items() if k != ".run.lock"}
+    with pytest.raises(ResumeError, match="simulation's run"):
+        server_app.main(None, context)
+    assert {k: v for k, v in _tree(run).items() if k != ".run.lock"} == before
