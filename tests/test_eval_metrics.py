@@ -213,3 +213,38 @@ def test_a_tied_prediction_is_undecided_as_the_isic_scorer_makes_it():
     assert result["undecided"] == 1 and result["accuracy"] == pytest.approx(3 / 4)
     assert result["per_class_recall"] == {"a": 0.5, "b": 1.0} and result["balanced_accuracy"] == pytest.approx(0.75)
     assert result["confusion_matrix"] == [[1, 0], [0, 2]]  # the undecided row has no column
+
+
+def test_a_verdict_must_survive_holms_correction_over_every_comparison_on_the_test_set():
+    """A reviewer reads all verdicts together: two 'better' calls at p 0.03 and 0.04 among four comparisons are what
+    chance makes of arms that do not differ, and the report must not call them; one at p 0.001 survives."""
+    from server.evaluation.run import _words, correct_for_multiplicity
+
+    arms = [{"key": k, "label": k.upper()} for k in ("a", "b", "c", "d", "e")]
+
+    def compared(p_values, excludes):
+        comparisons = [{"a": "a", "b": other, "metric": "balanced_accuracy", "mean": 0.05, "low": 0.01 if x else -0.01,
+                        "high": 0.09, "undefined": 0, "replicates": 2000, "excludes_zero": x, "p": p}
+                       for other, p, x in zip("bcde", p_values, excludes)]
+        correct_for_multiplicity(comparisons)
+        return comparisons, [_words(arms, c["a"], c["b"], c["metric"], c, [], None) for c in comparisons]
+
+    chance, words = compared([0.03, 0.04, 0.20, 0.60], [True, True, False, False])
+    assert [c["holds_after_correction"] for c in chance] == [False] * 4
+    assert all("is better" not in w for w in words) and "not with Holm's correction for the 4 comparisons" in words[0]
+    real, words = compared([0.001, 0.04, 0.20, 0.60], [True, True, False, False])
+    assert [c["holds_after_correction"] for c in real] == [True, False, False, False]
+    assert "A is better" in words[0] and "is better" not in words[1]
+
+
+def test_the_bootstrap_p_value_agrees_with_the_interval():
+    from server.evaluation.uncertainty import METRICS, arm_replicates, cluster_weights, difference
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 120)
+    weights = cluster_weights(np.repeat(np.arange(60), 2), 1000, rng)
+    weak, strong = _arm(y, 0.1, 3, rng), _arm(y, 0.5, 3, rng)
+    a = arm_replicates(METRICS["balanced_accuracy"], y, weak, weights, np.random.default_rng(1))
+    again = arm_replicates(METRICS["balanced_accuracy"], y, weak, weights, np.random.default_rng(2))
+    better = arm_replicates(METRICS["balanced_accuracy"], y, strong, weights, np.random.default_rng(3))
+    assert difference(a, again)["p"] >= 0.05 and difference(better, a)["p"] < 0.05

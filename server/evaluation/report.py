@@ -271,7 +271,8 @@ def _comparisons_html(arms: list[dict], comparisons: list[dict], replicates: Any
     labels = {arm["key"]: arm["label"] for arm in arms}
     seeds, per_split = _seeds_words(split_seeds)
     rows = [[f"{labels[c['a']]} minus {labels[c['b']]}", METRIC_NAMES.get(c["metric"], c["metric"]), _fmt_diff(c),
-             f"no verdict: {c['withheld']}" if c.get("withheld") else "yes" if c["excludes_zero"] else "no"]
+             f"no verdict: {c['withheld']}" if c.get("withheld") else "yes" if c["excludes_zero"] else "no",
+             "" if c.get("p_holm") is None else f"{c['p_holm']:.3f}" + (" (holds)" if c["holds_after_correction"] else "")]
             for c in comparisons]
     verdicts = "".join(f"<li>{html.escape(c['words'])}</li>" for c in comparisons)
     caveats = sorted({caveat for c in comparisons for caveat in c.get("caveats", [])})
@@ -282,11 +283,14 @@ def _comparisons_html(arms: list[dict], comparisons: list[dict], replicates: Any
     return f"""<p>Each row compares two arms on the <em>same</em> {html.escape(where)}: the difference of their metric (mean over
 {html.escape(seeds)}) and its 95% interval from a paired bootstrap ({replicates} replicates{html.escape(per_split)}) that redraws
 these test lesions (or patients; an image without either alone) with replacement and, for each arm, its head seeds. An interval
-that excludes 0 is a difference these test images support; one that includes 0 is not, whatever the two means.</p>
+that excludes 0 is a difference these test images support; one that includes 0 is not, whatever the two means. With several
+comparisons, some intervals exclude 0 by chance alone (6 comparisons of arms that do not differ: up to one report in four), so a
+verdict also needs its p-value, adjusted by Holm's method over every comparison on these test images, below 0.05.</p>
 {too_few}
 {qualified}
 <ul class="verdicts">{verdicts}</ul>
-{_table(["comparison", "metric", "difference [95% bootstrap interval]", "interval excludes 0"], rows, "comparisons")}"""
+{_table(["comparison", "metric", "difference [95% bootstrap interval]", "interval excludes 0",
+          "p, Holm-adjusted over these comparisons"], rows, "comparisons")}"""
 
 
 def _seeds_words(split_seeds: list) -> tuple[str, str]:

@@ -39,6 +39,7 @@ from server.evaluation.heads import SELECTION_METRIC, train_head
 from server.evaluation.leakage import external_overlap, overlap, refuse_external_leaks, refuse_leaks
 from server.evaluation.metrics import METRICS_FORMAT, classification_metrics, seed_spread
 from server.evaluation.uncertainty import (
+    CONFIDENCE,
     COVERS_BOOTSTRAP,
     METRICS,
     ArmReplicates,
@@ -47,6 +48,7 @@ from server.evaluation.uncertainty import (
     class_recall,
     cluster_weights,
     difference,
+    holm,
     interval,
     nanmean,
 )
@@ -294,9 +296,25 @@ def score(test: TestSet, arms: list[dict[str, Any]], probabilities: dict[str, di
                 diff["excludes_zero"] = None  # no verdict either way
             caveats = [c for c in (_unknown_overlap(a, test.name) for a in arms if a["key"] in (reference, arm)) if c]
             comparisons.append({"a": reference, "b": arm, "metric": metric, **diff, "covers": COVERS_BOOTSTRAP,
-                                "test_groups": lesions, "withheld": withheld, "caveats": caveats,
-                                "words": _words(arms, reference, arm, metric, diff, caveats, withheld)})
+                                "test_groups": lesions, "withheld": withheld, "caveats": caveats})
+    correct_for_multiplicity(comparisons)
+    for c in comparisons:
+        c["words"] = _words(arms, c["a"], c["b"], c["metric"], c, c["caveats"], c["withheld"])
     return scored, comparisons
+
+
+def correct_for_multiplicity(comparisons: list[dict[str, Any]]) -> None:
+    """Holm's correction over the comparisons of one test set that can have a verdict: `p_holm`, and
+    `holds_after_correction` (the interval excludes 0 and the adjusted p is below 1 - confidence). With 6 comparisons
+    of arms that do not differ, about one in four reports would otherwise show a 'better' somewhere by chance."""
+    decided = [c for c in comparisons if c["excludes_zero"] is not None and c.get("p") is not None]
+    for c, adjusted in zip(decided, holm([c["p"] for c in decided])):
+        c["p_holm"] = adjusted
+        c["holds_after_correction"] = bool(c["excludes_zero"] and adjusted < 1 - CONFIDENCE)
+    for c in comparisons:
+        c.setdefault("p_holm", None)
+        c.setdefault("holds_after_correction", None)
+        c["family"] = len(decided)
 
 
 def compared_pairs(keys: list[str]) -> list[tuple[str, str]]:
@@ -330,14 +348,18 @@ def _words(arms: list[dict[str, Any]], a: str, b: str, metric: str, diff: dict[s
     span = f"{diff['mean']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}]"
     undefined = (f" ({diff['undefined']} of {diff['replicates']} bootstrap replicates undefined, left out)"
                  if diff.get("undefined") else "")
+    family = diff.get("family", 1)
     if withheld:
         verdict = f"no verdict: {withheld}"
     elif not diff["excludes_zero"]:
         verdict = "no difference shown: the 95% interval includes 0"
-    elif diff["mean"] > 0:
-        verdict = f"{labels[a]} is better (the 95% interval excludes 0)"
+    elif family > 1 and not diff.get("holds_after_correction"):
+        verdict = (f"no difference shown after correction: the 95% interval excludes 0, but not with Holm's correction "
+                   f"for the {family} comparisons on these test images (adjusted p {diff['p_holm']:.3f})")
     else:
-        verdict = f"{labels[a]} is worse (the 95% interval excludes 0)"
+        side = "better" if diff["mean"] > 0 else "worse"
+        held = f", and so it does with Holm's correction for the {family} comparisons" if family > 1 else ""
+        verdict = f"{labels[a]} is {side} (the 95% interval excludes 0{held})"
     qualified = f". Qualified: {'; '.join(caveats)}" if caveats else ""
     return f"{labels[a]} minus {labels[b]}, {name}: {span}{undefined}; {verdict}{qualified}"
 

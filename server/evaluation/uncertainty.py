@@ -157,9 +157,24 @@ def interval(point: float, replicates: np.ndarray, confidence: float = CONFIDENC
 
 
 def difference(a: ArmReplicates, b: ArmReplicates, confidence: float = CONFIDENCE) -> dict:
-    """Paired difference a - b with its bootstrap interval, and whether that interval excludes zero (None where the
-    bootstrap is degenerate: no verdict either way)."""
-    result = interval(a.point - b.point, a.replicates - b.replicates, confidence)
+    """Paired difference a - b with its bootstrap interval, whether that interval excludes zero (None where the
+    bootstrap is degenerate: no verdict either way), and `p`: the bootstrap's two-sided p-value (twice the smaller
+    share of replicates on either side of 0), below 1 - confidence exactly when the percentile interval excludes 0."""
+    diffs = a.replicates - b.replicates
+    result = interval(a.point - b.point, diffs, confidence)
     excludes = bool(result["mean"] is not None and (result["low"] > 0 or result["high"] < 0))
     result["excludes_zero"] = None if result["degenerate"] else excludes
+    finite = diffs[np.isfinite(diffs)]
+    result["p"] = float(min(1.0, 2 * min(np.mean(finite <= 0), np.mean(finite >= 0)))) if len(finite) else None
     return result
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment: the family-wise error of all the comparisons on one test set stays at most alpha
+    when a verdict needs its adjusted p below alpha (a reviewer reads every verdict of the report together)."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [1.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
