@@ -73,6 +73,10 @@ def atomic_write_with(path: str | Path, write: Callable[[BinaryIO], Any], previo
                 os.fsync(stream.fileno())
         except OSError as exc:
             raise _named(exc, path) from None
+        except RuntimeError as exc:  # torch.save's zip writer: its stream's OSError (a full disk) comes back as this
+            if isinstance(exc.__context__, OSError):
+                raise _named(exc.__context__, path) from None
+            raise
         if previous is not None and path.is_file():
             _keep_previous(path, Path(previous))
         os.replace(temporary, path)

@@ -672,3 +672,41 @@ def test_a_real_federations_serverapp_never_continues_a_simulations_run_however_
     with pytest.raises(ResumeError, match="simulation's run"):
         server_app.main(None, context)
     assert {k: v for k, v in _tree(run).items() if k != ".run.lock"} == before
+
+
+def test_a_full_disk_while_a_site_streams_its_snapshot_names_the_file_and_leaves_nothing(tmp_path, monkeypatch):
+    """A site's snapshot is streamed by torch.save straight into its file; on a full disk torch's zip writer turns the
+    stream's ENOSPC into a RuntimeError without a path. The site must still fail with an OSError naming the file,
+    and keep no temporary file (the previous round's snapshot is what a restart continues)."""
+    import common.run_files as run_files
+    from common.serialization import write_site_snapshot
+    from common.training import SiteState
+
+    real_fdopen = run_files.os.fdopen
+
+    class FullDisk:
+        def __init__(self, stream):
+            self.stream, self.written = stream, 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.stream.close()
+
+        def write(self, data):
+            if self.written + len(data) > 4096:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.written += len(data)
+            return self.stream.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.stream, name)
+
+    monkeypatch.setattr(run_files.os, "fdopen", lambda *args, **kwargs: FullDisk(real_fdopen(*args, **kwargs)))
+    target = tmp_path / "site" / "round-0002.pt"
+    with pytest.raises(OSError) as failure:
+        write_site_snapshot(target, 2, SiteState(step=7), {"decoder.w": torch.ones(100_000)})
+    monkeypatch.undo()
+    assert failure.value.errno == errno.ENOSPC and failure.value.filename == str(target)
+    assert list(target.parent.iterdir()) == []
