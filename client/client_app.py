@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import shlex
 from typing import Callable
 
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -39,8 +38,8 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from client.faults import FaultSwitch
-from client.policy import (PrivacyFloor, check_simulated_overrides, min_batch_size, public_count, public_error,
-                           site_state_dir)
+from client.policy import (PrivacyFloor, check_simulated_overrides, min_batch_size, node_overrides, override_keys,
+                           public_count, public_error, site_state_dir)
 from client.simulated_nodes import node_config_of
 from client.site import PrivacyLedger, SiteRunner, deployment_site_data, deployment_site_name, simulation_site_data
 from common import flower_keys as keys
@@ -73,8 +72,8 @@ SITE_ERROR_CODE = ErrorCode.CLIENT_APP_RAISED_EXCEPTION  # the reason string car
 def _site_config(context: Context, node_config: dict) -> DermFedConfig:
     """The run's DermFed config, with this node's own overrides on top (never the privacy settings)."""
     config = _RUNNERS.configs(context.run_id, context.run_config)
-    overrides = shlex.split(str(node_config.get("dermfed-overrides", "")))
-    privacy = [o for o in overrides if o.split("=", 1)[0].strip().startswith("dp.")]
+    overrides = node_overrides(node_config)
+    privacy = [o for o, key in zip(overrides, override_keys(overrides)) if key.startswith("dp.")]
     if privacy:
         raise ConfigError(f"dermfed-overrides may not set {privacy}: a hospital's privacy settings are the node "
                           "config keys dp-enabled, dp-max-epsilon, dp-delta and dp-max-grad-norm")

@@ -24,6 +24,7 @@ Privacy holds against the coordinating server too, so none of this is the server
 from __future__ import annotations
 
 import math
+import shlex
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -62,12 +63,20 @@ SIMULATED_DATA_KEYS = ("seed", "data.", "synth.")
 SIMULATED_FREE_KEYS = ("data.cache_dir", "data.use_cache")
 
 
+def node_overrides(node_config: Mapping[str, Any]) -> list[str]:
+    """The hospital's own `dermfed-overrides` (space-separated key=value, shell-quoted), as a list."""
+    return shlex.split(str(node_config.get("dermfed-overrides", "")))
+
+
+def override_keys(overrides: list[str]) -> list[str]:
+    """The config keys a list of key=value overrides sets."""
+    return [item.split("=", 1)[0].strip() for item in overrides]
+
+
 def check_simulated_overrides(node_config: Mapping[str, Any]) -> None:
     """Refuse a simulated hospital's `dermfed-overrides` that would change which images it pretrains on (its split,
     splits, seed, data): the run's record of pretraining images, which the leak guard trusts, would not hold them."""
-    import shlex
-
-    keys = [item.split("=", 1)[0].strip() for item in shlex.split(str(node_config.get("dermfed-overrides", "")))]
+    keys = override_keys(node_overrides(node_config))
     changed = [key for key in keys if key.startswith(SIMULATED_DATA_KEYS) and not key.startswith(SIMULATED_FREE_KEYS)]
     if changed:
         raise ConfigError(f"dermfed-overrides of a simulated hospital may not set {changed}: its images are the pooled "

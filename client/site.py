@@ -24,7 +24,6 @@ import functools
 import json
 import logging
 import os
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
@@ -39,6 +38,8 @@ from client.policy import (
     SiteBusy,
     SiteStateCorrupt,
     TooFewImages,
+    node_overrides,
+    override_keys,
     reply_metrics,
     site_state_dir,
 )
@@ -131,14 +132,11 @@ def deployment_site_data(config: DermFedConfig, node_config: Mapping[str, Any]) 
     return SiteData(deployment_site_name(node_config), int(node_config.get("site-index", 0)), prepared, train, val)
 
 
-HOSPITAL_PATH_KEYS = ("cache_dir", "metadata_csv", "ham_metadata_csv")  # data.* paths a real hospital names itself
-
-
 def hospital_data_paths(node_config: Mapping[str, Any]) -> dict[str, Optional[str]]:
     """The `data.*` paths of a real hospital, never the coordinator's: its preprocessing cache (a decoded copy of
     all its images) in its state folder (`<state-dir>/<site>/cache`), its metadata CSVs found in its data-root;
     a path its own `dermfed-overrides` sets stays (the config already holds it, so it is left out here)."""
-    own = {item.split("=", 1)[0].strip() for item in shlex.split(str(node_config.get("dermfed-overrides", "")))}
+    own = set(override_keys(node_overrides(node_config)))
     defaults = {"cache_dir": str(site_state_dir(node_config, deployment_site_name(node_config)) / "cache"),
                 "metadata_csv": None, "ham_metadata_csv": None}
     return {key: value for key, value in defaults.items() if f"data.{key}" not in own}

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
 import sys
 import time
@@ -64,11 +63,12 @@ def hospital_folder() -> HospitalLayout:
 
 def check_limits(dermfed_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> None:
     """The hospital's limits on what any run may ask of it, applied to the config it would train with."""
+    from client.policy import node_overrides
     from common.config import ConfigError, apply_overrides, build_config
 
     try:
         config = apply_overrides(build_config(json.loads(json.dumps(dermfed_config))),
-                                 shlex.split(str(node_config.get("dermfed-overrides", ""))))
+                                 node_overrides(node_config))
     except ConfigError as exc:
         raise RunRefused(f"the signed DermFed config cannot be applied here ({exc})") from None
     minimum = node_config.get("min-batch-size")
