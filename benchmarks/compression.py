@@ -25,12 +25,11 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.common.serde import array_record_to_proto
 
-from client.site import SiteRunner, simulation_site_data
 from common.compression import apply_update
 from common.config import load_config
 from common.data.batches import read_batch, to_device_float
-from common.data.partition import partition_catalog
 from common.data.pipeline import ensure_data, prepare_data
+from in_process import fedavg, hospital_count, site_runners  # benchmarks/, this script's folder
 from common.model import build_model, load_partial_state
 from server.federation import initial_shared_weights
 from server.monitor import Monitor
@@ -40,12 +39,9 @@ CODECS = ("none", "fp16", "int8")
 
 def federate(config, workdir: Path) -> tuple[dict[str, torch.Tensor], int, float]:
     """(final global weights, bytes one hospital uploads per round, seconds) of one variant."""
-    prepared = prepare_data(config)
-    parts, _ = partition_catalog(prepared.catalog, config.data.partition, config.data.num_partitions,
-                                 config.data.dirichlet_alpha, config.seed)
+    count = hospital_count(config)
     started = time.perf_counter()
-    runners = [SiteRunner(config, simulation_site_data(config, i, len(parts)), workdir / f"site{i}")
-               for i in range(len(parts))]
+    runners = site_runners(config, count, workdir)
     weights = initial_shared_weights(config)
     codec = config.federation.compression
     for round_number in range(1, config.federation.num_rounds + 1):
@@ -56,8 +52,7 @@ def federate(config, workdir: Path) -> tuple[dict[str, torch.Tensor], int, float
             decoded = [{k: torch.from_numpy(v) for k, v in apply_update(sent, o.shared, codec).items()} for o in outputs]
         else:
             decoded = [o.shared for o in outputs]
-        total = sum(o.metrics["num-examples"] for o in outputs)
-        weights = {k: sum(d[k] * (o.metrics["num-examples"] / total) for d, o in zip(decoded, outputs)) for k in weights}
+        weights = fedavg(outputs, decoded)
     return weights, upload, time.perf_counter() - started
 
 

@@ -29,8 +29,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from interleave import interleaved, ratios, summary  # noqa: E402
+from interleave import interleaved, ratios, summary  # benchmarks/, this script's folder
 
 PROJECT = Path(__file__).resolve().parent.parent
 HAM_SAMPLE = PROJECT.parent / "shared" / "data" / "ham10000-sample"

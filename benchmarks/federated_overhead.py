@@ -18,23 +18,19 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from interleave import interleaved, ratios, summary  # noqa: E402
-
-from client.site import SiteRunner, simulation_site_data  # noqa: E402
-from common.checkpoint import load_checkpoint  # noqa: E402
-from common.config import load_config  # noqa: E402
-from common.data.partition import partition_catalog  # noqa: E402
-from common.data.pipeline import ensure_data, prepare_data  # noqa: E402
-from server.federation import initial_shared_weights  # noqa: E402
-from simulations.runner import run_simulation  # noqa: E402
+from common.checkpoint import load_checkpoint
+from common.config import load_config
+from common.data.pipeline import ensure_data
+from in_process import fedavg, hospital_count, site_runners  # benchmarks/, this script's folder
+from interleave import interleaved, ratios, summary
+from server.federation import initial_shared_weights
+from simulations.runner import run_simulation
 
 
 class PlainLoop:
@@ -50,19 +46,15 @@ class PlainLoop:
         config = self.config
         self.runs += 1
         folder = self.workdir / f"loop{self.runs}"
-        prepared = prepare_data(config)
-        parts, _ = partition_catalog(prepared.catalog, config.data.partition, config.data.num_partitions,
-                                     config.data.dirichlet_alpha, config.seed)
+        count = hospital_count(config)
         started = time.perf_counter()
-        runners = [SiteRunner(config, simulation_site_data(config, i, len(parts)), folder / f"site{i}")
-                   for i in range(len(parts))]
+        runners = site_runners(config, count, folder)
         weights = initial_shared_weights(config)
         training = 0.0
         for round_number in range(1, config.federation.num_rounds + 1):
             outputs = [runner.train_round(round_number, weights) for runner in runners]
             training += sum(o.metrics["seconds"] for o in outputs)
-            total = sum(o.metrics["num-examples"] for o in outputs)
-            weights = {k: sum(o.shared[k] * (o.metrics["num-examples"] / total) for o in outputs) for k in weights}
+            weights = fedavg(outputs, [o.shared for o in outputs])
         seconds = time.perf_counter() - started
         self.weights, self.training = weights, self.training + [training]
         self.upload = sum(v.numel() * v.element_size() for v in outputs[0].shared.values())
