@@ -43,6 +43,21 @@ def a_fresh_site_process():
     yield
 
 
+@pytest.fixture()
+def hospital_images(synthetic_root, tmp_path):
+    """One hospital's folder of images, as `dermfed node start --data-root` would name it (the synthetic images)."""
+    import shutil
+
+    folder = tmp_path / "clinic_x"
+    folder.mkdir()
+    for image in sorted((synthetic_root / "images").glob("*.jpg")):
+        shutil.copy(image, folder)
+    yield folder
+    module = sys.modules.get("client.client_app")
+    if module is not None:
+        module._RUNNERS.clear()
+
+
 @pytest.fixture(scope="session")
 def ham_sample() -> Path:
     if not (HAM_SAMPLE / "HAM10000_metadata.csv").is_file():

@@ -2,9 +2,6 @@
 bare `flwr run --run-config`) names no path the hospital's ClientApp uses. Written from the coordinator's side,
 through the real ClientApp of a deployed hospital (node config `data-root`)."""
 
-import shutil
-
-import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
@@ -12,16 +9,6 @@ from client.client_app import _RUNNERS, train
 from common.config import load_config
 from common.model import build_model, shared_state
 from tests.flower_helpers import run_config_of, set_identity
-
-
-@pytest.fixture()
-def hospital_images(synthetic_root, tmp_path):
-    folder = tmp_path / "clinic_x"
-    folder.mkdir()
-    for image in sorted((synthetic_root / "images").glob("*.jpg")):
-        shutil.copy(image, folder)
-    yield folder
-    _RUNNERS.clear()
 
 
 def _train(folder, tmp_path, overrides, **node_config):

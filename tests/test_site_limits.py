@@ -7,9 +7,7 @@ batch of an epoch, to get values computed from fewer images than the minimum.
 """
 
 import math
-import shutil
 
-import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
@@ -20,17 +18,6 @@ from common.model import build_model, shared_state
 from tests.flower_helpers import run_config_of, set_identity
 
 MINIMUM = 16
-
-
-@pytest.fixture()
-def hospital_images(synthetic_root, tmp_path):
-    """One hospital's folder of images, as `dermfed node start --data-root` would name it."""
-    folder = tmp_path / "clinic_x"
-    folder.mkdir()
-    for image in sorted((synthetic_root / "images").glob("*.jpg")):
-        shutil.copy(image, folder)
-    yield folder
-    _RUNNERS.clear()
 
 
 def _ask(folder, tmp_path, overrides, kind=MessageType.TRAIN, **node_config):
