@@ -16,7 +16,7 @@ import torch
 from common.config import DermFedConfig, build_config
 from common.model import encoder_state_dict, strip_wrapper_prefixes
 from common.objectives import Objective
-from common.run_files import atomic_write_bytes, torch_bytes
+from common.run_files import atomic_torch_save
 from common.run_folder import CHECKPOINT_NAME, PREVIOUS_NAME  # noqa: F401 - the run folder owns its file names
 
 CHECKPOINT_FORMAT = "dermfed-checkpoint-v1"
@@ -43,7 +43,7 @@ def save_checkpoint(path: str | Path, *, config: DermFedConfig, encoder_state: d
         "history": history,
         "extra": extra or {},
     }
-    return atomic_write_bytes(path, torch_bytes(payload), previous)
+    return atomic_torch_save(path, payload, previous)
 
 
 def save_model_checkpoint(path: str | Path, model: Objective, config: DermFedConfig, position: dict[str, int],

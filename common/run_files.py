@@ -13,7 +13,6 @@ writing (a bare `write()` error such as "No space left on device" names none).
 
 from __future__ import annotations
 
-import io
 import os
 import tempfile
 from contextlib import contextmanager
@@ -106,11 +105,9 @@ def atomic_write_text(path: str | Path, text: str, previous: Optional[str | Path
     return atomic_write_bytes(path, text.encode("utf-8"), previous)
 
 
-def torch_bytes(payload: Any) -> bytes:
-    """`torch.save` into memory: the file is then written by `atomic_write_bytes` (torch's own file writer
-    reports a full disk as a RuntimeError without the path)."""
+def atomic_torch_save(path: str | Path, payload: Any, previous: Optional[str | Path] = None) -> Path:
+    """`torch.save` streamed into `path` as `atomic_write_with` writes (a full disk: an OSError naming `path`, which
+    torch's zip writer alone would report as a RuntimeError without it), without a copy of the payload in memory."""
     import torch  # here, so that writing a config does not import torch
 
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    return buffer.getvalue()
+    return atomic_write_with(path, lambda stream: torch.save(payload, stream), previous)

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import torch
 
-from common.run_files import atomic_write_with
+from common.run_files import atomic_torch_save
 from common.training import SiteState
 
 
@@ -29,7 +29,7 @@ def write_site_snapshot(path: Path, round_number: int, state: SiteState, private
     """One round's site state and private weights (`made_with`: a digest of the settings that made them), streamed
     straight into `path`, atomically and synced: no in-memory copy of hundreds of MB."""
     payload = _snapshot_payload(round_number, state, private, made_with)
-    return atomic_write_with(path, lambda stream: torch.save(payload, stream))
+    return atomic_torch_save(path, payload)
 
 
 def read_site_snapshot(source: Path) -> tuple[int, SiteState, dict[str, torch.Tensor], str]:
